@@ -51,7 +51,7 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Shift and scale ``sqrt(abar)`` so that the last timestep has zero SNR (Lin et al. 2023, Algorithm 1)."""
     abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
-    abar_sqrt = (abar_sqrt - last) * first / (first - last)
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
     abar = abar_sqrt**2
     alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
     return 1 - alphas

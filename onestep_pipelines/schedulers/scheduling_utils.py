@@ -76,7 +76,9 @@ def infer_source_config(config: dict, infer_preset: bool = True) -> dict:
     src = dict(config)
     if "time_type" in src:  # already ours
         return src
-    out = dict(src)
+    # diffusers drops the keys listed in `_use_default_values` when another class reads a config; the
+    # source scheduler's defaults (e.g. DDPM's linear betas) are real values for us, so keep them all.
+    out = {k: v for k, v in src.items() if k != "_use_default_values"}
     name = src.get("_class_name")
     if src.get("prediction_type") == "trigflow":
         out["time_type"] = "trigflow"

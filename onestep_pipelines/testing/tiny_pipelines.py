@@ -1,0 +1,254 @@
+"""Tiny random-weight pipelines of the stock architectures, built fully offline.
+
+Used by the test-suite (and by benchmarks that need shapes, not quality): Stable Diffusion 1.x,
+SDXL, SD3, Flux and DiT pipelines with a few thousand parameters each, tokenizers written from
+local vocabularies, all models in eval mode. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+
+import torch
+
+ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "dit")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins of GPT-2/CLIP byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+@lru_cache(maxsize=None)
+def _clip_vocab_dir() -> str:
+    """A CLIP BPE vocabulary of single byte-level characters (514 ids, no merges) in a temp folder."""
+    folder = tempfile.mkdtemp(prefix="onestep-clip-vocab-")
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return folder
+
+
+def clip_tokenizer(max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    folder = _clip_vocab_dir()
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 32):
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in _LETTERS] + [("\u2581" + c, -1.5) for c in _LETTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _clip_text_model(with_projection: bool = False, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=514,
+        projection_dim=32,
+        max_position_embeddings=77,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config)
+
+
+def _t5_encoder(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=56, d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, relative_attention_num_buckets=8,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(latent_channels: int = 4, **kwargs):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        norm_num_groups=2,
+        sample_size=32,
+        **kwargs,
+    )
+
+
+def _eval(pipe):
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """Stable Diffusion 1.x layout: UNet2DConditionModel (epsilon, scaled-linear VP), one CLIP text encoder."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        unet=unet, scheduler=scheduler, vae=_vae(), text_encoder=_clip_text_model(), tokenizer=clip_tokenizer(),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    return _eval(pipe)
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """SDXL layout: text-time conditioned UNet, two CLIP text encoders (the second with projection)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
+        cross_attention_dim=64,
+        norm_num_groups=4,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=_clip_text_model(), text_encoder_2=_clip_text_model(with_projection=True),
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True,
+    )
+    return _eval(pipe)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """SD3 layout: SD3Transformer2DModel (flow velocity, shift 3), two CLIP encoders and a T5 encoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_clip_text_model(with_projection=True), tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_text_model(with_projection=True), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(), tokenizer_3=t5_tokenizer(),
+    )
+    return _eval(pipe)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """Flux layout: FluxTransformer2DModel (packed 2x2 latents, dynamic shift), CLIP and T5 encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=_vae(latent_channels=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_clip_text_model(with_projection=False), tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5_encoder(), tokenizer_2=t5_tokenizer(),
+    )
+    return _eval(pipe)
+
+
+def tiny_dit_pipeline(seed: int = 0):
+    """DiT layout: class-conditional DiTTransformer2DModel (epsilon + learned sigma, linear VP)."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, num_embeds_ada_norm=1000,  # DiTPipeline uses class 1000 as the null label
+    )
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(), id2label={i: f"class {i}" for i in range(10)})
+    return _eval(pipe)
+
+
+_BUILDERS = {
+    "sd": tiny_sd_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "flux": tiny_flux_pipeline,
+    "dit": tiny_dit_pipeline,
+}
+
+
+def tiny_pipeline(architecture: str, seed: int = 0):
+    """A tiny random pipeline of ``architecture`` ("sd", "sdxl", "sd3", "flux" or "dit")."""
+    if architecture not in _BUILDERS:
+        raise ValueError(f"architecture={architecture!r} is unknown; choose one of {list(ARCHITECTURES)}.")
+    return _BUILDERS[architecture](seed)
+
+
+def tiny_call_kwargs(architecture: str, num_inference_steps: int, seed: int = 0) -> dict:
+    """Arguments for one small, deterministic call of the tiny pipeline."""
+    kwargs = {"num_inference_steps": num_inference_steps, "generator": torch.Generator().manual_seed(seed), "output_type": "np"}
+    if architecture == "dit":
+        return {"class_labels": [1, 3], **kwargs}
+    kwargs.update(prompt="a cat", height=32, width=32, guidance_scale=2.0)
+    if architecture == "flux":
+        kwargs["max_sequence_length"] = 16
+    if architecture == "sd3":
+        kwargs["max_sequence_length"] = 16
+    return kwargs
