@@ -185,3 +185,17 @@ def test_preset_bad_input(preset, n, match):
 def test_check_decreasing(values, match):
     with pytest.raises(ValueError, match=match):
         check_decreasing(values, "timesteps", 0, 999)
+
+
+def test_core_imports_no_diffusers_or_comfy():
+    """The sampling core stays framework-free so that ComfyUI samplers and training share it."""
+    import ast
+    import pathlib
+
+    import onestep_pipelines.sampling as core
+
+    for path in pathlib.Path(core.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.split(".")[0] in {"diffusers", "comfy", "comfy_api", "transformers"}, (path.name, name)

@@ -107,6 +107,23 @@ def _vae(latent_channels: int = 4, **kwargs):
     )
 
 
+def _tiny_unet(**kwargs):
+    """A two-level UNet2DConditionModel on 16x16 latents; ``kwargs`` add the SD or SDXL conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        **kwargs,
+    )
+
+
 def _eval(pipe):
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -117,21 +134,10 @@ def _eval(pipe):
 
 def tiny_sd_pipeline(seed: int = 0):
     """Stable Diffusion 1.x layout: UNet2DConditionModel (epsilon, scaled-linear VP), one CLIP text encoder."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=4)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(
         unet=unet, scheduler=scheduler, vae=_vae(), text_encoder=_clip_text_model(), tokenizer=clip_tokenizer(),
@@ -142,17 +148,10 @@ def tiny_sd_pipeline(seed: int = 0):
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """SDXL layout: text-time conditioned UNet, two CLIP text encoders (the second with projection)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -160,7 +159,6 @@ def tiny_sdxl_pipeline(seed: int = 0):
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
         cross_attention_dim=64,
-        norm_num_groups=4,
     )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
     pipe = StableDiffusionXLPipeline(
