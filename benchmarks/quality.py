@@ -1,0 +1,124 @@
+"""Quality per NFE on the embedded digits benchmark (FD-digits and class accuracy).
+
+    python benchmarks/quality.py                      # teacher at 1, 2, 4, 8, 16, 32, 64 Euler steps
+    python benchmarks/quality.py --quick              # no 32-step teacher row, < 1 minute on 2 cores
+    python benchmarks/quality.py --student dmd2=out/dmd2-student --student out/meanflow
+
+Students are pipeline folders; each is sampled at 1, 2 and 4 steps with the scheduler saved in it.
+Writes benchmarks/results/quality.json, an FD-vs-NFE plot and sample grids (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from onestep_pipelines.benchmark.digits import DigitsMetric
+from onestep_pipelines.benchmark.evaluate import (
+    NUM_EVAL_SAMPLES,
+    load_digits_pipeline,
+    load_digits_teacher,
+    sample_digits,
+    save_grid,
+)
+
+TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
+STUDENT_NFE = (1, 2, 4)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _parse_student(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path, name = spec, os.path.basename(os.path.normpath(spec))
+    return name, path
+
+
+def _plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    teacher = results["teacher"]
+    ax.plot([int(k) for k in teacher], [v["fd"] for v in teacher.values()], "o-", label="teacher (Euler)")
+    for name, scores in results["students"].items():
+        ax.plot([int(k) for k in scores], [v["fd"] for v in scores.values()], "s-", label=name)
+    ax.axhline(results["real_vs_real_fd"], color="grey", ls="--", label="real vs real")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FD-digits")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None = None) -> dict:
+    num_samples = NUM_EVAL_SAMPLES  # same in both modes, so quick numbers compare with full ones
+    start = time.time()
+    metric = DigitsMetric()
+    floor = metric.real_vs_real()
+    teacher = load_digits_teacher(teacher_dir)
+    results = {"real_vs_real_fd": floor.fd, "real_vs_real_acc": floor.acc, "num_samples": num_samples, "teacher": {}, "students": {}}
+    rows = []
+    nfes = TEACHER_NFE[:-2] + TEACHER_NFE[-1:] if quick else TEACHER_NFE
+    grids = {}
+    for nfe in nfes:
+        images, labels = sample_digits(teacher, nfe, num_samples=num_samples, euler_grid=True)
+        score = metric.score(images, labels)
+        results["teacher"][str(nfe)] = {"fd": score.fd, "acc": score.acc}
+        rows.append(("teacher (Euler)", nfe, score))
+        grids[f"teacher_nfe{nfe}"] = images[:100]
+    for spec in students:
+        name, path = _parse_student(spec)
+        pipe = load_digits_pipeline(path)
+        results["students"][name] = {}
+        for nfe in STUDENT_NFE:
+            images, labels = sample_digits(pipe, nfe, num_samples=num_samples)
+            score = metric.score(images, labels)
+            results["students"][name][str(nfe)] = {"fd": score.fd, "acc": score.acc}
+            rows.append((name, nfe, score))
+            grids[f"{name}_nfe{nfe}"] = images[:100]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "quality.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    _plot(results, os.path.join(out_dir, "quality_fd_vs_nfe.png"))
+    for key, images in grids.items():
+        save_grid(images, os.path.join(out_dir, f"grid_{key}.png"))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"FD-digits ({num_samples} samples, fixed seeds); real-vs-real floor FD {floor.fd:.3f} (acc {floor.acc:.3f})")
+    print(f"{'model':<{width}}  NFE   FD       x floor  acc")
+    for name, nfe, score in rows:
+        print(f"{name:<{width}}  {nfe:>3}  {score.fd:7.3f}  {score.fd / floor.fd:7.2f}  {score.acc:.3f}")
+    print(f"wrote {os.path.join(out_dir, 'quality.json')} and PNGs in {time.time() - start:.0f} s")
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", action="append", default=[], metavar="[NAME=]DIR", help="a student pipeline folder (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="skip the 32-step teacher row (about 30 s on 2 cores)")
+    parser.add_argument("--teacher", default=None, help="teacher folder (default: the shipped one)")
+    parser.add_argument("--out", default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        run(args.student, args.quick, args.out, args.teacher)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

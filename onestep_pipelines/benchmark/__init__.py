@@ -1,0 +1,1 @@
+"""The embedded digits benchmark (data, FD-digits metric, shipped teacher and classifier)."""

@@ -1,0 +1,158 @@
+"""The embedded digits benchmark: data, the FD-digits metric and the shipped assets.
+
+Data are scikit-learn's bundled handwritten digits (``load_digits``: 1,797 real 8x8 images with 17
+grey levels, 10 classes; no download). Images are used at their native 8x8 resolution, scaled to
+``[-1, 1]``: upsampling adds no information and would only make every model and metric slower.
+
+FD-digits is the Fréchet distance (Heusel et al. 2017) between Gaussian fits of generated and real
+images in the penultimate-layer features of a small digit classifier that we train and ship, plus
+the classifier's accuracy on class-conditional samples. The real reference is a fixed half of the
+data set; the other half against it gives the real-vs-real floor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
+TEACHER_DIR = os.path.join(ASSETS, "teacher")
+CLASSIFIER_DIR = os.path.join(ASSETS, "classifier")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLIT_SEED = 0
+
+
+def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as float32 ``(N, 1, 8, 8)`` in ``[-1, 1]`` and their int64 labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.from_numpy(data.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
+    return images, torch.from_numpy(data.target.astype(np.int64))
+
+
+def real_halves() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed split of the real digits into two halves ``(images, labels)``: A (899) and B, the reference (898)."""
+    images, labels = load_digits_images()
+    perm = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(len(images)))
+    a, b = perm[: (len(perm) + 1) // 2], perm[(len(perm) + 1) // 2 :]
+    return (images[a], labels[a]), (images[b], labels[b])
+
+
+def parse_class_labels(labels, num_classes: int = 10) -> torch.Tensor:
+    """Class labels from ints or digit names ("seven", "7"); a clear error for anything else."""
+    if isinstance(labels, (int, str, np.integer)) or (isinstance(labels, torch.Tensor) and labels.ndim == 0):
+        labels = [labels]
+    out = []
+    for label in labels:
+        if isinstance(label, torch.Tensor):
+            label = label.item()
+        if isinstance(label, str):
+            key = label.strip().lower()
+            if key in DIGIT_NAMES:
+                label = DIGIT_NAMES.index(key)
+            elif key.isdigit():
+                label = int(key)
+            else:
+                raise ValueError(f"unknown digit name {label!r}; use 0-9 or one of {list(DIGIT_NAMES)}.")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
+            raise ValueError(f"class label {label!r} is not a class of this model (0-{num_classes - 1}).")
+        out.append(int(label))
+    if not out:
+        raise ValueError("class_labels is empty.")
+    return torch.tensor(out, dtype=torch.long)
+
+
+class DigitsClassifier(ModelMixin, ConfigMixin):
+    """Small CNN on 8x8 digits; ``features`` (penultimate layer) define FD-digits."""
+
+    @register_to_config
+    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(cov)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """``|mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2))`` (Fréchet 1957; Heusel et al. 2017).
+
+    The trace of ``(C1 C2)^(1/2)`` is computed as the sum of square roots of the eigenvalues of the
+    symmetric PSD matrix ``C1^(1/2) C2 C1^(1/2)`` (same spectrum), which stays exact when the
+    covariances are singular (dead ReLU features), where a general matrix square root is unstable.
+    """
+    root1 = _psd_sqrt(np.asarray(cov1, dtype=np.float64))
+    middle = root1 @ np.asarray(cov2, dtype=np.float64) @ root1
+    trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_covmean)
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+@dataclass
+class Score:
+    fd: float
+    acc: float
+
+
+class DigitsMetric:
+    """FD-digits and class accuracy against the fixed real reference half (see module docstring)."""
+
+    def __init__(self, classifier: DigitsClassifier | None = None):
+        self.classifier = (classifier or DigitsClassifier.from_pretrained(CLASSIFIER_DIR)).eval()
+        (self.images_a, self.labels_a), (self.images_b, self.labels_b) = real_halves()
+        self.ref_stats = gaussian_stats(self.features(self.images_b))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        return self.classifier.features(self._check(images)).double().numpy()
+
+    def _check(self, images: torch.Tensor) -> torch.Tensor:
+        images = torch.as_tensor(images, dtype=torch.float32)
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+            raise ValueError(f"digit images must have shape (N, 1, 8, 8) in [-1, 1], got {tuple(images.shape)}.")
+        if len(images) < 2:
+            raise ValueError("FD needs at least 2 images.")
+        return images
+
+    def fd(self, images: torch.Tensor) -> float:
+        return frechet_distance(*gaussian_stats(self.features(images)), *self.ref_stats)
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        pred = self.classifier(self._check(images)).argmax(dim=1)
+        return float((pred == torch.as_tensor(labels)).float().mean())
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> Score:
+        return Score(fd=self.fd(images), acc=self.accuracy(images, labels))
+
+    def real_vs_real(self) -> Score:
+        """The floor: real half A against real half B."""
+        return self.score(self.images_a, self.labels_a)
+
+
+def eval_labels(num_samples: int) -> torch.Tensor:
+    """Balanced class labels 0, 1, ..., 9, 0, 1, ... for conditional evaluation."""
+    return torch.arange(num_samples) % 10

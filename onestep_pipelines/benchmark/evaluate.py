@@ -1,0 +1,90 @@
+"""Sampling and scoring helpers shared by benchmarks/quality.py and the trainer's reports."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .digits import TEACHER_DIR, DigitsMetric, Score, eval_labels
+
+EVAL_SEED = 1234
+NUM_EVAL_SAMPLES = 898  # the size of the real reference half, so FD is compared at equal sample counts
+
+
+def load_digits_teacher(path: str | None = None):
+    """The shipped digits teacher as a :class:`DigitsPipeline` (offline, one call)."""
+    from ..pipelines.pipeline_digits import DigitsPipeline
+
+    return load_digits_pipeline(path or TEACHER_DIR, DigitsPipeline)
+
+
+def load_digits_pipeline(path: str, pipeline_cls=None):
+    """Load a digits pipeline folder (teacher or student) with a clear error for anything else."""
+    from ..pipelines.pipeline_digits import DigitsPipeline
+
+    pipeline_cls = pipeline_cls or DigitsPipeline
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(f"{path!r} is not a pipeline folder (no model_index.json).")
+    try:
+        pipe = pipeline_cls.from_pretrained(path)
+    except (ValueError, RuntimeError) as err:
+        if "shape" in str(err) or "size" in str(err):
+            raise ValueError(f"the weights in {path!r} do not match the model config: {err}") from err
+        raise
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def euler_sigmas(num_steps: int) -> list[float]:
+    """Trailing Euler grid 1, (n-1)/n, ..., 1/n (then 0): the fair few-step grid for the teacher."""
+    return np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+
+
+@torch.no_grad()
+def sample_digits(
+    pipe,
+    num_steps: int,
+    num_samples: int = NUM_EVAL_SAMPLES,
+    seed: int = EVAL_SEED,
+    batch_size: int = 1024,
+    euler_grid: bool = False,
+    **call_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` balanced class-conditional samples (``(N, 1, 8, 8)`` in [-1, 1]) and their labels.
+
+    The noise comes from one generator seeded with ``seed``, so results repeat exactly.
+    """
+    labels = eval_labels(num_samples)
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for part in labels.split(batch_size):
+        kwargs = dict(call_kwargs, class_labels=part.tolist(), generator=generator, output_type="latent")
+        if euler_grid:
+            kwargs["sigmas"] = euler_sigmas(num_steps)
+        else:
+            kwargs["num_inference_steps"] = num_steps
+        chunks.append(pipe(**kwargs).images.float().clamp(-1, 1))
+    return torch.cat(chunks), labels
+
+
+def evaluate(pipe, metric: DigitsMetric, num_steps: int, **kwargs) -> Score:
+    images, labels = sample_digits(pipe, num_steps, **kwargs)
+    return metric.score(images, labels)
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4) -> None:
+    """Save ``(N, 1, 8, 8)`` images in [-1, 1] as one PNG grid (nearest-neighbour upscaled)."""
+    from PIL import Image
+
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().byte()[:, 0]
+    n, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.full((rows * (h + 1) + 1, nrow * (w + 1) + 1), 64, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = img
+    picture = Image.fromarray(grid.numpy(), mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    picture.save(path)
