@@ -26,10 +26,12 @@ from ..sampling import (
     check_time_type,
     consistency_target_time,
     dynamic_shift_sigmas,
+    flow_coefficients,
     forward_noise_coefficients,
     flow_sigma_from_trigflow,
     preset_times,
     shift_sigmas,
+    trigflow_coefficients,
     vp_alphas_cumprod,
     vp_forward_noise_coefficients,
     vp_timestep_from_coefficients,
@@ -171,20 +173,20 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             return -1.0 if self.config.set_alpha_to_one else 0.0
         return 0.0
 
-    def _coefficients(self, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(alpha, sigma)`` (float64) at native times: VP timesteps (-1 = clean), flow sigmas, TrigFlow angles."""
-        times = np.asarray(times, dtype=np.float64)
-        if self.config.time_type == "vp":  # float32 like diffusers' VP schedulers, for step-exact parity
+    def _coefficients(self, times: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, sigma)`` at native times: VP timesteps (-1 = clean), flow sigmas, TrigFlow angles."""
+        if self.config.time_type == "vp":  # from float32 abar like diffusers' VP schedulers, for step-exact parity
             abar = self._abar(times)
-            return abar.sqrt().double().numpy(), (1 - abar).sqrt().double().numpy()
+            return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
         if self.config.time_type == "flow":
-            return 1.0 - times, times
-        return np.cos(times), self.config.sigma_data * np.sin(times)
+            return flow_coefficients(times.to(dtype))
+        return trigflow_coefficients(times.to(dtype), self.config.sigma_data)
 
-    def _abar(self, times: np.ndarray) -> torch.Tensor:
+    def _abar(self, times: torch.Tensor) -> torch.Tensor:
         """float32 ``alphas_cumprod`` at VP timesteps, 1 at the clean end (-1)."""
-        idx = torch.from_numpy(np.asarray(times).astype(np.int64))
-        return torch.where(idx < 0, torch.ones(()), self.alphas_cumprod[idx.clamp(min=0)])
+        idx = torch.as_tensor(times).long()
+        abar = self.alphas_cumprod.to(idx.device)[idx.clamp(min=0)]
+        return torch.where(idx < 0, torch.ones_like(abar), abar)
 
     def _model_timesteps(self, times: np.ndarray, device) -> torch.Tensor:
         if self.config.time_type == "vp":
@@ -285,14 +287,15 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         s_times = np.array([consistency_target_time(t, t_end, gamma, discrete) for t in next_times], dtype=np.float64)
 
         def f32(a):
-            return torch.as_tensor(np.asarray(a, dtype=np.float64) if not torch.is_tensor(a) else a).to(device=device, dtype=torch.float32)
+            return torch.as_tensor(a).to(device=device, dtype=torch.float32)
 
-        alpha_t, sigma_t = self._coefficients(times)
-        alpha_s, sigma_s = self._coefficients(s_times)
+        times_t, s_t, next_t = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (times, s_times, next_times))
+        alpha_t, sigma_t = self._coefficients(times_t)
+        alpha_s, sigma_s = self._coefficients(s_t)
         if self.config.time_type == "vp":
-            scale, std = vp_forward_noise_coefficients(self._abar(s_times), self._abar(next_times))
+            scale, std = vp_forward_noise_coefficients(self._abar(s_t), self._abar(next_t))
         else:
-            scale, std = forward_noise_coefficients(*map(torch.from_numpy, (alpha_s, sigma_s, *self._coefficients(next_times))))
+            scale, std = forward_noise_coefficients(alpha_s, sigma_s, *self._coefficients(next_t))
         self._alpha_t, self._sigma_t = f32(alpha_t), f32(sigma_t)
         self._alpha_s, self._sigma_s = f32(alpha_s), f32(sigma_s)
         self._renoise_scale, self._renoise_std = f32(scale), f32(std)
@@ -375,18 +378,12 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         return FewStepSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
 
     # ---------------------------------------------------------------------------- noising
-    def _coefficients_at_model_timesteps(self, timesteps: torch.Tensor, ref: torch.Tensor):
-        cfg = self.config
-        timesteps = torch.as_tensor(timesteps, device=ref.device)
-        if cfg.time_type == "vp":
-            abar = self.alphas_cumprod.to(ref.device)[timesteps.long()]
-            alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-        elif cfg.time_type == "flow":
-            sigma = timesteps.double() / cfg.num_train_timesteps
-            alpha = 1 - sigma
-        else:
-            t = timesteps.double()
-            alpha, sigma = torch.cos(t), cfg.sigma_data * torch.sin(t)
+    def _coefficients_at_model_timesteps(self, timesteps, ref: torch.Tensor):
+        """``(alpha, sigma)`` at model timesteps (model units), shaped to broadcast against ``ref``."""
+        native = torch.as_tensor(timesteps, device=ref.device)
+        if self.config.time_type == "flow":
+            native = native / self.config.num_train_timesteps
+        alpha, sigma = self._coefficients(native, dtype=self._compute_dtype(ref))
         shape = (-1,) + (1,) * (ref.ndim - 1)
         return alpha.to(ref.dtype).reshape(shape), sigma.to(ref.dtype).reshape(shape)
 
