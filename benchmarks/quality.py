@@ -69,25 +69,23 @@ def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None 
     floor = metric.real_vs_real()
     teacher = load_digits_teacher(teacher_dir)
     results = {"real_vs_real_fd": floor.fd, "real_vs_real_acc": floor.acc, "num_samples": num_samples, "teacher": {}, "students": {}}
-    rows = []
-    nfes = TEACHER_NFE[:-2] + TEACHER_NFE[-1:] if quick else TEACHER_NFE
-    grids = {}
-    for nfe in nfes:
-        images, labels = sample_digits(teacher, nfe, num_samples=num_samples, euler_grid=True)
+    rows, grids = [], {}
+
+    def measure(name: str, pipe, nfe: int, scores: dict, **kwargs) -> None:
+        images, labels = sample_digits(pipe, nfe, num_samples=num_samples, **kwargs)
         score = metric.score(images, labels)
-        results["teacher"][str(nfe)] = {"fd": score.fd, "acc": score.acc}
-        rows.append(("teacher (Euler)", nfe, score))
-        grids[f"teacher_nfe{nfe}"] = images[:100]
+        scores[str(nfe)] = {"fd": score.fd, "acc": score.acc}
+        rows.append((name, nfe, score))
+        grids[f"{name.split()[0]}_nfe{nfe}"] = images[:100]
+
+    for nfe in TEACHER_NFE[:-2] + TEACHER_NFE[-1:] if quick else TEACHER_NFE:
+        measure("teacher (Euler)", teacher, nfe, results["teacher"], euler_grid=True)
     for spec in students:
         name, path = _parse_student(spec)
         pipe = load_digits_pipeline(path)
         results["students"][name] = {}
         for nfe in STUDENT_NFE:
-            images, labels = sample_digits(pipe, nfe, num_samples=num_samples)
-            score = metric.score(images, labels)
-            results["students"][name][str(nfe)] = {"fd": score.fd, "acc": score.acc}
-            rows.append((name, nfe, score))
-            grids[f"{name}_nfe{nfe}"] = images[:100]
+            measure(name, pipe, nfe, results["students"][name])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "quality.json"), "w") as f:
         json.dump(results, f, indent=2)

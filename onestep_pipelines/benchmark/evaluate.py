@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .digits import TEACHER_DIR, DigitsMetric, Score, eval_labels
+from .digits import TEACHER_DIR, eval_labels
 
 EVAL_SEED = 1234
 NUM_EVAL_SAMPLES = 898  # the size of the real reference half, so FD is compared at equal sample counts
@@ -15,20 +15,17 @@ NUM_EVAL_SAMPLES = 898  # the size of the real reference half, so FD is compared
 
 def load_digits_teacher(path: str | None = None):
     """The shipped digits teacher as a :class:`DigitsPipeline` (offline, one call)."""
-    from ..pipelines.pipeline_digits import DigitsPipeline
-
-    return load_digits_pipeline(path or TEACHER_DIR, DigitsPipeline)
+    return load_digits_pipeline(path or TEACHER_DIR)
 
 
-def load_digits_pipeline(path: str, pipeline_cls=None):
+def load_digits_pipeline(path: str):
     """Load a digits pipeline folder (teacher or student) with a clear error for anything else."""
     from ..pipelines.pipeline_digits import DigitsPipeline
 
-    pipeline_cls = pipeline_cls or DigitsPipeline
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "model_index.json")):
         raise ValueError(f"{path!r} is not a pipeline folder (no model_index.json).")
     try:
-        pipe = pipeline_cls.from_pretrained(path)
+        pipe = DigitsPipeline.from_pretrained(path)
     except (ValueError, RuntimeError) as err:
         if "shape" in str(err) or "size" in str(err):
             raise ValueError(f"the weights in {path!r} do not match the model config: {err}") from err
@@ -67,11 +64,6 @@ def sample_digits(
             kwargs["num_inference_steps"] = num_steps
         chunks.append(pipe(**kwargs).images.float().clamp(-1, 1))
     return torch.cat(chunks), labels
-
-
-def evaluate(pipe, metric: DigitsMetric, num_steps: int, **kwargs) -> Score:
-    images, labels = sample_digits(pipe, num_steps, **kwargs)
-    return metric.score(images, labels)
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: F401
+from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base up here)
 
 from ..sampling import consistency_step, to_x0_eps
