@@ -13,31 +13,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..benchmark.digits import parse_class_labels
 from ..models.digits_transformer import DigitsTransformer2DModel
 from ..sampling import check_num_steps
-from ..schedulers import FlowMapScheduler
+from .few_step import FewStepPipelineMixin
+from .loading import register_pipeline
 
 
-class DigitsPipeline(DiffusionPipeline):
-    r"""Class-conditional generation of 8x8 digits with a :class:`DigitsTransformer2DModel`.
-
-    Works with ``FlowMatchEulerDiscreteScheduler`` (the teacher's Euler sampler) and with this package's
-    schedulers; when the scheduler is a :class:`FlowMapScheduler` the target time ``r`` of every step is
-    passed to the model (no extra forward pass).
-
-    Args:
-        transformer ([`DigitsTransformer2DModel`]): the velocity / average-velocity model.
-        scheduler ([`SchedulerMixin`]): a flow-time scheduler.
-        default_guidance_scale (`float`, defaults to 1.0): guidance used when the call gives none (1 = no CFG,
-            e.g. for guidance-baked students).
-    """
+class _DigitsGeneration(DiffusionPipeline):
+    """The sampling loop of :class:`DigitsPipeline`."""
 
     model_cpu_offload_seq = "transformer"
     _callback_tensor_inputs = ["latents"]
-
-    def __init__(self, transformer: DigitsTransformer2DModel, scheduler, default_guidance_scale: float = 1.0):
-        super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler)
-        self.register_to_config(default_guidance_scale=default_guidance_scale)
-        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     def _set_timesteps(self, num_inference_steps, device, timesteps, sigmas):
         params = inspect.signature(self.scheduler.set_timesteps).parameters
@@ -110,18 +94,16 @@ class DigitsPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=model.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
         timesteps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        passes_r = isinstance(self.scheduler, FlowMapScheduler)
         use_cfg = guidance_scale != 1.0
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         null = torch.full_like(labels, model.null_class)
         for i, t in enumerate(self.progress_bar(timesteps)):
-            r = self.scheduler.r_timesteps[i] if passes_r else None
             if use_cfg:
-                out = model(torch.cat([latents, latents]), t, torch.cat([labels, null]), r_timestep=r).sample
+                out = model(torch.cat([latents, latents]), t, torch.cat([labels, null])).sample
                 cond, uncond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
             else:
-                out = model(latents, t, labels, r_timestep=r).sample
+                out = model(latents, t, labels).sample
             latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 available = {"latents": latents}
@@ -137,3 +119,28 @@ class DigitsPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+@register_pipeline
+class DigitsPipeline(FewStepPipelineMixin, _DigitsGeneration):
+    r"""Class-conditional generation of 8x8 digits with a :class:`DigitsTransformer2DModel`.
+
+    Works with ``FlowMatchEulerDiscreteScheduler`` (the teacher's Euler sampler) and with this package's
+    schedulers; when the scheduler is a :class:`FlowMapScheduler` the target time ``r`` of every step is
+    passed to the model (no extra forward pass).
+
+    Args:
+        transformer ([`DigitsTransformer2DModel`]): the velocity / average-velocity model.
+        scheduler ([`SchedulerMixin`]): a flow-time scheduler.
+        default_guidance_scale (`float`, defaults to 1.0): guidance used when the call gives none and the
+            pipeline has no student metadata (1 = no CFG).
+        student (`dict`, *optional*): a student's :class:`StudentMetadata` as a dict.
+    """
+
+    _denoiser = "transformer"
+
+    def __init__(self, transformer: DigitsTransformer2DModel, scheduler, default_guidance_scale: float = 1.0, student: dict | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+        self.register_to_config(default_guidance_scale=default_guidance_scale, student=student)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)

@@ -1,0 +1,197 @@
+"""Few-step pipelines: the stock SD / SDXL / SD3 / Flux pipelines plus what a student needs.
+
+Each class is the stock pipeline (same ``__call__``, same components) with :class:`FewStepPipelineMixin`:
+
+- with a :class:`FlowMapScheduler` and a model that takes ``r`` (see ``models.r_conditioning``), every
+  call of the model also gets ``r_timestep``, the target time of the current step (no extra forward);
+- a student's metadata (``model_index.json`` entry ``student``) sets the default number of steps and the
+  guidance: a guidance-baked student samples without CFG unless asked;
+- ``save_pretrained`` writes the files that make ``DiffusionPipeline.from_pretrained`` work (``loading.py``),
+  and ``from_pretrained`` loads safetensors only unless ``allow_pickle=True``.
+
+With any other scheduler, and without metadata, they behave exactly like the stock pipelines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from ..models.digits_transformer import DigitsTransformer2DModel
+from ..models.r_conditioning import takes_r_timestep
+from ..schedulers import FlowMapScheduler
+from ..students.metadata import StudentMetadata
+from .loading import register_pipeline, safetensors_kwargs, write_loading_files
+
+logger = logging.getLogger(__name__)
+
+
+class FewStepPipelineMixin:
+    """Student behaviour for a ``DiffusionPipeline`` subclass (see the module docstring).
+
+    Class attributes: ``_denoiser`` names the model component; ``_guidance_argument`` the ``__call__`` argument
+    that applies classifier-free guidance; ``_timestep_divisor`` converts scheduler timesteps into the units the
+    pipeline passes to its model (Flux passes ``sigma = t / 1000``); ``_passes_r_itself`` marks pipelines whose
+    own loop already passes ``r``.
+    """
+
+    _denoiser = "unet"
+    _guidance_argument = "guidance_scale"
+    _timestep_divisor = 1.0
+    _passes_r_itself = False
+
+    @property
+    def student(self) -> StudentMetadata | None:
+        """The student's sampling metadata, or None for a plain pipeline."""
+        data = self.config.get("student")
+        return None if data is None else StudentMetadata.from_dict(data)
+
+    def set_student(self, metadata: StudentMetadata | None, set_scheduler: bool = True) -> None:
+        """Record ``metadata`` (saved with the pipeline) and, by default, switch to its scheduler."""
+        self.register_to_config(student=None if metadata is None else metadata.to_dict())
+        if metadata is not None and set_scheduler:
+            self.scheduler = metadata.make_scheduler()
+
+    @property
+    def denoiser(self):
+        return getattr(self, self._denoiser)
+
+    def __call__(self, *args, **kwargs):
+        metadata = self.student
+        if metadata is not None:
+            bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
+            if not {"num_inference_steps", "timesteps", "sigmas"} & set(bound):
+                kwargs["num_inference_steps"] = metadata.num_inference_steps
+            if self._guidance_argument not in bound:
+                kwargs[self._guidance_argument] = 1.0 if metadata.guidance_baked else metadata.guidance_scale
+            elif metadata.guidance_baked and bound[self._guidance_argument] not in (None, 0.0, 1.0):
+                logger.warning(
+                    "This student has guidance %.3g baked in; %s=%s applies classifier-free guidance on top of it.",
+                    metadata.guidance_scale, self._guidance_argument, bound[self._guidance_argument],
+                )
+        with self._passing_r(metadata):
+            return super().__call__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _passing_r(self, metadata: StudentMetadata | None):
+        model = self.denoiser
+        wants_r = isinstance(self.scheduler, FlowMapScheduler) and takes_r_timestep(model)
+        if metadata is not None and metadata.r_conditioning and not wants_r:
+            raise ValueError(
+                f"This student takes a second time r: it needs a FlowMapScheduler (got {type(self.scheduler).__name__}) "
+                f"and an r-conditioned {self._denoiser} (got {type(model).__name__}; see add_r_conditioning)."
+            )
+        if not wants_r or self._passes_r_itself:
+            yield
+            return
+        scheduler, divisor = self.scheduler, self._timestep_divisor
+
+        def pass_r(module, args, kwargs):
+            i = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+            kwargs["r_timestep"] = scheduler.r_timesteps[i] / divisor
+            return args, kwargs
+
+        handle = model.register_forward_pre_hook(pass_r, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` plus the loading shim; ``push_to_hub`` uploads with
+        :func:`onestep_pipelines.push_student` (``repo_id``, ``token``, ``private`` as keyword arguments)."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message") if k in kwargs}
+        super().save_pretrained(save_directory, **kwargs)
+        write_loading_files(str(save_directory), type(self).__name__)
+        if push_to_hub:
+            from ..students.hub import push_student
+
+            push_student(save_directory, hub.pop("repo_id", None) or str(save_directory).rstrip("/").split("/")[-1], **hub)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
+        """``DiffusionPipeline.from_pretrained`` restricted to safetensors unless ``allow_pickle=True``."""
+        return super().from_pretrained(pretrained_model_name_or_path, **safetensors_kwargs(kwargs, allow_pickle))
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """Read ``model_index.json``; a ``["pipeline", "<Class>"]`` class name is read as ``"<Class>"`` so that
+        loading through this class never runs the folder's ``pipeline.py``."""
+        result = super().load_config(*args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        name = config.get("_class_name")
+        if isinstance(name, (list, tuple)) and len(name) == 2:
+            config["_class_name"] = name[1]
+        return result
+
+
+def _with_student_argument(base):
+    """``__init__`` of ``base`` plus a keyword ``student`` (metadata dict) stored in ``model_index.json``."""
+
+    def __init__(self, *args, student: dict | None = None, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self.register_to_config(student=student)
+
+    signature = inspect.signature(base.__init__)
+    extra = inspect.Parameter("student", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=dict | None)
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+    __init__.__doc__ = base.__init__.__doc__
+    return __init__
+
+
+@register_pipeline
+class FewStepStableDiffusionPipeline(FewStepPipelineMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` for few-step students (see :class:`FewStepPipelineMixin`)."""
+
+    __init__ = _with_student_argument(StableDiffusionPipeline)
+
+
+@register_pipeline
+class FewStepStableDiffusionXLPipeline(FewStepPipelineMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` for few-step students (see :class:`FewStepPipelineMixin`)."""
+
+    __init__ = _with_student_argument(StableDiffusionXLPipeline)
+
+
+@register_pipeline
+class FewStepStableDiffusion3Pipeline(FewStepPipelineMixin, StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` for few-step students (see :class:`FewStepPipelineMixin`)."""
+
+    _denoiser = "transformer"
+    __init__ = _with_student_argument(StableDiffusion3Pipeline)
+
+
+@register_pipeline
+class FewStepFluxPipeline(FewStepPipelineMixin, FluxPipeline):
+    """``FluxPipeline`` for few-step students (see :class:`FewStepPipelineMixin`). CFG-mode students use
+    ``true_cfg_scale`` (Flux's ``guidance_scale`` is the distilled-guidance embedding)."""
+
+    _denoiser = "transformer"
+    _guidance_argument = "true_cfg_scale"
+    _timestep_divisor = 1000.0
+    __init__ = _with_student_argument(FluxPipeline)
+
+
+PIPELINES_BY_ARCHITECTURE = {
+    "sd": FewStepStableDiffusionPipeline,
+    "sdxl": FewStepStableDiffusionXLPipeline,
+    "sd3": FewStepStableDiffusion3Pipeline,
+    "flux": FewStepFluxPipeline,
+}
+
+
+def architecture_of(model) -> str:
+    """``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or ``"digits"`` for a denoiser (or a pipeline holding one)."""
+    from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    model = getattr(model, "unet", None) or getattr(model, "transformer", None) or model
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, UNet2DConditionModel):
+        return "sdxl" if model.config.addition_embed_type == "text_time" else "sd"
+    for cls, name in ((SD3Transformer2DModel, "sd3"), (FluxTransformer2DModel, "flux"), (DigitsTransformer2DModel, "digits")):
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"{type(model).__name__} is not a supported student architecture (SD/SDXL UNet, SD3, Flux, digits).")

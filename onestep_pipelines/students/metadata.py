@@ -1,0 +1,120 @@
+"""How a student must be sampled: the metadata that travels with its weights.
+
+Full students keep it in ``model_index.json`` (the pipeline's ``student`` entry) next to their
+``scheduler/scheduler_config.json``; LoRA students keep it in the safetensors header
+(``onestep_student``) and in ``adapter_config.json``. Loading a student reads it to set the
+scheduler, the default step count and the guidance, so nobody has to guess.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from ..schedulers import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
+
+FORMAT_VERSION = 1
+METADATA_KEY = "onestep_student"
+SCHEDULERS = {cls.__name__: cls for cls in (ConsistencyScheduler, FlowMapScheduler, TDMScheduler)}
+ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "digits")
+
+
+@dataclass
+class StudentMetadata:
+    """Sampling recipe of a distilled student.
+
+    Args:
+        method: distillation method (``"dmd2"``, ``"consistency"``, ``"tdm"``, ``"meanflow"``, ``"flowmap"``, ...).
+        architecture: model family the weights fit: one of ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"digits"``.
+        scheduler_class: ``"ConsistencyScheduler"``, ``"FlowMapScheduler"`` or ``"TDMScheduler"``.
+        scheduler_config: the scheduler's config (time type, prediction type, timestep preset, gamma, shift...).
+        num_inference_steps: the default number of steps.
+        recommended_steps: step counts the student was trained / evaluated for.
+        guidance_scale: the guidance to sample with; when ``guidance_baked`` it is the scale trained into the
+            student and sampling runs without CFG.
+        guidance_baked: guidance is part of the student (one forward per step) rather than applied as CFG.
+        r_conditioning: the model takes a second time ``r`` (flow-map / MeanFlow students).
+        base_model: Hub id or path of the teacher.
+        timesteps: the model timesteps of the default schedule (``num_inference_steps`` steps of the recorded
+            scheduler); filled in from the scheduler, for readers that cannot run it (model cards, ComfyUI).
+    """
+
+    method: str
+    architecture: str
+    scheduler_class: str
+    scheduler_config: dict
+    num_inference_steps: int = 1
+    recommended_steps: list[int] = field(default_factory=lambda: [1])
+    guidance_scale: float = 1.0
+    guidance_baked: bool = False
+    r_conditioning: bool = False
+    base_model: str | None = None
+    timesteps: list[float] | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"student metadata: method must be a non-empty string, got {self.method!r}.")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"student metadata: architecture {self.architecture!r} is not one of {ARCHITECTURES}.")
+        if self.scheduler_class not in SCHEDULERS:
+            raise ValueError(f"student metadata: scheduler_class {self.scheduler_class!r} is not one of {sorted(SCHEDULERS)}.")
+        if not isinstance(self.scheduler_config, dict):
+            raise ValueError("student metadata: scheduler_config must be a dict.")
+        self.scheduler_config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        steps = [self.num_inference_steps, *self.recommended_steps]
+        if any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in steps):
+            raise ValueError(f"student metadata: step counts must be positive integers, got {steps}.")
+        if self.r_conditioning and self.scheduler_class != "FlowMapScheduler":
+            raise ValueError("student metadata: an r-conditioned student samples with FlowMapScheduler.")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"student metadata format {self.format_version} is newer than this onestep-pipelines understands "
+                f"({FORMAT_VERSION}); upgrade onestep-pipelines."
+            )
+        self.guidance_scale = float(self.guidance_scale)
+        if self.timesteps is None:
+            scheduler = self.make_scheduler()
+            scheduler.set_timesteps(self.num_inference_steps)
+            self.timesteps = [round(float(t), 6) for t in scheduler.timesteps]
+        self.recommended_steps = list(self.recommended_steps)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, **kwargs) -> "StudentMetadata":
+        """Metadata whose scheduler entry is ``scheduler``'s class and config."""
+        return cls(scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config), **kwargs)
+
+    def make_scheduler(self):
+        """A fresh scheduler as recorded."""
+        return SCHEDULERS[self.scheduler_class].from_config(self.scheduler_config)
+
+    @property
+    def time_type(self) -> str:
+        return self.make_scheduler().config.time_type
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudentMetadata":
+        if not isinstance(data, dict):
+            raise ValueError(f"student metadata must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown and data.get("format_version", FORMAT_VERSION) <= FORMAT_VERSION:
+            raise ValueError(f"student metadata has unknown fields {unknown}.")
+        missing = sorted(f.name for f in fields(cls) if f.name in ("method", "architecture", "scheduler_class", "scheduler_config") and f.name not in data)
+        if missing:
+            raise ValueError(f"student metadata lacks the fields {missing}.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "StudentMetadata":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"student metadata is not valid JSON: {error}") from None
+        return cls.from_dict(data)
