@@ -73,7 +73,7 @@ class StudentMetadata:
                 f"({FORMAT_VERSION}); upgrade onestep-pipelines."
             )
         self.guidance_scale = float(self.guidance_scale)
-        if self.timesteps is None:
+        if self.timesteps is None and not self.scheduler_config.get("use_dynamic_shifting", False):
             scheduler = self.make_scheduler()
             scheduler.set_timesteps(self.num_inference_steps)
             self.timesteps = [round(float(t), 6) for t in scheduler.timesteps]

@@ -1,0 +1,306 @@
+"""LoRA students: files for diffusers and for ComfyUI, and a loader that never loads half a LoRA.
+
+``save_student_lora`` writes, for a denoiser that carries a peft LoRA adapter (diffusers' ``add_adapter``):
+
+- ``pytorch_lora_weights.safetensors``: diffusers / peft keys (``unet.<module>.lora_A.weight``), with the
+  adapter's ``LoraConfig`` in the header (``lora_adapter_metadata``, so ``lora_alpha`` survives a reload in
+  diffusers) and the student's sampling metadata (``onestep_student``);
+- ``<stem>_comfyui.safetensors``: what ComfyUI's LoRA loader maps completely: kohya keys
+  (``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight``) for UNets, ``transformer.<module>.lora_A``
+  / ``lora_B`` keys for SD3 and Flux, and a ``<module>.alpha`` tensor holding the real alpha (ComfyUI scales by
+  alpha / rank only when that tensor exists; diffusers' kohya converter writes the rank there instead);
+- ``adapter_config.json``: the ``LoraConfig`` plus the sampling metadata;
+- ``r_embedder.safetensors`` for r-conditioned students (the full weights of the second-time embedding).
+
+``load_student_lora`` reads either weight file (local file or folder, or a Hub repo), checks that *every* LoRA
+module maps onto the pipeline's denoiser with matching shapes (else an error listing the unmatched keys),
+injects it with diffusers' ``load_lora_adapter``, optionally fuses it, and sets the scheduler from the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+from collections import Counter
+
+import torch
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..models.r_conditioning import add_r_conditioning, takes_r_timestep
+from ..pipelines.few_step import FewStepPipelineMixin, architecture_of
+from ..pipelines.loading import write_atomically
+from .metadata import METADATA_KEY, StudentMetadata
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+R_EMBEDDER_WEIGHT_NAME = "r_embedder.safetensors"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _denoiser_of(pipe_or_model):
+    for name in ("unet", "transformer"):
+        model = getattr(pipe_or_model, name, None)
+        if model is not None and not isinstance(pipe_or_model, torch.nn.Module):
+            return name, model
+    return ("unet" if architecture_of(pipe_or_model) in ("sd", "sdxl") else "transformer"), pipe_or_model
+
+
+def _r_module(model) -> torch.nn.Module:
+    """The second-time embedding of an r-conditioned model (``r_embedder``; ``r_embed`` in the digits model)."""
+    module = getattr(model, "r_embedder", None) or getattr(model, "r_embed", None)
+    if module is None or not takes_r_timestep(model):
+        raise ValueError(f"{type(model).__name__} takes no second time r: add it with add_r_conditioning().")
+    return module
+
+
+def _save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _module_alphas(model, adapter_name: str) -> dict[str, float]:
+    """Effective alpha of each LoRA module: ComfyUI scales by alpha / rank, peft by ``scaling`` (alpha / r, or
+    alpha / sqrt(r) with rsLoRA, with rank_pattern / alpha_pattern applied), so alpha = scaling * r."""
+    return {
+        name: float(module.scaling[adapter_name] * module.r[adapter_name])
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.r
+    }
+
+
+def comfyui_state_dict(lora: dict, alphas: dict[str, float], prefix: str) -> dict:
+    """ComfyUI-ready tensors from a peft state dict (``<module>.lora_A.weight`` keys): kohya names for UNets
+    (``prefix="unet"``), ``transformer.*`` names for SD3 / Flux; each module gets its real ``.alpha``."""
+    if prefix == "unet":
+        out = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.items()})
+        names = {module.replace(".", "_"): module for module in alphas}
+        for key in [k for k in out if k.endswith(".alpha")]:
+            out[key] = torch.tensor(alphas[names[key[: -len(".alpha")].removeprefix("lora_unet_")]])
+        return out
+    out = {f"transformer.{k}": v for k, v in lora.items()}
+    out.update({f"transformer.{module}.alpha": torch.tensor(alpha) for module, alpha in alphas.items()})
+    return out
+
+
+def save_student_lora(
+    save_directory: str,
+    pipe_or_model,
+    metadata: StudentMetadata,
+    adapter_name: str = "default",
+    comfyui: bool = True,
+    file_stem: str = "student",
+) -> dict[str, str]:
+    """Write a LoRA student (see the module docstring); returns ``{"diffusers": path, "comfyui": path, ...}``.
+
+    Args:
+        save_directory: output folder (created).
+        pipe_or_model: a pipeline, or its UNet / transformer, carrying the peft adapter ``adapter_name``.
+        metadata: how the student samples (:class:`StudentMetadata`); its architecture must match the model.
+        comfyui: also write ``<file_stem>_comfyui.safetensors`` (not for the digits model, which ComfyUI cannot run).
+    """
+    prefix, model = _denoiser_of(pipe_or_model)
+    if architecture_of(model) != metadata.architecture:
+        raise ValueError(f"metadata.architecture={metadata.architecture!r} but the model is {architecture_of(model)!r}.")
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is None:
+        raise ValueError(f"The {prefix} has no LoRA adapter named {adapter_name!r} (adapters: {list(getattr(model, 'peft_config', {}))}).")
+    if config.use_dora or config.lora_bias:
+        raise ValueError("DoRA and LoRA-bias adapters are not supported by save_student_lora.")
+    lora = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    alphas = _module_alphas(model, adapter_name)
+    config_dict = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    student_json = metadata.to_json()
+    os.makedirs(save_directory, exist_ok=True)
+    paths = {"diffusers": os.path.join(save_directory, DIFFUSERS_WEIGHT_NAME)}
+    header = {"format": "pt", METADATA_KEY: student_json, ADAPTER_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in config_dict.items()})}
+    _save_safetensors({f"{prefix}.{k}": v for k, v in lora.items()}, paths["diffusers"], header)
+    if comfyui and metadata.architecture != "digits":
+        paths["comfyui"] = os.path.join(save_directory, f"{file_stem}_comfyui.safetensors")
+        ranks = Counter(int(v.shape[0]) for k, v in lora.items() if k.endswith("lora_A.weight"))
+        header = {"format": "pt", METADATA_KEY: student_json, "ss_network_dim": str(ranks.most_common(1)[0][0]),
+                  "ss_network_alpha": str(config.lora_alpha)}
+        _save_safetensors(comfyui_state_dict(lora, alphas, prefix), paths["comfyui"], header)
+    if metadata.r_conditioning:
+        paths["r_embedder"] = os.path.join(save_directory, R_EMBEDDER_WEIGHT_NAME)
+        _save_safetensors(_r_module(model).state_dict(), paths["r_embedder"], {"format": "pt", METADATA_KEY: student_json})
+    paths["config"] = os.path.join(save_directory, "adapter_config.json")
+    write_atomically(paths["config"], json.dumps({**config_dict, METADATA_KEY: metadata.to_dict()}, indent=2, sort_keys=True) + "\n")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _resolve(path_or_repo: str, weight_name: str | None, allow_pickle: bool, **hub_kwargs) -> str:
+    """Local file, local folder or Hub repo id -> path of the LoRA weight file."""
+    if os.path.isfile(path_or_repo):
+        path = path_or_repo
+    elif os.path.isdir(path_or_repo):
+        if weight_name is None:
+            names = sorted(os.listdir(path_or_repo))
+            weight_name = DIFFUSERS_WEIGHT_NAME if DIFFUSERS_WEIGHT_NAME in names else None
+            candidates = [n for n in names if n.endswith(".safetensors") and n != R_EMBEDDER_WEIGHT_NAME]
+            if weight_name is None and len(candidates) == 1:
+                weight_name = candidates[0]
+            if weight_name is None:
+                pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+                raise ValueError(
+                    f"{path_or_repo} holds no single LoRA safetensors file (found {candidates + pickled}); pass weight_name=."
+                )
+        path = os.path.join(path_or_repo, weight_name)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(path_or_repo, weight_name or DIFFUSERS_WEIGHT_NAME, **hub_kwargs)
+    if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise ValueError(f"{path} is a pickle file, which can run code when loaded; use safetensors or pass allow_pickle=True.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No LoRA file at {path}.")
+    return path
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    return torch.load(path, map_location="cpu", weights_only=True), {}  # allow_pickle was given
+
+
+def _to_peft(tensors: dict, model, prefix: str) -> tuple[dict, dict[str, float], list[str]]:
+    """Any supported key layout -> (peft state dict, alpha per module, keys that do not map)."""
+    modules = dict(model.named_modules())
+    kohya_names = {name.replace(".", "_"): name for name in modules}
+    lora, alphas, unmatched = {}, {}, []
+    for key, value in tensors.items():
+        stem, _, leaf = key.partition(".")
+        if key.startswith("lora_unet_") and prefix == "unet":  # kohya: lora_unet_<module>.lora_down.weight / .alpha
+            module = kohya_names.get(stem.removeprefix("lora_unet_"))
+            part = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}.get(leaf)
+        elif key.startswith(f"{prefix}."):  # diffusers / peft: <prefix>.<module>.lora_A.weight or .alpha
+            body = key[len(prefix) + 1 :]
+            module, part = next(
+                ((body[: -len(s) - 1], s) for s in ("lora_A.weight", "lora_B.weight", "alpha") if body.endswith("." + s)), (None, None)
+            )
+        else:
+            module = part = None
+        if module not in modules or part is None:
+            unmatched.append(key)
+        elif part == "alpha":
+            alphas[module] = float(value)
+        else:
+            lora[f"{module}.{part}"] = value
+    for key, value in lora.items():  # shapes must fit the layer they patch
+        module, part = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        layer = modules[module]
+        layer = getattr(layer, "base_layer", layer)
+        expected = getattr(layer, "in_features", getattr(layer, "in_channels", None)) if part == "lora_A" else getattr(
+            layer, "out_features", getattr(layer, "out_channels", None)
+        )
+        got = value.shape[1] if part == "lora_A" else value.shape[0]
+        if expected != got:
+            unmatched.append(f"{key} (shape {tuple(value.shape)} does not fit {type(layer).__name__} {module})")
+    return lora, alphas, unmatched
+
+
+def _lora_config(lora: dict, alphas: dict[str, float]) -> dict:
+    """LoraConfig kwargs for exactly the modules in ``lora`` with their ranks and alphas."""
+    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_A.weight")}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    full_alphas = {m: alphas.get(m, float(rank)) for m, rank in ranks.items()}  # no alpha stored: alpha = rank
+    alpha = Counter(full_alphas.values()).most_common(1)[0][0]
+    exact = lambda m: f"^{re.escape(m)}$"  # noqa: E731
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {exact(m): k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {exact(m): a for m, a in full_alphas.items() if a != alpha},
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def load_student_lora(
+    pipe,
+    path_or_repo: str,
+    adapter_name: str | None = None,
+    weight_name: str | None = None,
+    lora_scale: float = 1.0,
+    fuse: bool = False,
+    set_scheduler: bool = True,
+    allow_pickle: bool = False,
+    **hub_kwargs,
+) -> StudentMetadata | None:
+    """Load a LoRA student into ``pipe`` (a diffusers pipeline with a UNet or transformer).
+
+    Reads the diffusers file or the ComfyUI file written by :func:`save_student_lora`, or any diffusers / peft /
+    kohya LoRA for the same model. Every LoRA module must map onto the pipeline's denoiser with matching shapes,
+    otherwise nothing is loaded and the error lists the unmatched keys. With sampling metadata in the file, the
+    pipeline's scheduler (and, for :class:`FewStepPipelineMixin` pipelines, the default steps and guidance) are
+    set from it; r-conditioned students also get the second-time embedding (``r_embedder.safetensors``).
+
+    Args:
+        adapter_name: peft adapter name (defaults to the metadata's method, else "student").
+        lora_scale: adapter weight (or the scale of the fused weights when ``fuse``).
+        fuse: merge the LoRA into the weights and remove the adapter.
+        allow_pickle: allow ``.bin`` / ``.pt`` files (pickle can run code; loaded with ``weights_only=True``).
+        hub_kwargs: ``revision``, ``token``, ``cache_dir``... for Hub repo ids.
+
+    Returns:
+        The student's :class:`StudentMetadata`, or None when the file has none.
+    """
+    prefix, model = _denoiser_of(pipe)
+    original = model
+    path = _resolve(path_or_repo, weight_name, allow_pickle, **hub_kwargs)
+    tensors, header = _read(path)
+    metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
+    architecture = architecture_of(model)
+    if metadata is not None and metadata.architecture != architecture:
+        raise ValueError(f"{path} is a LoRA for {metadata.architecture!r} models; this pipeline's {prefix} is {architecture!r}.")
+    if metadata is not None and metadata.r_conditioning:
+        if set_scheduler and not isinstance(pipe, FewStepPipelineMixin):
+            raise ValueError(f"r-conditioned students need a few-step pipeline that passes r, not {type(pipe).__name__}.")
+        model = add_r_conditioning(model)
+    lora, alphas, unmatched = _to_peft(tensors, model, prefix)
+    if unmatched or not lora:
+        shown = ", ".join(unmatched[:20]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 20 else "")
+        raise ValueError(
+            f"{path}: {len(unmatched)} of {len(tensors)} LoRA keys do not map onto this {architecture} {prefix} "
+            f"({type(model).__name__}); nothing was loaded. Unmatched: {shown or 'no LoRA weights found'}"
+        )
+    if ADAPTER_METADATA_KEY in header and not alphas:
+        config = {k[len(prefix) + 1 :]: v for k, v in json.loads(header[ADAPTER_METADATA_KEY]).items() if k.startswith(f"{prefix}.")}
+    else:
+        config = _lora_config(lora, alphas)
+    if metadata is not None and metadata.r_conditioning:
+        r_path = os.path.join(os.path.dirname(path), R_EMBEDDER_WEIGHT_NAME)
+        if not os.path.isfile(path_or_repo) and not os.path.isdir(path_or_repo):
+            from huggingface_hub import hf_hub_download
+
+            r_path = hf_hub_download(path_or_repo, R_EMBEDDER_WEIGHT_NAME, **hub_kwargs)
+        if not os.path.isfile(r_path):
+            raise FileNotFoundError(f"This r-conditioned student needs {R_EMBEDDER_WEIGHT_NAME} next to {path}.")
+        _r_module(model).load_state_dict(_read(r_path)[0])
+    adapter_name = adapter_name or (metadata.method if metadata is not None else "student")
+    model.load_lora_adapter(lora, prefix=None, adapter_name=adapter_name, metadata=config)
+    loaded = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    if set(loaded) != set(lora):
+        model.delete_adapters(adapter_name)
+        raise ValueError(f"{path}: peft loaded {len(loaded)} of {len(lora)} LoRA tensors; the adapter was removed.")
+    if fuse:
+        model.fuse_lora(lora_scale=lora_scale, adapter_names=[adapter_name])
+        model.unload_lora()
+    elif lora_scale != 1.0:
+        model.set_adapters([adapter_name], weights=[lora_scale])
+    if model is not original:
+        setattr(pipe, prefix, model)
+    if metadata is not None and set_scheduler:
+        if isinstance(pipe, FewStepPipelineMixin):
+            pipe.set_student(metadata)
+        else:
+            pipe.scheduler = metadata.make_scheduler()
+    return metadata
