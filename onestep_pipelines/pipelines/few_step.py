@@ -23,7 +23,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 from ..models.digits_transformer import DigitsTransformer2DModel
 from ..models.r_conditioning import takes_r_timestep
 from ..schedulers import FlowMapScheduler
-from ..students.metadata import StudentMetadata
+from ..metadata import StudentMetadata
 from .loading import register_pipeline, safetensors_kwargs, write_loading_files
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,12 @@ class FewStepPipelineMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
         """``DiffusionPipeline.from_pretrained`` restricted to safetensors unless ``allow_pickle=True``."""
-        return super().from_pretrained(pretrained_model_name_or_path, **safetensors_kwargs(kwargs, allow_pickle))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **safetensors_kwargs(kwargs, allow_pickle))
+        except OSError as error:
+            if allow_pickle or "safetensors" not in str(error):
+                raise
+            raise OSError(f"{error}\nOnly safetensors weights load by default; pass allow_pickle=True to load pickled (.bin) weights.") from error
 
     @classmethod
     def load_config(cls, *args, **kwargs):

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from ..models.r_conditioning import add_r_conditioning, takes_r_timestep
 from ..pipelines.few_step import FewStepPipelineMixin, architecture_of
 from ..pipelines.loading import write_atomically
-from .metadata import METADATA_KEY, StudentMetadata
+from ..metadata import METADATA_KEY, StudentMetadata
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 R_EMBEDDER_WEIGHT_NAME = "r_embedder.safetensors"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from ..schedulers import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
+from .schedulers import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
 
 FORMAT_VERSION = 1
 METADATA_KEY = "onestep_student"
@@ -73,8 +73,8 @@ class StudentMetadata:
                 f"({FORMAT_VERSION}); upgrade onestep-pipelines."
             )
         self.guidance_scale = float(self.guidance_scale)
-        if self.timesteps is None and not self.scheduler_config.get("use_dynamic_shifting", False):
-            scheduler = self.make_scheduler()
+        scheduler = self.make_scheduler()  # validates the scheduler config
+        if self.timesteps is None and not scheduler.config.use_dynamic_shifting:
             scheduler.set_timesteps(self.num_inference_steps)
             self.timesteps = [round(float(t), 6) for t in scheduler.timesteps]
         self.recommended_steps = list(self.recommended_steps)

@@ -1,0 +1,148 @@
+"""Hub model cards for students, rendered from the templates in ``model_cards/`` with huggingface_hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..pipelines.loading import write_atomically
+from ..metadata import StudentMetadata
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+KINDS = {"lora": "student_lora.md", "full": "student_full.md"}
+_PIPELINE_CLASS = {
+    "sd": "FewStepStableDiffusionPipeline",
+    "sdxl": "FewStepStableDiffusionXLPipeline",
+    "sd3": "FewStepStableDiffusion3Pipeline",
+    "flux": "FewStepFluxPipeline",
+    "digits": "DigitsPipeline",
+}
+
+
+def _guidance_text(m: StudentMetadata) -> str:
+    if m.guidance_baked:
+        return f"guidance {m.guidance_scale:g} baked in, no CFG at sampling"
+    return "no guidance" if m.guidance_scale == 1.0 else f"classifier-free guidance {m.guidance_scale:g}"
+
+
+def _scheduler_summary(m: StudentMetadata) -> str:
+    cfg = m.make_scheduler().config
+    parts = [f"time {cfg.time_type}", f"prediction {cfg.prediction_type}", f"preset {cfg.timestep_preset}"]
+    if m.scheduler_class != "TDMScheduler":
+        parts.append(f"gamma {cfg.gamma:g}")
+    if cfg.get("shift", 1.0) != 1.0:
+        parts.append(f"shift {cfg.shift:g}")
+    return ", ".join(parts)
+
+
+def _comfyui_sampler(m: StudentMetadata) -> str:
+    cfg = m.make_scheduler().config
+    if m.scheduler_class == "FlowMapScheduler":
+        return "the onestep-pipelines flow-map sampler (it passes the second time r; no built-in sampler does)"
+    if cfg.gamma == 1.0:
+        return "the built-in `lcm` sampler (or the onestep consistency sampler with gamma 1)"
+    if cfg.gamma == 0.0:
+        return "the built-in `euler` sampler" if cfg.time_type == "flow" else "the built-in `ddim` sampler"
+    return f"the onestep consistency sampler with gamma {cfg.gamma:g}"
+
+
+def numbers_table(rows: list[dict]) -> str:
+    """A markdown table from a list of dicts with the same keys (floats to 4 significant digits)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    folder: str,
+    metadata: StudentMetadata,
+    kind: str,
+    repo_id: str | None = None,
+    numbers: list[dict] | None = None,
+    grid=None,
+    title: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """Render and write ``folder/README.md`` for a student saved in ``folder``.
+
+    Args:
+        kind: ``"lora"`` (a folder written by :func:`save_student_lora`) or ``"full"`` (a saved pipeline).
+        repo_id: the Hub id the snippets load from (defaults to the folder's name).
+        numbers: rows for the numbers table, e.g. ``[{"model": "teacher", "NFE": 32, "FD": 3.14}, ...]``.
+        grid: a sample grid (PIL image or image path), copied to ``folder/samples.png`` and shown.
+        license: a Hub license id (defaults to the base model's, which you should check).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; choose one of {sorted(KINDS)}.")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a folder; save the student first.")
+    repo_id = repo_id or os.path.basename(os.path.normpath(folder))
+    m = metadata
+    lora = {}
+    if kind == "lora":
+        config_path = os.path.join(folder, "adapter_config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} is missing: write the LoRA with save_student_lora first.")
+        with open(config_path, encoding="utf-8") as f:
+            lora = json.load(f)
+    grid_name = None
+    if grid is not None:
+        grid_name = "samples.png"
+        if isinstance(grid, (str, os.PathLike)):
+            shutil.copyfile(grid, os.path.join(folder, grid_name))
+        else:
+            grid.save(os.path.join(folder, grid_name))
+    digits = m.architecture == "digits"
+    base = m.base_model or ("onestep-pipelines digits teacher" if digits else "the base model")
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation" if digits else "text-to-image",
+        base_model=None if digits or m.base_model is None or os.path.isdir(m.base_model) else m.base_model,
+        tags=["few-step", m.method, "onestep-pipelines", *(["lora"] if kind == "lora" else [])],
+        license=license,
+    )
+    if card_data.base_model:
+        card_data.base_model_relation = "adapter" if kind == "lora" else "finetune"
+    comfyui_file = next((n for n in sorted(os.listdir(folder)) if n.endswith("_comfyui.safetensors")), None)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=os.path.join(TEMPLATES, KINDS[kind]),
+        title=title or f"{m.method} few-step student ({m.architecture})",
+        method=m.method,
+        base_model_name=base,
+        base_model_link=f"https://huggingface.co/{m.base_model}" if card_data.base_model else "#",
+        load_base=(
+            "from onestep_pipelines import load_digits_teacher, load_student_lora\n\npipe = load_digits_teacher()"
+            if digits
+            else f"import torch\nfrom onestep_pipelines import {_PIPELINE_CLASS[m.architecture]}, load_student_lora\n\n"
+            f'pipe = {_PIPELINE_CLASS[m.architecture]}.from_pretrained("{m.base_model or "<base model id>"}", torch_dtype=torch.float16)'
+        ),
+        repo_id=repo_id,
+        pipeline_class=_PIPELINE_CLASS[m.architecture],
+        dtype_arg="" if digits else ", torch_dtype=torch.float16",
+        call_args='class_labels=["seven", 3]' if digits else '"a photo of a red fox in the snow"',
+        num_inference_steps=m.num_inference_steps,
+        recommended_steps=", ".join(str(n) for n in m.recommended_steps),
+        timesteps=m.timesteps if m.timesteps is not None else "resolution-dependent",
+        guidance_text=_guidance_text(m),
+        scheduler_class=m.scheduler_class,
+        scheduler_summary=_scheduler_summary(m),
+        r_conditioning=m.r_conditioning,
+        comfyui_file=comfyui_file,
+        comfyui_sampler=_comfyui_sampler(m),
+        comfyui_cfg=1.0 if m.guidance_baked else m.guidance_scale,
+        comfyui_note="ComfyUI cannot load this architecture natively." if digits else "the LoRA form of a student is the native ComfyUI route.",
+        rank=lora.get("r"),
+        alpha=lora.get("lora_alpha"),
+        numbers=numbers_table(numbers or []),
+        grid=grid_name,
+    )
+    write_atomically(os.path.join(folder, "README.md"), str(card))
+    return card
