@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -63,7 +64,7 @@ class DigitsTransformerOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class DigitsTransformer2DModel(ModelMixin, ConfigMixin):
+class DigitsTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""Class-conditional DiT (Peebles & Xie 2023) for small images, with an optional second time.
 
     ``forward(sample, timestep, class_labels, r_timestep=None)`` predicts a rectified-flow velocity

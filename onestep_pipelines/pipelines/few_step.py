@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from huggingface_hub import snapshot_download
 
 from ..models.digits_transformer import DigitsTransformer2DModel
 from ..models.r_conditioning import takes_r_timestep
@@ -27,6 +29,8 @@ from ..metadata import StudentMetadata
 from .loading import register_pipeline, safetensors_kwargs, write_loading_files
 
 logger = logging.getLogger(__name__)
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack"]
 
 
 class FewStepPipelineMixin:
@@ -113,7 +117,16 @@ class FewStepPipelineMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
-        """``DiffusionPipeline.from_pretrained`` restricted to safetensors unless ``allow_pickle=True``."""
+        """``DiffusionPipeline.from_pretrained`` restricted to safetensors unless ``allow_pickle=True``.
+
+        A Hub repo id is downloaded with ``snapshot_download`` first (diffusers' own download accepts component
+        libraries from diffusers and transformers only); ``cache_dir``, ``revision``, ``token``... apply to it.
+        """
+        if not os.path.isdir(pretrained_model_name_or_path):
+            hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+            pretrained_model_name_or_path = snapshot_download(
+                str(pretrained_model_name_or_path), ignore_patterns=None if allow_pickle else PICKLE_PATTERNS, **hub
+            )
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **safetensors_kwargs(kwargs, allow_pickle))
         except OSError as error:

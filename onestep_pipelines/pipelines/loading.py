@@ -28,7 +28,7 @@ from diffusers import DiffusionPipeline
 
 SHIM_NAME = "pipeline"
 PIPELINE_CLASSES: dict[str, type] = {}
-_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
 def register_pipeline(cls: type) -> type:

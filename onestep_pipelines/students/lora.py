@@ -88,6 +88,34 @@ def comfyui_state_dict(lora: dict, alphas: dict[str, float], prefix: str) -> dic
     return out
 
 
+COMFYUI_SUFFIXES = {"unet": (".lora_down.weight", ".lora_up.weight", ".alpha"), "transformer": (".lora_A.weight", ".lora_B.weight", ".alpha")}
+
+
+def comfyui_unmapped_keys(keys, model) -> list[str]:
+    """Keys of a ComfyUI-ready file that ComfyUI's LoRA loader would not apply to ``model``'s architecture.
+
+    ComfyUI's rules (``comfy/lora.py``, ``model_lora_keys_unet``): for SD1.5 / SDXL UNets it accepts kohya names
+    ``lora_unet_<diffusers module, "." -> "_">`` for every weight of a stock ``UNet2DConditionModel``; for SD3 and
+    Flux ``transformer.<diffusers module>`` for every Linear of the stock transformer. A LoRA pair is read as
+    ``lora_down`` / ``lora_up`` (or ``lora_A`` / ``lora_B``), scaled by ``<module>.alpha`` / rank when that tensor
+    exists (else by 1). Modules this package adds (``r_embedder``) are unknown to ComfyUI.
+    """
+    prefix = "unet" if architecture_of(model) in ("sd", "sdxl") else "transformer"
+    layers = (torch.nn.Linear, torch.nn.Conv2d) if prefix == "unet" else (torch.nn.Linear,)
+    stock = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "base_layer", module), layers) and not any(p in name for p in (".base_layer", ".lora_", "r_embedder"))
+    }
+    known = {f"lora_unet_{n.replace('.', '_')}" for n in stock} if prefix == "unet" else {f"transformer.{n}" for n in stock}
+    unmapped = []
+    for key in keys:
+        suffix = next((s for s in COMFYUI_SUFFIXES[prefix] if key.endswith(s)), None)
+        if suffix is None or key[: -len(suffix)] not in known:
+            unmapped.append(key)
+    return unmapped
+
+
 def save_student_lora(
     save_directory: str,
     pipe_or_model,
@@ -125,7 +153,14 @@ def save_student_lora(
         ranks = Counter(int(v.shape[0]) for k, v in lora.items() if k.endswith("lora_A.weight"))
         header = {"format": "pt", METADATA_KEY: student_json, "ss_network_dim": str(ranks.most_common(1)[0][0]),
                   "ss_network_alpha": str(config.lora_alpha)}
-        _save_safetensors(comfyui_state_dict(lora, alphas, prefix), paths["comfyui"], header)
+        tensors = comfyui_state_dict(lora, alphas, prefix)
+        unmapped = comfyui_unmapped_keys(tensors, model)
+        if unmapped:
+            raise ValueError(
+                f"{len(unmapped)} LoRA keys would not load in ComfyUI (modules outside the stock {metadata.architecture} "
+                f"model, e.g. r_embedder): {unmapped[:8]}. Leave them out of target_modules or pass comfyui=False."
+            )
+        _save_safetensors(tensors, paths["comfyui"], header)
     if metadata.r_conditioning:
         paths["r_embedder"] = os.path.join(save_directory, R_EMBEDDER_WEIGHT_NAME)
         _save_safetensors(_r_module(model).state_dict(), paths["r_embedder"], {"format": "pt", METADATA_KEY: student_json})
