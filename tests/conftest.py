@@ -15,3 +15,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """An in-process fake Hugging Face Hub that huggingface_hub and diffusers talk to for this test."""
+    from onestep_pipelines.testing.fake_hub import fake_hub
+
+    with fake_hub() as hub:
+        hub.patch_env(monkeypatch)
+        yield hub

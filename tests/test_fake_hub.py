@@ -10,16 +10,8 @@ from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundE
 from safetensors.torch import save_file
 
 from onestep_pipelines.testing import tiny_pipeline
-from onestep_pipelines.testing.fake_hub import fake_hub
 
 TOKEN = "hf_secret_token_123"
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    with fake_hub() as hub:
-        hub.patch_env(monkeypatch)
-        yield hub
 
 
 def _upload(hub, folder, repo_id):

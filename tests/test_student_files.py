@@ -24,7 +24,6 @@ from onestep_pipelines import (
     write_model_card,
 )
 from onestep_pipelines.students.lora import comfyui_unmapped_keys
-from onestep_pipelines.testing.fake_hub import fake_hub
 
 TARGETS = {
     "sd": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in", "ff.net.0.proj", "time_emb_proj"],
@@ -200,13 +199,6 @@ def test_model_cards_render_with_snippets_numbers_and_grid(tmp_path):
         write_model_card(tmp_path / "full", full_meta, "checkpoint")
     with pytest.raises(FileNotFoundError, match="save_student_lora"):
         write_model_card(tmp_path / "full", full_meta, "lora")
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    with fake_hub() as hub:
-        hub.patch_env(monkeypatch)
-        yield hub
 
 
 def test_push_student_then_load_from_the_hub(hub, tmp_path, caplog):
