@@ -51,7 +51,8 @@ def capture_call(pipe, arch):
 def flow_map_student(arch, seed=0):
     pipe = few_step_pipe(arch, seed)
     setattr(pipe, pipe._denoiser, add_r_conditioning(pipe.denoiser))
-    pipe.scheduler = FlowMapScheduler.from_config(tiny_pipeline(arch).scheduler.config)
+    # UNets here are flow-matching students (time as sigma * 1000); SD3 / Flux keep their stock shift settings
+    pipe.scheduler = FlowMapScheduler() if arch in ("sd", "sdxl") else FlowMapScheduler.from_config(tiny_pipeline(arch).scheduler.config)
     metadata = StudentMetadata.from_scheduler(pipe.scheduler, method="meanflow", architecture=arch, num_inference_steps=2, recommended_steps=[1, 2], r_conditioning=True)
     pipe.set_student(metadata, set_scheduler=False)
     return pipe
@@ -104,27 +105,21 @@ def test_few_step_pipeline_is_the_stock_pipeline_with_our_scheduler(arch):
     assert torch.equal(latents(few_step_pipe(arch), arch), latents(stock, arch))
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_flow_map_pipeline_passes_r_with_every_call_and_no_extra_forward(arch):
     pipe = flow_map_student(arch)
     randomize(pipe.denoiser.r_embedder)
     intervals, calls = [], []
     pipe.denoiser.r_embedder.register_forward_hook(lambda m, a, o: intervals.append(a[0][0].item()))
     pipe.denoiser.register_forward_pre_hook(lambda m, a: calls.append(1))
-    out = latents(pipe, arch, steps=2, drop=("num_inference_steps", "guidance_scale"))
+    out = latents(pipe, arch, drop=("num_inference_steps", "guidance_scale"))
     s = pipe.scheduler
     assert len(calls) == 2 == len(s.timesteps)
     np.testing.assert_allclose(intervals, (s.timesteps - s.r_timesteps).tolist(), rtol=1e-5)
     assert torch.isfinite(out).all()
-    # the same model without r gives other samples: r really reaches the model
-    pipe.set_student(None)
-    plain = few_step_pipe(arch)
-    plain.transformer = pipe.transformer
-    plain.scheduler = FlowMapScheduler.from_config(tiny_pipeline(arch).scheduler.config)
-    with torch.no_grad():
+    with torch.no_grad():  # silence the r embedding: the samples change, so r did reach the model
         pipe.denoiser.r_embedder.embedding.linear_2.weight.zero_()
-        pipe.denoiser.r_embedder.embedding.linear_2.bias.zero_()
-    assert not torch.allclose(latents(plain, arch, steps=2, drop=("guidance_scale",)), out)
+    assert not torch.allclose(latents(pipe, arch, drop=("num_inference_steps", "guidance_scale")), out)
 
 
 def test_r_student_without_r_model_is_an_error():
