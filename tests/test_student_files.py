@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +19,14 @@ from onestep_pipelines import (
     DigitsTransformer2DModel,
     FlowMapScheduler,
     StudentMetadata,
+    TDMScheduler,
     load_student_lora,
     push_student,
     save_student_lora,
     write_model_card,
 )
 from onestep_pipelines.students.lora import comfyui_unmapped_keys
+from onestep_pipelines.testing import tiny_pipeline
 
 TARGETS = {
     "sd": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in", "ff.net.0.proj", "time_emb_proj"],
@@ -38,6 +41,18 @@ SAMPLE = dict(drop=("num_inference_steps", "guidance_scale"))  # steps and guida
 def plain(arch):
     """Sampling arguments equal to the students' metadata (2 steps, no CFG) for a pipeline without metadata."""
     return dict(drop=("guidance_scale",), **{GUIDANCE_ARG[arch]: 1.0})
+
+
+def comfyui_accepted_names(arch, config):
+    """The LoRA base names ComfyUI's loader maps for a stock model of this config (comfy/lora.py,
+    model_lora_keys_unet): kohya ``lora_unet_<key, . -> _>`` for every UNet weight (unet_to_diffusers covers all of
+    them) and ``transformer.<key>`` for every weight of SD3 / Flux (mmdit_to_diffusers / flux_to_diffusers)."""
+    from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    cls = {"sd": UNet2DConditionModel, "sdxl": UNet2DConditionModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[arch]
+    with torch.device("meta"):
+        keys = [k[: -len(".weight")] for k in cls.from_config(config).state_dict() if k.endswith(".weight")]
+    return {f"lora_unet_{k.replace('.', '_')}" for k in keys} if arch in ("sd", "sdxl") else {f"transformer.{k}" for k in keys}
 
 
 def lora_student(arch):
@@ -69,6 +84,9 @@ def test_lora_round_trip_through_both_files_is_exact(arch, tmp_path):
     assert json.loads(open(paths["config"]).read())["onestep_student"] == metadata.to_dict()
     # ComfyUI: every key maps under its rules, every module has its real alpha (7 for to_k, rank 2 for to_q)
     assert comfyui_unmapped_keys(comfy, pipe.denoiser) == []
+    accepted = comfyui_accepted_names(arch, pipe.denoiser.config)
+    suffixes = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")
+    assert all(k.endswith(suffixes) and k.rsplit(".", 2 if not k.endswith(".alpha") else 1)[0] in accepted for k in comfy)
     alphas = {k[: -len(".alpha")]: float(v) for k, v in comfy.items() if k.endswith(".alpha")}
     downs = [k for k in comfy if k.endswith((".lora_down.weight", ".lora_A.weight"))]
     assert len(alphas) == len(downs) > 0
@@ -82,7 +100,7 @@ def test_lora_round_trip_through_both_files_is_exact(arch, tmp_path):
 
     for which in ("diffusers", "comfyui"):
         fresh = few_step_pipe(arch)
-        loaded = load_student_lora(fresh, paths[which])
+        loaded = load_student_lora(fresh, Path(paths[which]))
         assert loaded == metadata and fresh.student == metadata
         assert torch.equal(latents(fresh, arch, **SAMPLE), expected)  # metadata: 2 steps, no CFG (baked)
     # diffusers' own loader reads our diffusers file, lora_alpha included
@@ -143,11 +161,16 @@ def test_lora_for_another_architecture_or_partial_is_refused(tmp_path):
     with pytest.raises(ValueError, match="1 of .* LoRA keys do not map.*lora_unet_not_a_module"):
         load_student_lora(same, str(tmp_path / "partial.safetensors"))
     assert not getattr(same.unet, "peft_config", None)
+    del tensors["lora_unet_not_a_module.lora_down.weight"]
+    del tensors[next(k for k in tensors if k.endswith(".lora_up.weight"))]
+    save_file(tensors, str(tmp_path / "half.safetensors"))
+    with pytest.raises(ValueError, match=r"no lora_B weight"):
+        load_student_lora(same, str(tmp_path / "half.safetensors"))
     torch.save(tensors, tmp_path / "weights.bin")
     with pytest.raises(ValueError, match="pickle"):
         load_student_lora(same, str(tmp_path / "weights.bin"))
     (tmp_path / "two").mkdir()
-    for name in ("bare", "partial"):
+    for name in ("bare", "partial", "half"):
         os.replace(tmp_path / f"{name}.safetensors", tmp_path / "two" / f"{name}.safetensors")
     with pytest.raises(ValueError, match="pass weight_name"):
         load_student_lora(same, str(tmp_path / "two"))  # several candidate files
@@ -164,9 +187,19 @@ def test_lora_on_modules_comfyui_does_not_know_is_refused_for_the_comfyui_file(t
     pipe.transformer = add_r_conditioning(pipe.transformer)
     pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "linear_1"]))
     metadata = StudentMetadata.from_scheduler(FlowMapScheduler(), method="flowmap", architecture="sd3", r_conditioning=True)
+    pipe.set_student(metadata)
+    randomize(pipe.transformer.r_embedder)
+    expected = latents(pipe, "sd3", **SAMPLE)
     with pytest.raises(ValueError, match="would not load in ComfyUI"):
         save_student_lora(tmp_path, pipe, metadata)
+    assert os.listdir(tmp_path) == []  # nothing half-written
     assert set(save_student_lora(tmp_path, pipe, metadata, comfyui=False)) == {"diffusers", "r_embedder", "config"}
+    fresh = few_step_pipe("sd3")
+    load_student_lora(fresh, tmp_path)  # adds r-conditioning, loads r_embedder, then the LoRA (r_embedder's too)
+    torch.testing.assert_close(latents(fresh, "sd3", **SAMPLE), expected, rtol=0, atol=1e-5)
+    stock = tiny_pipeline("sd3")
+    with pytest.raises(ValueError, match="few-step pipeline that passes r"):
+        load_student_lora(stock, tmp_path, set_scheduler=False)
 
 
 def test_model_cards_render_with_snippets_numbers_and_grid(tmp_path):
@@ -197,6 +230,10 @@ def test_model_cards_render_with_snippets_numbers_and_grid(tmp_path):
     assert "classifier-free guidance 3" in card.text
     with pytest.raises(ValueError, match="kind"):
         write_model_card(tmp_path / "full", full_meta, "checkpoint")
+    for scheduler, arch, extra in [(TDMScheduler(), "sd", {}), (FlowMapScheduler(use_dynamic_shifting=True), "flux", {"r_conditioning": True}), (FlowMapScheduler(), "digits", {})]:
+        m = StudentMetadata.from_scheduler(scheduler, method="tdm", architecture=arch, **extra)
+        text = write_model_card(tmp_path / "full", m, "full").text
+        assert f"`{type(scheduler).__name__}`" in text and ("second time r | yes" in text) == bool(extra)
     with pytest.raises(FileNotFoundError, match="save_student_lora"):
         write_model_card(tmp_path / "full", full_meta, "lora")
 
@@ -208,9 +245,16 @@ def test_push_student_then_load_from_the_hub(hub, tmp_path, caplog):
     pipe.set_student(metadata, set_scheduler=False)
     pipe.save_pretrained(tmp_path / "full")
     write_model_card(tmp_path / "full", metadata, "full", repo_id="me/sd3-student")
+    extra = ["single_file.safetensors", "transformer/diffusion_pytorch_model.fp16.safetensors", "vae/model.onnx", "vae/weights.bin"]
+    for name in extra:  # files a student repo may also hold; loading must not fetch them
+        (tmp_path / "full" / name).write_bytes(b"\0" * 64)
     url = push_student(str(tmp_path / "full"), "me/sd3-student", token=TOKEN)
     assert hub.commits["me/sd3-student"][-1] in url
+    for name in extra:
+        os.remove(tmp_path / "full" / name)
     loaded = DiffusionPipeline.from_pretrained("me/sd3-student", cache_dir=tmp_path / "cache")
+    fetched = {os.path.relpath(os.path.join(root, n), loaded.name_or_path) for root, _, files in os.walk(loaded.name_or_path) for n in files}
+    assert fetched and not fetched & set(extra) and "model_index.json" in fetched
     assert type(loaded) is type(pipe) and loaded.student == metadata
     torch.testing.assert_close(latents(loaded, "sd3", **SAMPLE), latents(pipe, "sd3", **SAMPLE), rtol=0, atol=1e-5)
 

@@ -56,11 +56,26 @@ class RConditioningMixin:
 
     def _init_r_conditioning(self) -> None:
         time_embedding = getattr(self, self._time_embedding_module)
-        time_proj = getattr(self, "time_proj", None) or time_embedding.time_proj
-        linear = time_embedding.linear_2 if hasattr(time_embedding, "linear_2") else time_embedding.timestep_embedder.linear_2
-        self.r_embedder = IntervalEmbedding(time_proj, linear.out_features)
+        self.reset_r_embedder()
         self._r_interval = None
         time_embedding.register_forward_hook(self._add_r_embedding)
+
+    def reset_r_embedder(self) -> None:
+        """A fresh zero-initialised ``r_embedder`` on the device and dtype of the model's time embedding."""
+        time_embedding = getattr(self, self._time_embedding_module)
+        time_proj = getattr(self, "time_proj", None) or time_embedding.time_proj
+        linear = time_embedding.linear_2 if hasattr(time_embedding, "linear_2") else time_embedding.timestep_embedder.linear_2
+        device = linear.weight.device if linear.weight.device.type != "meta" else None
+        with torch.device(device or "cpu"):
+            self.r_embedder = IntervalEmbedding(time_proj, linear.out_features).to(linear.weight.dtype)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``from_pretrained``; a one-time (teacher) checkpoint loads too, with a zero-initialised ``r_embedder``."""
+        model = super().from_pretrained(*args, **kwargs)
+        if any(p.is_meta for p in model.r_embedder.parameters()):
+            model.reset_r_embedder()
+        return model
 
     def _add_r_embedding(self, module, inputs, output):
         if self._r_interval is None:
@@ -142,7 +157,11 @@ def add_r_conditioning(model: ModelMixin) -> ModelMixin:
     if adapted_cls is None:
         supported = ", ".join(cls.__name__ for cls in TWO_TIME_CLASSES)
         raise TypeError(f"add_r_conditioning supports {supported} (and models that already take r), not {type(model).__name__}.")
-    param = next(model.parameters())
+    if getattr(model, "peft_config", None):
+        raise ValueError(
+            f"The {type(model).__name__} carries LoRA adapters {list(model.peft_config)}: add r-conditioning before "
+            "loading a LoRA, or fuse and unload the LoRA first."
+        )
     with torch.device("meta"):
         adapted = adapted_cls.from_config(model.config)
     missing, unexpected = adapted.load_state_dict(model.state_dict(keep_vars=True), strict=False, assign=True)
@@ -151,7 +170,6 @@ def add_r_conditioning(model: ModelMixin) -> ModelMixin:
     for name, buffer in model.named_buffers():  # non-persistent buffers are not in the state dict
         owner, _, leaf = name.rpartition(".")
         adapted.get_submodule(owner).register_buffer(leaf, buffer, persistent=leaf not in adapted.get_submodule(owner)._non_persistent_buffers_set)
-    with torch.device(param.device):
-        adapted.r_embedder = IntervalEmbedding(adapted.r_embedder.proj, adapted.r_embedder.embedding.linear_2.out_features).to(param.dtype)
+    adapted.reset_r_embedder()
     adapted.train(model.training)
     return adapted

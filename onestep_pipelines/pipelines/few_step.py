@@ -26,11 +26,9 @@ from ..models.digits_transformer import DigitsTransformer2DModel
 from ..models.r_conditioning import takes_r_timestep
 from ..schedulers import FlowMapScheduler
 from ..metadata import StudentMetadata
-from .loading import register_pipeline, safetensors_kwargs, write_loading_files
+from .loading import HUB_KWARGS, PICKLE_SUFFIXES, register_pipeline, safetensors_kwargs, write_loading_files
 
 logger = logging.getLogger(__name__)
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
-PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack"]
 
 
 class FewStepPipelineMixin:
@@ -38,14 +36,14 @@ class FewStepPipelineMixin:
 
     Class attributes: ``_denoiser`` names the model component; ``_guidance_argument`` the ``__call__`` argument
     that applies classifier-free guidance; ``_timestep_divisor`` converts scheduler timesteps into the units the
-    pipeline passes to its model (Flux passes ``sigma = t / 1000``); ``_passes_r_itself`` marks pipelines whose
-    own loop already passes ``r``.
+    pipeline passes to its model (Flux passes ``sigma = t / 1000``); ``_cfg_needs_negative_prompt`` marks pipelines
+    that apply CFG only when a negative prompt is given (Flux's true CFG).
     """
 
     _denoiser = "unet"
     _guidance_argument = "guidance_scale"
     _timestep_divisor = 1.0
-    _passes_r_itself = False
+    _cfg_needs_negative_prompt = False
 
     @property
     def student(self) -> StudentMetadata | None:
@@ -71,6 +69,8 @@ class FewStepPipelineMixin:
                 kwargs["num_inference_steps"] = metadata.num_inference_steps
             if self._guidance_argument not in bound:
                 kwargs[self._guidance_argument] = 1.0 if metadata.guidance_baked else metadata.guidance_scale
+                if self._cfg_needs_negative_prompt and not metadata.guidance_baked and metadata.guidance_scale > 1:
+                    kwargs.setdefault("negative_prompt", "")
             elif metadata.guidance_baked and bound[self._guidance_argument] not in (None, 0.0, 1.0):
                 logger.warning(
                     "This student has guidance %.3g baked in; %s=%s applies classifier-free guidance on top of it.",
@@ -88,14 +88,13 @@ class FewStepPipelineMixin:
                 f"This student takes a second time r: it needs a FlowMapScheduler (got {type(self.scheduler).__name__}) "
                 f"and an r-conditioned {self._denoiser} (got {type(model).__name__}; see add_r_conditioning)."
             )
-        if not wants_r or self._passes_r_itself:
+        if not wants_r:
             yield
             return
         scheduler, divisor = self.scheduler, self._timestep_divisor
 
         def pass_r(module, args, kwargs):
-            i = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
-            kwargs["r_timestep"] = scheduler.r_timesteps[i] / divisor
+            kwargs["r_timestep"] = scheduler.r_timestep_for() / divisor
             return args, kwargs
 
         handle = model.register_forward_pre_hook(pass_r, with_kwargs=True)
@@ -104,11 +103,11 @@ class FewStepPipelineMixin:
         finally:
             handle.remove()
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """``DiffusionPipeline.save_pretrained`` plus the loading shim; ``push_to_hub`` uploads with
         :func:`onestep_pipelines.push_student` (``repo_id``, ``token``, ``private`` as keyword arguments)."""
         hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message") if k in kwargs}
-        super().save_pretrained(save_directory, **kwargs)
+        super().save_pretrained(save_directory, *args, **kwargs)
         write_loading_files(str(save_directory), type(self).__name__)
         if push_to_hub:
             from ..students.hub import push_student
@@ -119,16 +118,27 @@ class FewStepPipelineMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
         """``DiffusionPipeline.from_pretrained`` restricted to safetensors unless ``allow_pickle=True``.
 
-        A Hub repo id is downloaded with ``snapshot_download`` first (diffusers' own download accepts component
-        libraries from diffusers and transformers only); ``cache_dir``, ``revision``, ``token``... apply to it.
+        A Hub repo whose components come from this package is fetched with ``snapshot_download`` (diffusers' own
+        download accepts component libraries from diffusers and transformers only): only ``model_index.json``, the
+        shim and the component folders, without pickled, ONNX or other-variant weights.
         """
-        if not os.path.isdir(pretrained_model_name_or_path):
-            hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-            pretrained_model_name_or_path = snapshot_download(
-                str(pretrained_model_name_or_path), ignore_patterns=None if allow_pickle else PICKLE_PATTERNS, **hub
-            )
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
+                raise FileNotFoundError(f"{path} is not a folder with a saved pipeline.")
+            hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+            config = cls.load_config(path, **hub)
+            components = [k for k, v in config.items() if isinstance(v, list) and k != "_class_name" and v[0]]
+            if any(str(config[k][0]).startswith("onestep_pipelines") for k in components):
+                for k in HUB_KWARGS:
+                    kwargs.pop(k, None)
+                variant = kwargs.get("variant")
+                ignore = [f"*{suffix}" for suffix in PICKLE_SUFFIXES if not allow_pickle] + ["*.onnx", "*.onnx_data"]
+                ignore += [f"*.{v}.*" for v in ("fp16", "bf16", "fp32") if v != variant]
+                allow = ["model_index.json", "*.py", "README.md", *(f"{k}/*" for k in components)]
+                path = snapshot_download(path, allow_patterns=allow, ignore_patterns=ignore, **hub)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **safetensors_kwargs(kwargs, allow_pickle))
+            return super().from_pretrained(path, **safetensors_kwargs(kwargs, allow_pickle))
         except OSError as error:
             if allow_pickle or "safetensors" not in str(error):
                 raise
@@ -189,6 +199,7 @@ class FewStepFluxPipeline(FewStepPipelineMixin, FluxPipeline):
 
     _denoiser = "transformer"
     _guidance_argument = "true_cfg_scale"
+    _cfg_needs_negative_prompt = True
     _timestep_divisor = 1000.0
     __init__ = _with_student_argument(FluxPipeline)
 

@@ -19,16 +19,17 @@ is never set by this package.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-import tempfile
 
 from diffusers import DiffusionPipeline
 
 SHIM_NAME = "pipeline"
 PIPELINE_CLASSES: dict[str, type] = {}
-_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack")
 
 
 def register_pipeline(cls: type) -> type:
@@ -53,17 +54,26 @@ def own_class_name(config: dict) -> str | None:
     return name if isinstance(name, str) and name in PIPELINE_CLASSES else None
 
 
-def write_atomically(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` (with the usual 0o666 & ~umask mode),
+    on failure it is removed, so readers never see a half-written file."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_atomically(path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_loading_files(save_directory: str, class_name: str) -> None:
@@ -95,7 +105,7 @@ def _install_diffusers_hook() -> None:
         if cls is DiffusionPipeline and kwargs.get("custom_pipeline") is None:
             try:
                 config = DiffusionPipeline.load_config(
-                    pretrained_model_name_or_path, **{k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
+                    pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
                 )
             except Exception:  # not a pipeline, offline, ...: diffusers reports it in its own words
                 config = {}

@@ -61,13 +61,17 @@ class FlowMapScheduler(FewStepSchedulerMixin):
     def _on_set_timesteps(self, device) -> None:
         self.r_timesteps = self._model_timesteps(self._native_s, device)
 
-    def r_timestep_for(self, timestep) -> torch.Tensor:
-        """Target time ``r`` (model units) of the step that starts at ``timestep``; pass it to the model."""
+    def r_timestep_for(self, timestep=None) -> torch.Tensor:
+        """Target time ``r`` (model units) of the current step, the one that starts at ``timestep``; pass it to the
+        model. Before the first step it is the first step's (or ``begin_index``'s, or ``timestep``'s when given)."""
         if self.num_inference_steps is None:
             raise ValueError("FlowMapScheduler.r_timestep_for() was called before set_timesteps().")
-        i = self._step_index if self._step_index is not None else (
-            self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
-        )
+        if self._step_index is not None:
+            i = self._step_index
+        elif self._begin_index is not None:
+            i = self._begin_index
+        else:
+            i = 0 if timestep is None else self.index_for_timestep(timestep)
         return self.r_timesteps[i]
 
     def step(

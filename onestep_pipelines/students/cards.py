@@ -8,18 +8,13 @@ import shutil
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..pipelines.few_step import PIPELINES_BY_ARCHITECTURE
 from ..pipelines.loading import write_atomically
 from ..metadata import StudentMetadata
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 KINDS = {"lora": "student_lora.md", "full": "student_full.md"}
-_PIPELINE_CLASS = {
-    "sd": "FewStepStableDiffusionPipeline",
-    "sdxl": "FewStepStableDiffusionXLPipeline",
-    "sd3": "FewStepStableDiffusion3Pipeline",
-    "flux": "FewStepFluxPipeline",
-    "digits": "DigitsPipeline",
-}
+_PIPELINE_CLASS = {arch: cls.__name__ for arch, cls in PIPELINES_BY_ARCHITECTURE.items()} | {"digits": "DigitsPipeline"}
 
 
 def _guidance_text(m: StudentMetadata) -> str:
@@ -31,7 +26,7 @@ def _guidance_text(m: StudentMetadata) -> str:
 def _scheduler_summary(m: StudentMetadata) -> str:
     cfg = m.make_scheduler().config
     parts = [f"time {cfg.time_type}", f"prediction {cfg.prediction_type}", f"preset {cfg.timestep_preset}"]
-    if m.scheduler_class != "TDMScheduler":
+    if "gamma" in cfg:
         parts.append(f"gamma {cfg.gamma:g}")
     if cfg.get("shift", 1.0) != 1.0:
         parts.append(f"shift {cfg.shift:g}")
@@ -42,11 +37,12 @@ def _comfyui_sampler(m: StudentMetadata) -> str:
     cfg = m.make_scheduler().config
     if m.scheduler_class == "FlowMapScheduler":
         return "the onestep-pipelines flow-map sampler (it passes the second time r; no built-in sampler does)"
-    if cfg.gamma == 1.0:
+    gamma = cfg.get("gamma", 0.0)  # TDM: deterministic
+    if gamma == 1.0:
         return "the built-in `lcm` sampler (or the onestep consistency sampler with gamma 1)"
-    if cfg.gamma == 0.0:
+    if gamma == 0.0:
         return "the built-in `euler` sampler" if cfg.time_type == "flow" else "the built-in `ddim` sampler"
-    return f"the onestep consistency sampler with gamma {cfg.gamma:g}"
+    return f"the onestep consistency sampler with gamma {gamma:g}"
 
 
 def numbers_table(rows: list[dict]) -> str:

@@ -33,13 +33,12 @@ from safetensors.torch import save_file
 
 from ..models.r_conditioning import add_r_conditioning, takes_r_timestep
 from ..pipelines.few_step import FewStepPipelineMixin, architecture_of
-from ..pipelines.loading import write_atomically
+from ..pipelines.loading import PICKLE_SUFFIXES, atomic_path, write_atomically
 from ..metadata import METADATA_KEY, StudentMetadata
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 R_EMBEDDER_WEIGHT_NAME = "r_embedder.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def _denoiser_of(pipe_or_model):
@@ -56,12 +55,6 @@ def _r_module(model) -> torch.nn.Module:
     if module is None or not takes_r_timestep(model):
         raise ValueError(f"{type(model).__name__} takes no second time r: add it with add_r_conditioning().")
     return module
-
-
-def _save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _module_alphas(model, adapter_name: str) -> dict[str, float]:
@@ -144,15 +137,11 @@ def save_student_lora(
     alphas = _module_alphas(model, adapter_name)
     config_dict = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     student_json = metadata.to_json()
-    os.makedirs(save_directory, exist_ok=True)
-    paths = {"diffusers": os.path.join(save_directory, DIFFUSERS_WEIGHT_NAME)}
-    header = {"format": "pt", METADATA_KEY: student_json, ADAPTER_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in config_dict.items()})}
-    _save_safetensors({f"{prefix}.{k}": v for k, v in lora.items()}, paths["diffusers"], header)
+    header = {"format": "pt", METADATA_KEY: student_json}
+    # everything is built and checked before the first file is written
+    files = {"diffusers": (DIFFUSERS_WEIGHT_NAME, {f"{prefix}.{k}": v for k, v in lora.items()},
+                           {**header, ADAPTER_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in config_dict.items()})})}
     if comfyui and metadata.architecture != "digits":
-        paths["comfyui"] = os.path.join(save_directory, f"{file_stem}_comfyui.safetensors")
-        ranks = Counter(int(v.shape[0]) for k, v in lora.items() if k.endswith("lora_A.weight"))
-        header = {"format": "pt", METADATA_KEY: student_json, "ss_network_dim": str(ranks.most_common(1)[0][0]),
-                  "ss_network_alpha": str(config.lora_alpha)}
         tensors = comfyui_state_dict(lora, alphas, prefix)
         unmapped = comfyui_unmapped_keys(tensors, model)
         if unmapped:
@@ -160,10 +149,17 @@ def save_student_lora(
                 f"{len(unmapped)} LoRA keys would not load in ComfyUI (modules outside the stock {metadata.architecture} "
                 f"model, e.g. r_embedder): {unmapped[:8]}. Leave them out of target_modules or pass comfyui=False."
             )
-        _save_safetensors(tensors, paths["comfyui"], header)
-    if metadata.r_conditioning:
-        paths["r_embedder"] = os.path.join(save_directory, R_EMBEDDER_WEIGHT_NAME)
-        _save_safetensors(_r_module(model).state_dict(), paths["r_embedder"], {"format": "pt", METADATA_KEY: student_json})
+        rank = Counter(int(v.shape[0]) for k, v in lora.items() if k.endswith("lora_A.weight")).most_common(1)[0][0]
+        files["comfyui"] = (f"{file_stem}_comfyui.safetensors", tensors, {**header, "ss_network_dim": str(rank), "ss_network_alpha": str(config.lora_alpha)})
+    if metadata.r_conditioning:  # full weights of the second-time embedding (a LoRA on it is in the main file)
+        base = {k.replace(".base_layer", ""): v for k, v in _r_module(model).state_dict().items() if ".lora_" not in k}
+        files["r_embedder"] = (R_EMBEDDER_WEIGHT_NAME, base, header)
+    os.makedirs(save_directory, exist_ok=True)
+    paths = {}
+    for kind, (name, tensors, file_header) in files.items():
+        paths[kind] = os.path.join(save_directory, name)
+        with atomic_path(paths[kind]) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=file_header)
     paths["config"] = os.path.join(save_directory, "adapter_config.json")
     write_atomically(paths["config"], json.dumps({**config_dict, METADATA_KEY: metadata.to_dict()}, indent=2, sort_keys=True) + "\n")
     return paths
@@ -228,6 +224,10 @@ def _to_peft(tensors: dict, model, prefix: str) -> tuple[dict, dict[str, float],
             alphas[module] = float(value)
         else:
             lora[f"{module}.{part}"] = value
+    for module in {k.rsplit(".", 2)[0] for k in lora}:  # both halves of every pair
+        missing = [part for part in ("lora_A", "lora_B") if f"{module}.{part}.weight" not in lora]
+        if missing:
+            unmatched.append(f"{module} (no {' / '.join(missing)} weight)")
     for key, value in lora.items():  # shapes must fit the layer they patch
         module, part = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
         layer = modules[module]
@@ -288,6 +288,7 @@ def load_student_lora(
     Returns:
         The student's :class:`StudentMetadata`, or None when the file has none.
     """
+    path_or_repo = os.fspath(path_or_repo)
     prefix, model = _denoiser_of(pipe)
     original = model
     path = _resolve(path_or_repo, weight_name, allow_pickle, **hub_kwargs)
@@ -297,7 +298,7 @@ def load_student_lora(
     if metadata is not None and metadata.architecture != architecture:
         raise ValueError(f"{path} is a LoRA for {metadata.architecture!r} models; this pipeline's {prefix} is {architecture!r}.")
     if metadata is not None and metadata.r_conditioning:
-        if set_scheduler and not isinstance(pipe, FewStepPipelineMixin):
+        if not isinstance(pipe, FewStepPipelineMixin):
             raise ValueError(f"r-conditioned students need a few-step pipeline that passes r, not {type(pipe).__name__}.")
         model = add_r_conditioning(model)
     lora, alphas, unmatched = _to_peft(tensors, model, prefix)
