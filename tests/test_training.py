@@ -1,0 +1,157 @@
+"""The distillation trainer on a tiny random digits teacher: runs, resumes exactly, stops on NaN, refuses bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from onestep_pipelines import DigitsPipeline, DigitsTransformer2DModel
+from onestep_pipelines.schedulers import ConsistencyScheduler
+from onestep_pipelines.training.cli import main
+from onestep_pipelines.training.methods import TrainingDiverged
+from onestep_pipelines.training.trainer import DistillConfig, distill
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    model = DigitsTransformer2DModel(patch_size=2, hidden_size=32, depth=1, num_heads=2)
+    for p in model.parameters():  # a random but not degenerate velocity field
+        torch.nn.init.normal_(p, std=0.05)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    DigitsPipeline(model, FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny(tiny_teacher, out, **overrides):
+    values = dict(teacher=tiny_teacher, output_dir=str(out), max_train_steps=3, batch_size=8, evaluate=False, checkpoint_every=2, preview_every=2)
+    return DistillConfig(**{**values, **overrides})
+
+
+def student_weights(out):
+    return load_file(os.path.join(out, "student", "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_steps": 2, "lora_rank": 4}, {"gan_weight": 0.1, "divergence": "js"}])
+def test_dmd2_runs_and_writes_a_loadable_student(tiny_teacher, tmp_path, overrides):
+    result = distill(tiny(tiny_teacher, tmp_path / "run", **overrides))
+    assert result["steps"] == 3
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert isinstance(pipe, DigitsPipeline) and isinstance(pipe.scheduler, ConsistencyScheduler)
+    assert pipe.student.method == "dmd2" and pipe.student.num_inference_steps == overrides.get("num_steps", 1)
+    images = pipe(class_labels=[3, 4], output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and (images >= 0).all()
+    assert os.path.isfile(tmp_path / "run" / "previews" / "step-2.png")
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-2", "step-3"]
+    assert "dmd2" in open(os.path.join(result["student_dir"], "README.md")).read()
+    if overrides.get("lora_rank"):
+        from onestep_pipelines import load_student_lora
+
+        assert os.path.isfile(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors")
+        base = DigitsPipeline.from_pretrained(tiny_teacher)
+        load_student_lora(base, str(tmp_path / "run" / "lora"), fuse=True)
+        merged = student_weights(tmp_path / "run")
+        for name, value in base.transformer.state_dict().items():
+            torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6)
+
+
+def test_resume_continues_exactly(tiny_teacher, tmp_path):
+    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest"))
+    a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_then_resume_loses_no_completed_checkpoint(tiny_teacher, tmp_path):
+    out = tmp_path / "killed"
+    args = ["distill", "--teacher", tiny_teacher, "--output-dir", str(out), "--max-train-steps", "100000", "--batch-size", "8",
+            "--checkpoint-every", "1", "--preview-every", "0", "--no-evaluate"]
+    code = f"import sys; from onestep_pipelines.training.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+
+    def completed():
+        folder = out / "checkpoints"
+        names = os.listdir(folder) if folder.is_dir() else []
+        return sorted(int(n.split("-")[1]) for n in names if n.startswith("step-"))
+
+    while time.time() < deadline and (completed() or [0])[-1] < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = completed()
+    assert done and 3 <= done[-1] < 100000
+    assert main([*args[:5], "--max-train-steps", str(done[-1] + 2), *args[7:], "--resume", "latest"]) == 0
+    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=done[-1] + 2, checkpoint_every=1, preview_every=0))
+    a, b = student_weights(out), student_weights(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _poisoned_at(call):
+    """AdamW.step that turns the weights to NaN at its ``call``-th call (2 fake + 1 generator steps per update)."""
+    original = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        out = original(self, *a, **k)
+        step.calls += 1
+        if step.calls == call:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.fill_(float("nan"))
+        return out
+
+    step.calls = 0
+    return step
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim.AdamW, "step", _poisoned_at(1))
+    with pytest.raises(TrainingDiverged, match=r"step 1: the fake-score loss is nan.*Last good checkpoint: none"):
+        distill(tiny(tiny_teacher, tmp_path / "early"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", _poisoned_at(7))  # the first step of update 3
+    with pytest.raises(TrainingDiverged, match=r"step 3: .* Last good checkpoint: .*step-2"):
+        distill(tiny(tiny_teacher, tmp_path / "late"))
+    monkeypatch.undo()
+    state = load_file(str(tmp_path / "late" / "checkpoints" / "step-2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())  # the kept checkpoint is a good one
+
+
+def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
+    cases = [
+        (["--method", "magic"], "method 'magic' is unknown"),
+        (["--teacher", str(tmp_path)], "not a diffusers pipeline"),
+        (["--teacher", "no/such/teacher"], "neither 'digits' nor a folder"),
+        (["--lora-rank", "-1"], "lora_rank must be 0"),
+        (["--num-steps", "9"], "num_steps must be 1 to 4"),
+        (["--divergence", "js"], "set gan_weight > 0"),
+    ]
+    for flags, message in cases:
+        assert main(["distill", "--output-dir", str(tmp_path / "bad"), "--teacher", tiny_teacher, *flags]) == 2
+        assert message in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["distill", "--output-dir", str(busy), "--teacher", tiny_teacher]) == 2
+    assert "not empty" in capsys.readouterr().err
+    distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=1))
+    with pytest.raises(ValueError, match="holds another run"):
+        distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=1))
+    with pytest.raises(ValueError, match="started with other options"):
+        distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=2, batch_size=4, resume="latest"))
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    for name in DistillConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text

@@ -1,0 +1,90 @@
+"""Distillation methods, one file each, registered by name.
+
+A method owns its losses and its auxiliary networks (fake score, discriminator) and their optimizers; the
+trainer owns the student, its optimizer, EMA, checkpoints and logging. ``train_step`` does one update and
+returns the losses it logged. Student roll-outs use the sampling core through :meth:`Method.rollout`, with the
+times of the scheduler the student will be sampled with, so the student trains the way it samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...sampling import consistency_step
+
+METHODS: dict[str, type] = {}
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the run stops before the bad update is applied."""
+
+
+def register_method(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type:
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is unknown; choose one of {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:
+    if not torch.isfinite(loss).all():
+        raise TrainingDiverged(f"the {name} loss is {loss.item() if loss.numel() == 1 else 'not finite'}")
+    return loss
+
+
+class Method:
+    """Base class: holds the teacher, the student, the student's sampling times and the run config."""
+
+    name = ""
+    needs_data = False
+
+    def __init__(self, teacher, student, scheduler, config):
+        self.teacher, self.student, self.config = teacher, student, config
+        self.scheduler = scheduler  # the student's sampler; its times drive the roll-outs
+        scheduler.set_timesteps(config.num_steps)
+        self.times = (scheduler.timesteps.double() / scheduler.config.num_train_timesteps).float()
+
+    def auxiliary(self) -> dict:
+        """``{name: (module, optimizer)}`` of trainable auxiliary networks, for accelerate and checkpoints."""
+        return {}
+
+    def rollout(self, noise: torch.Tensor, conditions: dict, steps: int, generator: torch.Generator) -> torch.Tensor:
+        """Sample the student for ``steps`` of its own schedule without gradients (backward simulation, DMD2 / TDM)
+        and return ``x_t`` at step ``steps``; each step is the consistency rule of the sampling core (predict x0,
+        re-noise to the next time)."""
+        x = noise
+        with torch.no_grad():
+            for i in range(steps):
+                t = self.times[i].expand(len(x))
+                x0, eps = self.teacher.predict(self.student, x, t, conditions)
+                alpha, sigma = self.teacher.coefficients(self.times[i + 1].expand(len(x)))
+                fresh = torch.randn(x.shape, generator=generator).to(x.device)
+                x = consistency_step(x0, fresh, alpha, sigma)
+        return x
+
+    def update(self, loss: torch.Tensor, optimizer, name: str) -> None:
+        """One optimizer step on ``loss``; a non-finite loss or gradient stops the run before the step."""
+        check_finite(loss, name)
+        optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
+            raise TrainingDiverged(f"the {name} gradient is not finite")
+        optimizer.step()
+
+    def train_step(self, step: int, batch: dict, generator: torch.Generator, optimizer) -> dict[str, float]:
+        """One update of the student (and of the method's auxiliary networks); returns the losses to log."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+from . import dmd2  # noqa: E402,F401  (registers the methods)

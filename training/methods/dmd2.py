@@ -1,0 +1,130 @@
+"""DMD2: distribution matching distillation (Yin et al. 2024, "Improved Distribution Matching Distillation for
+Fast Image Synthesis"), with f-divergence weighting (Xu et al. 2025, "One-step Diffusion Models with
+f-Divergence Distribution Matching").
+
+Generator (student) sample ``x`` (one step from noise, or step ``k`` of its own roll-out: backward
+simulation), noised to ``x_t``. The frozen teacher gives ``x0_real`` (with CFG), a trainable copy trained on
+student samples gives ``x0_fake``. The DMD gradient of the reverse KL is ``g = (x0_fake - x0_real) / mean|x -
+x0_real|`` (DMD eq. 7 with its normalisation) and the generator loss is ``0.5 ||x - sg(x - h(r) g)||^2``. The
+f-divergence weight ``h`` of the density ratio ``r = exp(D(x_t))`` from the discriminator is 1 (reverse KL,
+plain DMD), ``r`` (forward KL) or ``r / (1 + r)`` (Jensen-Shannon), normalised to mean 1 over the batch.
+The fake score is updated ``fake_updates`` times per generator step (two time-scale update rule). The optional
+GAN head sits on the fake score's last block (DMD2 sec. 4.3): non-saturating loss, real data against student
+samples, both noised to the same ``t``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import Method, register_method
+
+DIVERGENCES = ("reverse-kl", "forward-kl", "js")
+
+
+class FeatureHead(nn.Module):
+    """Discriminator head on the features of one block of the fake score (mean over tokens / pixels)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = features.mean(dim=1) if features.ndim == 3 else features.mean(dim=(2, 3))
+        return self.net(pooled.float()).squeeze(-1)
+
+
+def f_divergence_weights(logits: torch.Tensor, divergence: str, clip: float = 10.0) -> torch.Tensor:
+    """``h(r)`` with ``r = exp(logit)``, clipped to ``[1/clip, clip]`` and normalised to mean 1 (f-distill)."""
+    if divergence == "reverse-kl":
+        return torch.ones_like(logits)
+    r = logits.detach().float().clamp(-20, 20).exp()
+    h = r if divergence == "forward-kl" else r / (1 + r)
+    h = h.clamp(1 / clip, clip) if divergence == "forward-kl" else h
+    return h / h.mean().clamp_min(1e-8)
+
+
+@register_method
+class DMD2(Method):
+    name = "dmd2"
+
+    def __init__(self, teacher, student, scheduler, config):
+        super().__init__(teacher, student, scheduler, config)
+        if config.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence {config.divergence!r} is unknown; choose one of {DIVERGENCES}.")
+        if config.divergence != "reverse-kl" and config.gan_weight <= 0:
+            raise ValueError(f"divergence {config.divergence!r} takes the density ratio from the GAN head: set gan_weight > 0.")
+        self.needs_data = config.gan_weight > 0
+        self.fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
+        params = list(self.fake.parameters())
+        self.head = None
+        if config.gan_weight > 0:
+            block = self.fake.blocks[-1]
+            self.head = FeatureHead(teacher.model.config.hidden_size)
+            block.register_forward_hook(lambda m, i, o: setattr(self, "_features", o))
+            params += list(self.head.parameters())
+        self.fake_optimizer = torch.optim.AdamW(params, lr=config.fake_learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
+
+    def auxiliary(self) -> dict:
+        modules = {"fake_score": self.fake} | ({"gan_head": self.head} if self.head is not None else {})
+        return {"modules": modules, "optimizer": self.fake_optimizer}
+
+    def _noised(self, x, generator):
+        t = self.teacher.sample_times(len(x), generator).to(x.device)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        return self.teacher.add_noise(x, t, noise), t, noise
+
+    def _generate(self, conditions, generator, device):
+        """A student sample: step k of its roll-out (k random for multi-step students), with gradients."""
+        n = len(next(iter(conditions.values())))
+        noise = torch.randn((n, *self.teacher.sample_shape), generator=generator).to(device)
+        k = int(torch.randint(0, len(self.times), (1,), generator=generator))
+        x_k = self.rollout(noise, conditions, k, generator)
+        return self.teacher.predict(self.student, x_k, self.times[k].expand(n), conditions)[0]
+
+    def _fake_update(self, conditions, batch, generator, device) -> dict:
+        with torch.no_grad():
+            x = self._generate(conditions, generator, device)
+        x_t, t, noise = self._noised(x, generator)
+        x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
+        _, sigma = self.teacher.coefficients(t)
+        losses = {"fake": (((x0_fake - x) / sigma) ** 2).mean()}  # flow matching on student samples: x0 error / sigma = velocity error
+        if self.head is not None:
+            fake_logits = self.head(self._features)
+            real = batch["images"].to(device)
+            real_t = self.teacher.add_noise(real, t[: len(real)], torch.randn(real.shape, generator=generator).to(device))
+            self.teacher.predict(self.fake, real_t, t[: len(real)], {k: v[: len(real)] for k, v in batch["conditions"].items()})
+            real_logits = self.head(self._features)
+            losses["discriminator"] = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        self.update(losses["fake"] + self.config.gan_weight * losses.get("discriminator", 0.0), self.fake_optimizer, "fake-score")
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def train_step(self, step, batch, generator, optimizer) -> dict:
+        device = self.accelerator.device
+        conditions = batch["conditions"]
+        logs = {}
+        self.fake.train()
+        for _ in range(self.config.fake_updates):
+            logs = self._fake_update(conditions, batch, generator, device)
+        x = self._generate(conditions, generator, device)
+        x_t, t, _ = self._noised(x, generator)
+        with torch.no_grad():
+            x0_real, _ = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
+            x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
+            grad = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+        weights = torch.ones(len(x), device=device)
+        gan = torch.zeros((), device=device)
+        if self.head is not None:
+            self.fake.requires_grad_(False)
+            self.teacher.predict(self.fake, x_t, t, conditions)  # features of the student sample, with grad to x
+            logits = self.head(self._features)
+            self.fake.requires_grad_(True)
+            gan = F.softplus(-logits).mean()
+            weights = f_divergence_weights(logits, self.config.divergence)
+        dmd = 0.5 * (weights.view(-1, 1, 1, 1) * (x - (x - grad).detach()) ** 2).sum(dim=(1, 2, 3)).mean()
+        self.update(dmd + self.config.gan_weight * gan, optimizer, "generator")
+        return {"generator": float(dmd.detach()), **({"gan": float(gan.detach())} if self.head is not None else {}), **logs}

@@ -1,0 +1,300 @@
+"""The distillation loop (accelerate): student, EMA, checkpoints, resume, previews, export.
+
+One explicit loop with its blocks in a fixed order (EDM style): status, step, EMA, checkpoint, preview.
+Every step draws its data and noise from a generator seeded with ``(seed, step)``, so a run resumed from a
+checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..benchmark.digits import load_digits_images
+from ..benchmark.evaluate import save_grid
+from ..metadata import StudentMetadata
+from ..pipelines import DigitsPipeline
+from ..pipelines.loading import write_atomically
+from ..schedulers import ConsistencyScheduler
+from ..students import save_student_lora, write_model_card
+from .methods import TrainingDiverged, get_method
+from .teachers import load_teacher
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class DistillConfig:
+    """Every option of ``onestep-train distill`` (the CLI help is built from these docs)."""
+
+    method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2 (more in later releases)"})
+    teacher: str = field(default="digits", metadata={"help": "'digits' (the embedded teacher) or a saved DigitsPipeline folder"})
+    output_dir: str = field(default="onestep-digits-student", metadata={"help": "run folder: checkpoints, previews, the student"})
+    num_steps: int = field(default=1, metadata={"help": "student steps (NFE), 1 to 4"})
+    max_train_steps: int = field(default=800, metadata={"help": "generator updates"})
+    batch_size: int = field(default=128, metadata={"help": "samples per update (per process)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "student learning rate (AdamW)"})
+    fake_learning_rate: float = field(default=1e-4, metadata={"help": "dmd2: fake-score learning rate"})
+    fake_updates: int = field(default=2, metadata={"help": "dmd2: fake-score updates per generator update"})
+    guidance_scale: float = field(default=1.0, metadata={"help": "teacher CFG scale (1 = none; baked into the student)"})
+    divergence: str = field(default="reverse-kl", metadata={"help": "dmd2: reverse-kl, forward-kl or js (the last two need --gan-weight)"})
+    gan_weight: float = field(default=0.0, metadata={"help": "dmd2: weight of the GAN head on fake-score features (0 = off)"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the student; 0 trains all weights"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = the rank)"})
+    lora_targets: str = field(default="qkv,proj", metadata={"help": "comma-separated module names the LoRA adapts"})
+    ema_decay: float = field(default=0.99, metadata={"help": "EMA decay of the student weights (0 = no EMA)"})
+    seed: int = field(default=0, metadata={"help": "seed of the whole run"})
+    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16 or bf16"})
+    checkpoint_every: int = field(default=200, metadata={"help": "save a resumable checkpoint every N updates"})
+    checkpoints_to_keep: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    preview_every: int = field(default=200, metadata={"help": "write a preview grid every N updates (0 = never)"})
+    resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder to continue from"})
+    evaluate: bool = field(default=True, metadata={"help": "print teacher-vs-student FD-digits at the end"})
+    push_to_hub: str = field(default="", metadata={"help": "Hub repo id to upload the student to (token from HF_TOKEN / login)"})
+
+    def __post_init__(self):
+        get_method(self.method)
+        checks = [
+            (1 <= self.num_steps <= 4, "num_steps must be 1 to 4"),
+            (self.max_train_steps > 0, "max_train_steps must be positive"),
+            (self.batch_size > 0, "batch_size must be positive"),
+            (self.learning_rate > 0 and self.fake_learning_rate > 0, "learning rates must be positive"),
+            (self.fake_updates >= 1, "fake_updates must be at least 1"),
+            (self.lora_rank >= 0, f"lora_rank must be 0 (full fine-tune) or positive, got {self.lora_rank}"),
+            (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
+            (self.checkpoint_every > 0, "checkpoint_every must be positive"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message + ".")
+
+    def comparable(self) -> dict:
+        """The options a resumed run must share with the run it continues."""
+        keep = ("method", "teacher", "num_steps", "batch_size", "lora_rank", "lora_targets", "seed", "divergence", "gan_weight")
+        return {k: getattr(self, k) for k in keep}
+
+
+class DigitsData:
+    """Real digits and their labels; data-free methods use the labels only."""
+
+    def __init__(self, batch_size: int):
+        self.images, self.labels = load_digits_images()
+        if len(self.images) == 0:
+            raise ValueError("the digits dataset is empty.")
+        self.batch_size = batch_size
+
+    def batch(self, generator: torch.Generator) -> dict:
+        idx = torch.randint(0, len(self.images), (self.batch_size,), generator=generator)
+        return {"images": self.images[idx], "conditions": {"class_labels": self.labels[idx]}}
+
+
+def _checkpoints(folder: str) -> list[str]:
+    names = [n for n in os.listdir(folder) if n.startswith("step-")] if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
+
+
+def _check_output_dir(config: DistillConfig) -> None:
+    run_file = os.path.join(config.output_dir, RUN_FILE)
+    if os.path.isfile(run_file):
+        with open(run_file, encoding="utf-8") as f:
+            previous = json.load(f)
+        if not config.resume:
+            raise ValueError(f"{config.output_dir} holds another run; pass --resume latest to continue it, or choose a new --output-dir.")
+        if previous != config.comparable():
+            diff = {k: (previous.get(k), v) for k, v in config.comparable().items() if previous.get(k) != v}
+            raise ValueError(f"--resume: the run in {config.output_dir} was started with other options {diff} (was, now).")
+    elif config.resume:
+        raise ValueError(f"--resume {config.resume}: {config.output_dir} holds no run to continue.")
+    elif os.path.isdir(config.output_dir) and os.listdir(config.output_dir):
+        raise ValueError(f"{config.output_dir} is not empty and holds no run of this trainer; choose a new --output-dir.")
+
+
+def distill(config: DistillConfig) -> dict:
+    """Run a distillation; returns ``{"student_dir": ..., "scores": ...}``."""
+    _check_output_dir(config)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir)
+    set_seed(config.seed)
+    teacher = load_teacher(config.teacher)
+    teacher.pipeline.to(accelerator.device)
+    student = copy.deepcopy(teacher.model).train()
+    if config.lora_rank > 0:
+        from peft import LoraConfig
+
+        targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        student.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, target_modules=targets))
+    else:
+        student.requires_grad_(True)
+    scheduler = ConsistencyScheduler(time_type="flow", prediction_type="flow", gamma=1.0, timestep_preset="trailing")
+    method = get_method(config.method)(teacher, student, scheduler, config)
+    method.accelerator = accelerator
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
+    aux = method.auxiliary()
+    student, optimizer = accelerator.prepare(student, optimizer)
+    method.student = student
+    if aux:
+        for name, module in aux["modules"].items():
+            setattr(method, {"fake_score": "fake", "gan_head": "head"}[name], accelerator.prepare(module))
+        method.fake_optimizer = accelerator.prepare(aux["optimizer"])
+    ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    data = DigitsData(config.batch_size)
+
+    os.makedirs(config.output_dir, exist_ok=True)
+    ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+    start = 0
+    if config.resume:
+        found = _checkpoints(ckpt_dir) if config.resume == "latest" else [config.resume]
+        if not found or not os.path.isdir(found[-1]):
+            raise ValueError(f"--resume {config.resume}: no checkpoint found in {ckpt_dir}.")
+        accelerator.load_state(found[-1])
+        start = int(os.path.basename(found[-1]).split("-")[1])
+        accelerator.print(f"resumed from {found[-1]} (step {start})")
+    write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
+
+    def save_checkpoint(step: int) -> str:
+        final = os.path.join(ckpt_dir, f"step-{step}")
+        tmp = os.path.join(ckpt_dir, f".tmp-step-{step}")
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in _checkpoints(ckpt_dir)[: -config.checkpoints_to_keep]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    progress = tqdm(range(start, config.max_train_steps), initial=start, total=config.max_train_steps, disable=not accelerator.is_main_process, desc=config.method)
+    started = time.time()
+    for step in progress:
+        # status: one generator per (seed, step, process) for data and noise
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 97 + accelerator.process_index)
+        batch = data.batch(generator)
+        # step
+        try:
+            logs = method.train_step(step, batch, generator, optimizer)
+        except TrainingDiverged as error:
+            last = _checkpoints(ckpt_dir)
+            raise TrainingDiverged(
+                f"step {step + 1}: {error}; the run stopped before applying it. Last good checkpoint: "
+                f"{last[-1] if last else 'none'} (lower the learning rate and --resume latest)."
+            ) from None
+        # EMA
+        if ema is not None:
+            ema.step(params)
+        progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()} | {"s/step": f"{(time.time() - started) / (step + 1 - start):.2f}"})
+        # checkpoint and preview
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_train_steps:
+            save_checkpoint(step + 1)
+        if config.preview_every and (step + 1) % config.preview_every == 0 and accelerator.is_main_process:
+            _preview(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config, f"step-{step + 1}")
+
+    accelerator.wait_for_everyone()
+    result = {"seconds": time.time() - started, "steps": config.max_train_steps - start}
+    if accelerator.is_main_process:
+        result.update(_export(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config))
+    accelerator.end_training()
+    return result
+
+
+def _ema_weights(ema, params):
+    """A context that swaps the EMA weights in (and back out)."""
+
+    class _Swap:
+        def __enter__(self):
+            if ema is not None:
+                ema.store(params)
+                ema.copy_to(params)
+
+        def __exit__(self, *exc):
+            if ema is not None:
+                ema.restore(params)
+
+    return _Swap()
+
+
+def _student_pipeline(teacher, model, scheduler, metadata=None):
+    pipe = DigitsPipeline(model.eval(), ConsistencyScheduler.from_config(scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    if metadata is not None:
+        pipe.set_student(metadata, set_scheduler=False)
+    return pipe
+
+
+def _preview(teacher, model, ema, params, scheduler, config, name):
+    with _ema_weights(ema, params), torch.no_grad():
+        pipe = _student_pipeline(teacher, model, scheduler)
+        images = pipe(class_labels=list(range(10)) * 4, num_inference_steps=config.num_steps, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    model.train()
+    os.makedirs(os.path.join(config.output_dir, "previews"), exist_ok=True)
+    save_grid(images.float().clamp(-1, 1), os.path.join(config.output_dir, "previews", f"{name}.png"))
+
+
+def _export(teacher, model, ema, params, scheduler, config) -> dict:
+    """Write the student (full pipeline, or LoRA + merged pipeline), its model card, FD table and grid."""
+    from ..benchmark.digits import DigitsMetric
+    from ..benchmark.evaluate import sample_digits
+
+    metadata = StudentMetadata.from_scheduler(
+        scheduler, method=config.method, architecture="digits", num_inference_steps=config.num_steps,
+        recommended_steps=sorted({config.num_steps, 1, 2, 4}), guidance_scale=config.guidance_scale,
+        guidance_baked=config.guidance_scale != 1.0, base_model=teacher.source,
+    )
+    out = {}
+    with _ema_weights(ema, params), torch.no_grad():
+        model = model.eval()
+        if config.lora_rank > 0:
+            save_student_lora(os.path.join(config.output_dir, "lora"), model, metadata)
+            out["lora_dir"] = os.path.join(config.output_dir, "lora")
+            model = copy.deepcopy(model)
+            model.fuse_lora()
+            model.unload_lora()
+        pipe = _student_pipeline(teacher, model, scheduler, metadata)
+        student_dir = os.path.join(config.output_dir, "student")
+        pipe.save_pretrained(student_dir)
+        out["student_dir"] = student_dir
+        rows, grid = [], None
+        if config.evaluate:
+            metric = DigitsMetric()
+            teacher.pipeline.set_progress_bar_config(disable=True)
+            for nfe in (1, 4, 32):
+                score = metric.score(*sample_digits(teacher.pipeline, nfe, euler_grid=True))
+                rows.append({"model": "teacher (Euler)", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
+            for nfe in sorted({config.num_steps, 1, 2, 4}):
+                images, labels = sample_digits(pipe, nfe)
+                score = metric.score(images, labels)
+                rows.append({"model": f"student ({config.method})", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
+                if nfe == config.num_steps:
+                    grid = images[:100]
+            out["scores"] = rows
+        if grid is not None:
+            save_grid(grid, os.path.join(config.output_dir, "samples.png"))
+        for folder, kind in ((student_dir, "full"), (out.get("lora_dir"), "lora")):
+            if folder:
+                write_model_card(folder, metadata, kind, numbers=rows, grid=os.path.join(config.output_dir, "samples.png") if grid is not None else None)
+    if config.push_to_hub:
+        from ..students import push_student
+
+        out["hub_url"] = push_student(out.get("lora_dir") or student_dir, config.push_to_hub)
+    return out
+
+
+def config_from_dict(values: dict) -> DistillConfig:
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown options {unknown}.")
+    return DistillConfig(**values)
