@@ -1,5 +1,6 @@
 """The distillation trainer on a tiny random digits teacher: runs, resumes exactly, stops on NaN, refuses bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -40,18 +41,24 @@ def student_weights(out):
     return load_file(os.path.join(out, "student", "transformer", "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_steps": 2, "lora_rank": 4}, {"gan_weight": 0.1, "divergence": "js"}])
-def test_dmd2_runs_and_writes_a_loadable_student(tiny_teacher, tmp_path, overrides):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_steps": 2, "lora_rank": 4}, {"gan_weight": 0.1, "divergence": "js"}, {"method": "consistency", "num_steps": 4},
+     {"method": "consistency", "num_steps": 2, "phases": 2, "loss": "l2", "lora_rank": 2}],
+)
+def test_methods_run_and_write_a_loadable_student(tiny_teacher, tmp_path, overrides):
     result = distill(tiny(tiny_teacher, tmp_path / "run", **overrides))
     assert result["steps"] == 3
     pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
     assert isinstance(pipe, DigitsPipeline) and isinstance(pipe.scheduler, ConsistencyScheduler)
-    assert pipe.student.method == "dmd2" and pipe.student.num_inference_steps == overrides.get("num_steps", 1)
+    method = overrides.get("method", "dmd2")
+    assert pipe.student.method == method and pipe.student.num_inference_steps == overrides.get("num_steps", 1)
+    assert pipe.scheduler.config.gamma == (0.0 if overrides.get("phases", 0) > 1 else 1.0)
     images = pipe(class_labels=[3, 4], output_type="np").images
     assert images.shape == (2, 8, 8, 1) and (images >= 0).all()
     assert os.path.isfile(tmp_path / "run" / "previews" / "step-2.png")
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-2", "step-3"]
-    assert "dmd2" in open(os.path.join(result["student_dir"], "README.md")).read()
+    assert method in open(os.path.join(result["student_dir"], "README.md")).read()
     if overrides.get("lora_rank"):
         from onestep_pipelines import load_student_lora
 
@@ -63,10 +70,11 @@ def test_dmd2_runs_and_writes_a_loadable_student(tiny_teacher, tmp_path, overrid
             torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6)
 
 
-def test_resume_continues_exactly(tiny_teacher, tmp_path):
-    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4))
-    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2))
-    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest"))
+@pytest.mark.parametrize("method", ["dmd2", "consistency"])
+def test_resume_continues_exactly(tiny_teacher, tmp_path, method):
+    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4, method=method))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2, method=method))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest", method=method))
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -133,6 +141,8 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
         (["--lora-rank", "-1"], "lora_rank must be 0"),
         (["--num-steps", "9"], "num_steps must be 1 to 4"),
         (["--divergence", "js"], "set gan_weight > 0"),
+        (["--method", "consistency", "--phases", "3", "--ode-steps", "32"], "must be a multiple of phases"),
+        (["--method", "consistency", "--loss", "l1"], "loss 'l1' is unknown"),
     ]
     for flags, message in cases:
         assert main(["distill", "--output-dir", str(tmp_path / "bad"), "--teacher", tiny_teacher, *flags]) == 2
@@ -155,3 +165,19 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for name in DistillConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
+
+
+def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate 1.15's `launch --cpu` starts a single process; torchrun + ACCELERATE_USE_CPU gives MULTI_CPU (gloo)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onestep_pipelines.training.cli", "distill",
+        "--teacher", tiny_teacher, "--output-dir", str(out), "--max-train-steps", "3", "--batch-size", "4",
+        "--checkpoint-every", "2", "--preview-every", "0", "--no-evaluate",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    first, second = summary["rank_checksums"]
+    assert first == second  # gradients were averaged: both ranks hold the same student
+    assert (out / "checkpoints" / "step-3").is_dir() and (out / "student" / "model_index.json").is_file()

@@ -3,7 +3,9 @@
 ``onestep-train distill`` with no options distils the embedded digits teacher into a 1-step student with DMD2
 (about 6 minutes on 2 CPU cores) and prints teacher-vs-student FD-digits; every option of
 :class:`~onestep_pipelines.training.trainer.DistillConfig` is a flag (``--help``). Under
-``accelerate launch -m onestep_pipelines.training.cli distill ...`` it runs on several processes or GPUs.
+``accelerate launch -m onestep_pipelines.training.cli distill ...`` it runs on several GPUs (DDP, or FSDP /
+DeepSpeed from accelerate's config); several CPU processes start with
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m onestep_pipelines.training.cli distill ...`` (gloo).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"onestep-train: training diverged at {error}", file=sys.stderr)
         return 3
+    if "student_dir" not in result:  # not the main process of a distributed run
+        return 0
     if "scores" in result:
         print(_table(result["scores"]))
     print(f"student: {result['student_dir']}  ({result['steps']} updates in {result['seconds']:.0f} s)")

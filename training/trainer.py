@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,11 +39,11 @@ RUN_FILE = "run.json"
 class DistillConfig:
     """Every option of ``onestep-train distill`` (the CLI help is built from these docs)."""
 
-    method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2 (more in later releases)"})
+    method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2 or consistency"})
     teacher: str = field(default="digits", metadata={"help": "'digits' (the embedded teacher) or a saved DigitsPipeline folder"})
     output_dir: str = field(default="onestep-digits-student", metadata={"help": "run folder: checkpoints, previews, the student"})
     num_steps: int = field(default=1, metadata={"help": "student steps (NFE), 1 to 4"})
-    max_train_steps: int = field(default=800, metadata={"help": "generator updates"})
+    max_train_steps: int = field(default=1000, metadata={"help": "generator updates"})
     batch_size: int = field(default=128, metadata={"help": "samples per update (per process)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "student learning rate (AdamW)"})
     fake_learning_rate: float = field(default=1e-4, metadata={"help": "dmd2: fake-score learning rate"})
@@ -50,6 +51,10 @@ class DistillConfig:
     guidance_scale: float = field(default=1.0, metadata={"help": "teacher CFG scale (1 = none; baked into the student)"})
     divergence: str = field(default="reverse-kl", metadata={"help": "dmd2: reverse-kl, forward-kl or js (the last two need --gan-weight)"})
     gan_weight: float = field(default=0.0, metadata={"help": "dmd2: weight of the GAN head on fake-score features (0 = off)"})
+    phases: int = field(default=0, metadata={"help": "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)"})
+    ode_steps: int = field(default=32, metadata={"help": "consistency: teacher ODE grid (one Euler step of 1/ode_steps per target)"})
+    loss: str = field(default="huber", metadata={"help": "consistency: huber (pseudo-Huber) or l2"})
+    target_ema: float = field(default=0.95, metadata={"help": "consistency: EMA decay of the target network"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the student; 0 trains all weights"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = the rank)"})
     lora_targets: str = field(default="qkv,proj", metadata={"help": "comma-separated module names the LoRA adapts"})
@@ -60,6 +65,8 @@ class DistillConfig:
     checkpoints_to_keep: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     preview_every: int = field(default=200, metadata={"help": "write a preview grid every N updates (0 = never)"})
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder to continue from"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
+    log_with: str = field(default="", metadata={"help": "accelerate tracker for the losses, e.g. tensorboard (must be installed)"})
     evaluate: bool = field(default=True, metadata={"help": "print teacher-vs-student FD-digits at the end"})
     push_to_hub: str = field(default="", metadata={"help": "Hub repo id to upload the student to (token from HF_TOKEN / login)"})
 
@@ -71,6 +78,8 @@ class DistillConfig:
             (self.batch_size > 0, "batch_size must be positive"),
             (self.learning_rate > 0 and self.fake_learning_rate > 0, "learning rates must be positive"),
             (self.fake_updates >= 1, "fake_updates must be at least 1"),
+            (self.phases >= 0 and self.ode_steps >= 1, "phases must be >= 0 and ode_steps >= 1"),
+            (0 <= self.target_ema < 1, "target_ema must lie in [0, 1)"),
             (self.lora_rank >= 0, f"lora_rank must be 0 (full fine-tune) or positive, got {self.lora_rank}"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
             (self.checkpoint_every > 0, "checkpoint_every must be positive"),
@@ -82,7 +91,7 @@ class DistillConfig:
 
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
-        keep = ("method", "teacher", "num_steps", "batch_size", "lora_rank", "lora_targets", "seed", "divergence", "gan_weight")
+        keep = ("method", "teacher", "num_steps", "batch_size", "lora_rank", "lora_targets", "seed", "divergence", "gan_weight", "phases", "ode_steps")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -124,11 +133,15 @@ def _check_output_dir(config: DistillConfig) -> None:
 def distill(config: DistillConfig) -> dict:
     """Run a distillation; returns ``{"student_dir": ..., "scores": ...}``."""
     _check_output_dir(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir, log_with=config.log_with or None)
     set_seed(config.seed)
     teacher = load_teacher(config.teacher)
     teacher.pipeline.to(accelerator.device)
     student = copy.deepcopy(teacher.model).train()
+    if config.gradient_checkpointing:
+        if not student._supports_gradient_checkpointing:
+            raise ValueError(f"--gradient-checkpointing: {type(student).__name__} does not support gradient checkpointing.")
+        student.enable_gradient_checkpointing()
     if config.lora_rank > 0:
         from peft import LoraConfig
 
@@ -136,9 +149,14 @@ def distill(config: DistillConfig) -> dict:
         student.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, target_modules=targets))
     else:
         student.requires_grad_(True)
-    scheduler = ConsistencyScheduler(time_type="flow", prediction_type="flow", gamma=1.0, timestep_preset="trailing")
-    method = get_method(config.method)(teacher, student, scheduler, config)
+    if hasattr(student, "r_embed"):  # one-time methods leave the second-time embedding alone (and DDP needs no unused params)
+        student.r_embed.requires_grad_(False)
+    method_cls = get_method(config.method)
+    gamma = method_cls.sampler_gamma(config) if hasattr(method_cls, "sampler_gamma") else 1.0
+    scheduler = ConsistencyScheduler(time_type="flow", prediction_type="flow", gamma=gamma, timestep_preset="trailing")
+    method = method_cls(teacher, student, scheduler, config)
     method.accelerator = accelerator
+    accelerator.register_for_checkpointing(method)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
     aux = method.auxiliary()
@@ -164,6 +182,8 @@ def distill(config: DistillConfig) -> dict:
         start = int(os.path.basename(found[-1]).split("-")[1])
         accelerator.print(f"resumed from {found[-1]} (step {start})")
     write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
+    if config.log_with:
+        accelerator.init_trackers("onestep-train", config=dataclasses.asdict(config))
 
     def save_checkpoint(step: int) -> str:
         final = os.path.join(ckpt_dir, f"step-{step}")
@@ -196,6 +216,8 @@ def distill(config: DistillConfig) -> dict:
         if ema is not None:
             ema.step(params)
         progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()} | {"s/step": f"{(time.time() - started) / (step + 1 - start):.2f}"})
+        if config.log_with:
+            accelerator.log(logs, step=step + 1)
         # checkpoint and preview
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_train_steps:
             save_checkpoint(step + 1)
@@ -203,9 +225,18 @@ def distill(config: DistillConfig) -> dict:
             _preview(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config, f"step-{step + 1}")
 
     accelerator.wait_for_everyone()
-    result = {"seconds": time.time() - started, "steps": config.max_train_steps - start}
+    seconds = time.time() - started
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    result = {
+        "seconds": seconds,
+        "steps": config.max_train_steps - start,
+        "seconds_per_step": seconds / max(1, config.max_train_steps - start),
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process under DDP
+    }
     if accelerator.is_main_process:
         result.update(_export(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config))
+        write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
     accelerator.end_training()
     return result
 
@@ -273,12 +304,11 @@ def _export(teacher, model, ema, params, scheduler, config) -> dict:
             for nfe in (1, 4, 32):
                 score = metric.score(*sample_digits(teacher.pipeline, nfe, euler_grid=True))
                 rows.append({"model": "teacher (Euler)", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
-            for nfe in sorted({config.num_steps, 1, 2, 4}):
+            for nfe in (config.num_steps,):  # the student is trained for its own step count
                 images, labels = sample_digits(pipe, nfe)
                 score = metric.score(images, labels)
                 rows.append({"model": f"student ({config.method})", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
-                if nfe == config.num_steps:
-                    grid = images[:100]
+                grid = images[:100]
             out["scores"] = rows
         if grid is not None:
             save_grid(grid, os.path.join(config.output_dir, "samples.png"))

@@ -87,4 +87,4 @@ class Method:
         pass
 
 
-from . import dmd2  # noqa: E402,F401  (registers the methods)
+from . import consistency, dmd2  # noqa: E402,F401  (registers the methods)

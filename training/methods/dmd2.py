@@ -60,7 +60,9 @@ class DMD2(Method):
             raise ValueError(f"divergence {config.divergence!r} takes the density ratio from the GAN head: set gan_weight > 0.")
         self.needs_data = config.gan_weight > 0
         self.fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
-        params = list(self.fake.parameters())
+        if hasattr(self.fake, "r_embed"):
+            self.fake.r_embed.requires_grad_(False)
+        params = [p for p in self.fake.parameters() if p.requires_grad]
         self.head = None
         if config.gan_weight > 0:
             block = self.fake.blocks[-1]

@@ -1,0 +1,82 @@
+"""Consistency distillation through the teacher's ODE solver (Song et al. 2023, "Consistency Models"; Luo et al.
+2023, LCM), with the multi-phase option of phased consistency models (Wang et al. 2024, PCM).
+
+Time ``[0, 1]`` is cut into a grid of ``ode_steps`` intervals and into ``phases`` phases with edges
+``e_j = j / phases`` on that grid. For a data point noised to a grid time ``t`` in phase ``j`` and the previous
+grid time ``s = t - 1 / ode_steps``, the teacher takes one Euler (DDIM) step with CFG from ``x_t`` to ``x_s``.
+The consistency function maps a point to the lower edge of its phase with the predicted ``(x0, eps)``:
+``f(x, t) = alpha_e x0_hat + sigma_e eps_hat``. The loss is ``d(f_student(x_t, t), sg f_target(x_s, s))`` with
+``d`` pseudo-Huber (``sqrt(|a - b|^2 + c^2) - c``, Song & Dhariwal 2023) or squared L2, and the target network an
+EMA of the student. One phase is LCM (sample with full re-noising, gamma 1); ``phases = num_steps`` is PCM
+(sample by deterministic jumps between the edges, gamma 0).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ...sampling import consistency_step
+from . import Method, register_method
+
+
+@register_method
+class ConsistencyDistillation(Method):
+    name = "consistency"
+    needs_data = True
+
+    def __init__(self, teacher, student, scheduler, config):
+        super().__init__(teacher, student, scheduler, config)
+        self.phases = config.phases or 1
+        if config.ode_steps % self.phases:
+            raise ValueError(f"ode_steps={config.ode_steps} must be a multiple of phases={self.phases}.")
+        if config.loss not in ("huber", "l2"):
+            raise ValueError(f"loss {config.loss!r} is unknown; choose 'huber' or 'l2'.")
+        self.target = copy.deepcopy(student).eval().requires_grad_(False)
+
+    @staticmethod
+    def sampler_gamma(config) -> float:
+        """How students of this method sample: PCM jumps between phase edges (0), LCM re-noises fully (1)."""
+        return 0.0 if (config.phases or 1) > 1 else 1.0
+
+    def _to_edge(self, model, x, t, edge, conditions):
+        x0, eps = self.teacher.predict(model, x, t, conditions)
+        alpha, sigma = self.teacher.coefficients(edge)
+        return consistency_step(x0, eps, alpha, sigma)
+
+    def train_step(self, step, batch, generator, optimizer) -> dict:
+        device = self.accelerator.device
+        x0 = batch["images"].to(device)
+        conditions = batch["conditions"]
+        n, N = len(x0), self.config.ode_steps
+        index = torch.randint(1, N + 1, (n,), generator=generator)  # t = index / N in (0, 1]
+        t, s = (index / N).to(device), ((index - 1) / N).to(device)
+        per_phase = N // self.phases
+        edge = (((index - 1) // per_phase) * per_phase / N).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        x_t = self.teacher.add_noise(x0, t, noise)
+        with torch.no_grad():
+            x0_teacher, eps_teacher = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
+            alpha_s, sigma_s = self.teacher.coefficients(s)
+            x_s = consistency_step(x0_teacher, eps_teacher, alpha_s, sigma_s)  # one Euler / DDIM step of the teacher
+            at_edge = (s <= edge).view(-1, 1, 1, 1)  # s on the phase edge: the target is x_s itself
+            target = torch.where(at_edge, x_s, self._to_edge(self.target, x_s, s.clamp_min(1e-4), edge, conditions))
+        pred = self._to_edge(self.student, x_t, t, edge, conditions)
+        diff = ((pred - target) ** 2).flatten(1).sum(dim=1)
+        if self.config.loss == "huber":
+            c = 0.00054 * (x0[0].numel() ** 0.5)
+            loss = ((diff + c**2).sqrt() - c).mean()
+        else:
+            loss = diff.mean()
+        self.update(loss, optimizer, "consistency")
+        with torch.no_grad():  # the target network follows the student (LCM's EMA target)
+            for p_target, p in zip(self.target.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
+                p_target.lerp_(p, 1.0 - self.config.target_ema)
+        return {"consistency": float(loss.detach())}
+
+    def state_dict(self) -> dict:
+        return {"target": self.target.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.load_state_dict(state["target"])
