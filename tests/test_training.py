@@ -43,7 +43,7 @@ def student_weights(out):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"num_steps": 2, "lora_rank": 4}, {"gan_weight": 0.1, "divergence": "js"}, {"method": "consistency", "num_steps": 4},
+    [{}, {"num_steps": 2, "lora_rank": 4}, {"gan_weight": 0.1, "divergence": "js", "gradient_accumulation_steps": 2}, {"method": "consistency", "num_steps": 4},
      {"method": "consistency", "num_steps": 2, "phases": 2, "loss": "l2", "lora_rank": 2}],
 )
 def test_methods_run_and_write_a_loadable_student(tiny_teacher, tmp_path, overrides):
@@ -105,7 +105,7 @@ def test_kill_9_then_resume_loses_no_completed_checkpoint(tiny_teacher, tmp_path
 
 
 def _poisoned_at(call):
-    """AdamW.step that turns the weights to NaN at its ``call``-th call (2 fake + 1 generator steps per update)."""
+    """AdamW.step that turns the weights to NaN at its ``call``-th call (1 fake + 1 generator step per update)."""
     original = torch.optim.AdamW.step
 
     def step(self, *a, **k):
@@ -123,9 +123,9 @@ def _poisoned_at(call):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", _poisoned_at(1))
-    with pytest.raises(TrainingDiverged, match=r"step 1: the fake-score loss is nan.*Last good checkpoint: none"):
+    with pytest.raises(TrainingDiverged, match=r"step 1: the generator loss is nan.*Last good checkpoint: none"):
         distill(tiny(tiny_teacher, tmp_path / "early"))
-    monkeypatch.setattr(torch.optim.AdamW, "step", _poisoned_at(7))  # the first step of update 3
+    monkeypatch.setattr(torch.optim.AdamW, "step", _poisoned_at(5))  # the fake-score step of update 3
     with pytest.raises(TrainingDiverged, match=r"step 3: .* Last good checkpoint: .*step-2"):
         distill(tiny(tiny_teacher, tmp_path / "late"))
     monkeypatch.undo()
@@ -137,7 +137,8 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
     cases = [
         (["--method", "magic"], "method 'magic' is unknown"),
         (["--teacher", str(tmp_path)], "not a diffusers pipeline"),
-        (["--teacher", "no/such/teacher"], "neither 'digits' nor a folder"),
+        (["--teacher", "no/such/teacher"], "nor a Hub id 'org/name'"),
+        (["--teacher", "nobody/no-such-teacher"], "could not be loaded as a diffusers pipeline"),
         (["--lora-rank", "-1"], "lora_rank must be 0"),
         (["--num-steps", "9"], "num_steps must be 1 to 4"),
         (["--divergence", "js"], "set gan_weight > 0"),
@@ -181,3 +182,60 @@ def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tmp_path):
     first, second = summary["rank_checksums"]
     assert first == second  # gradients were averaged: both ranks hold the same student
     assert (out / "checkpoints" / "step-3").is_dir() and (out / "student" / "model_index.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def stock_teachers(tmp_path_factory):
+    from onestep_pipelines.testing import tiny_pipeline
+
+    folders = {}
+    for arch in ("sd", "sdxl", "sd3", "flux"):
+        folders[arch] = str(tmp_path_factory.mktemp(arch))
+        tiny_pipeline(arch).save_pretrained(folders[arch])
+    data = tmp_path_factory.mktemp("images")
+    from PIL import Image
+
+    for i, caption in enumerate(["a red square", "a blue circle"]):
+        Image.new("RGB", (40, 40), ("red", "blue")[i]).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    (data / "prompts.txt").write_text("a cat\na dog\n\n")
+    return folders, str(data)
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("method", ["dmd2", "consistency"])
+def test_methods_on_tiny_stock_teachers_write_loadable_students(stock_teachers, tmp_path, arch, method):
+    folders, data = stock_teachers
+    lora = (method == "consistency") == (arch in ("sd", "sd3"))  # each method and each architecture: LoRA and full
+    source = {"data": data} if method == "consistency" else {"prompts": os.path.join(data, "prompts.txt")}
+    config = DistillConfig(
+        method=method, teacher=folders[arch], output_dir=str(tmp_path / "run"), resolution=32, num_steps=2,
+        max_train_steps=2, batch_size=2, evaluate=False, checkpoint_every=1, preview_every=2, lora_rank=4 if lora else 0, **source,
+    )
+    result = distill(config)
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.student.architecture == arch and pipe.student.method == method and pipe.student.num_inference_steps == 2
+    expected_time = "flow" if arch in ("sd3", "flux") else "vp"
+    assert pipe.scheduler.config.time_type == expected_time
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"max_sequence_length": 16} if arch in ("sd3", "flux") else {}
+    out = pipe(prompt="a cat", height=32, width=32, output_type="latent", **extra).images  # steps and guidance from the metadata
+    assert torch.isfinite(out).all()
+    assert os.path.isfile(tmp_path / "run" / "previews" / "step-2.png")
+    if lora:
+        assert os.path.isfile(tmp_path / "run" / "lora" / "student_comfyui.safetensors")
+
+
+def test_text_to_image_teachers_need_prompts_or_images(stock_teachers, tmp_path):
+    folders, data = stock_teachers
+    base = dict(teacher=folders["sd"], resolution=32, max_train_steps=1, batch_size=2, evaluate=False)
+    with pytest.raises(ValueError, match="needs --prompts"):
+        distill(DistillConfig(output_dir=str(tmp_path / "a"), **base))
+    with pytest.raises(ValueError, match="trains on images"):
+        distill(DistillConfig(method="consistency", prompts=os.path.join(data, "prompts.txt"), output_dir=str(tmp_path / "b"), **base))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        distill(DistillConfig(prompts=str(tmp_path / "empty.txt"), output_dir=str(tmp_path / "c"), **base))
+    (tmp_path / "noimages").mkdir()
+    with pytest.raises(ValueError, match="no image with a caption"):
+        distill(DistillConfig(method="consistency", data=str(tmp_path / "noimages"), output_dir=str(tmp_path / "d"), **base))

@@ -2,117 +2,198 @@
 
 A :class:`Teacher` turns ``(model, x_t, t, conditions)`` into ``(x0_hat, eps_hat)`` for any denoiser of the
 teacher's architecture (the teacher itself, a fake score, the student), so that every method writes its loss
-in one convention: native time ``t`` (flow ``sigma`` in (0, 1]), ``x_t = alpha_t x0 +
-sigma_t eps`` with the coefficients of :mod:`onestep_pipelines.sampling.time`.
+in one convention: native time ``t`` (flow ``sigma`` in (0, 1], or a VP timestep with -1 = clean) and
+``x_t = alpha_t x0 + sigma_t eps``. The conventions come from a :class:`ConsistencyScheduler` built from the
+teacher's own scheduler config, the scheduler the student will sample with: training and sampling share them.
+
+Conditions are small index tensors (``class_labels`` for the digits teacher, ``prompt_index`` into prompt
+embeddings computed once for text-to-image teachers), so batches stay cheap and checkpoints stay small.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline
 
 from ..benchmark.evaluate import load_digits_teacher
-from ..pipelines import DigitsPipeline
-from ..sampling import check_prediction_type, flow_coefficients, to_x0_eps
+from ..pipelines import architecture_of
+from ..sampling import calculate_shift, to_x0_eps
+from ..schedulers import ConsistencyScheduler
 
 
-@dataclass
 class Teacher:
-    """A frozen teacher pipeline and the conventions of its denoiser.
+    """A frozen teacher pipeline (digits, SD, SDXL, SD3 or Flux) and the conventions of its denoiser.
 
-    Attributes:
-        pipeline: the teacher pipeline (its denoiser is frozen and in eval mode).
-        architecture: ``"digits"`` (class-conditional) for now; see :func:`load_teacher`.
-        time_type, prediction_type: the denoiser's conventions (``"flow"`` / ``"flow"`` so far).
-        source: path or Hub id the teacher came from (recorded as the students' base model).
+    Args:
+        pipeline: the teacher pipeline; its denoiser is frozen.
+        source: path or Hub id it came from (recorded as the students' base model).
+        resolution: image size of text-to-image samples (latents are ``resolution / vae_scale_factor``).
     """
 
-    pipeline: DiffusionPipeline
-    architecture: str
-    time_type: str
-    prediction_type: str
-    source: str
-    num_train_timesteps: int = 1000
-
-    def __post_init__(self):
-        check_prediction_type(self.time_type, self.prediction_type)
-        if self.time_type != "flow":
-            raise ValueError(f"time_type={self.time_type!r}: the trainer supports flow teachers so far.")
+    def __init__(self, pipeline: DiffusionPipeline, source: str, resolution: int = 512):
+        self.pipeline, self.source = pipeline, source
+        self.architecture = architecture_of(pipeline)
+        self.convention = ConsistencyScheduler.from_config(pipeline.scheduler.config)
+        self.time_type = self.convention.config.time_type
+        self.prediction_type = self.convention.config.prediction_type
+        if self.time_type not in ("flow", "vp"):
+            raise ValueError(f"time_type={self.time_type!r}: the trainer distils VP and flow teachers.")
+        self.num_train_timesteps = self.convention.config.num_train_timesteps
         self.model.eval().requires_grad_(False)
+        self.resolution = resolution
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.prompts: list[str] = []
+
+    @property
+    def denoiser_name(self) -> str:
+        return "unet" if self.architecture in ("sd", "sdxl") else "transformer"
 
     @property
     def model(self):
-        return self.pipeline.transformer if self.architecture == "digits" else self.pipeline.unet
+        return getattr(self.pipeline, self.denoiser_name)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         cfg = self.model.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.config.num_classes
+        if self.architecture == "digits":
+            return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        size = self.resolution // self.pipeline.vae_scale_factor
+        channels = cfg.in_channels // 4 if self.architecture == "flux" else cfg.in_channels
+        return (channels, size, size)
 
     # -------------------------------------------------------------------------------- time
-    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha_t, sigma_t)`` at native times ``t`` (shape ``(B,)``), broadcastable to samples."""
-        alpha, sigma = flow_coefficients(t)
-        return alpha.view(-1, 1, 1, 1).float(), sigma.view(-1, 1, 1, 1).float()
+    def shift_mu(self) -> float | None:
+        """Flux-style resolution-dependent shift ``mu`` of the training resolution (None without dynamic shift)."""
+        cfg = self.convention.config
+        if not cfg.use_dynamic_shifting:
+            return None
+        tokens = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
+        return calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
 
-    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        return t * self.num_train_timesteps
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` at native times ``t`` (shape ``(B,)``), shaped ``(B, 1, 1, 1)``."""
+        alpha, sigma = self.convention.coefficients_at(t.cpu())
+        return alpha.view(-1, 1, 1, 1).to(t.device), sigma.view(-1, 1, 1, 1).to(t.device)
+
+    def native_time(self, fraction: torch.Tensor) -> torch.Tensor:
+        """Native time at a fraction of the noise range (0 = clean, 1 = pure noise / the last timestep)."""
+        if self.time_type == "flow":
+            return fraction.double()
+        return (fraction * self.num_train_timesteps).round().long() - 1
 
     def sample_times(self, n: int, generator: torch.Generator, low: float = 0.02, high: float = 0.98) -> torch.Tensor:
         """Uniform native times covering the fraction ``[low, high]`` of the noise range."""
-        return low + (high - low) * torch.rand(n, generator=generator)
+        return self.native_time(low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64))
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.coefficients(t.to(x0.device))
         return alpha * x0 + sigma * noise
 
+    def output_error_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Factor that turns an x0 error into an error of the model's own output (velocity / v: ``1 / sigma``;
+        epsilon: ``alpha / sigma``), to train auxiliary denoisers with their usual loss."""
+        alpha, sigma = self.coefficients(t)
+        return alpha / sigma if self.prediction_type == "epsilon" else 1 / sigma
+
     # -------------------------------------------------------------------------------- conditions
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Encode ``prompts`` (and the empty prompt, for CFG) once; conditions then index them."""
+        if self.architecture == "digits":
+            raise ValueError("the digits teacher is class-conditional; it takes no prompts.")
+        prompts = [p.strip() for p in prompts]
+        if not prompts or not all(prompts):
+            raise ValueError("the prompt list is empty or has empty lines.")
+        self.prompts = prompts
+        with torch.no_grad():
+            self.embeddings = _encode(self.pipeline, [*prompts, ""], self.resolution)
+
     def sample_conditions(self, n: int, generator: torch.Generator) -> dict:
-        """Random conditions for a data-free batch: class labels for the digits teacher."""
-        return {"class_labels": torch.randint(0, self.num_classes, (n,), generator=generator)}
+        if self.architecture == "digits":
+            return {"class_labels": torch.randint(0, self.model.config.num_classes, (n,), generator=generator)}
+        if not self.prompts:
+            raise ValueError("a text-to-image teacher needs prompts: pass --prompts FILE (one per line) or --data FOLDER.")
+        return {"prompt_index": torch.randint(0, len(self.prompts), (n,), generator=generator)}
 
     def null_conditions(self, conditions: dict) -> dict:
-        return {"class_labels": torch.full_like(conditions["class_labels"], self.model.null_class)}
+        if self.architecture == "digits":
+            return {"class_labels": torch.full_like(conditions["class_labels"], self.model.config.num_classes)}
+        return {"prompt_index": torch.full_like(conditions["prompt_index"], len(self.prompts))}
 
     # -------------------------------------------------------------------------------- predictions
-    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float = 1.0, **model_kwargs):
+    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float = 1.0):
         """``(x0_hat, eps_hat)`` of ``model`` (the teacher or any copy of it) at ``(x_t, t)``; with
-        ``guidance_scale != 1`` the output is classifier-free guided (one batched forward)."""
-        timestep = self.model_timestep(t.to(x_t.device))
-        cond = {k: v.to(x_t.device) for k, v in conditions.items()}
+        ``guidance_scale != 1`` classifier-free guided (one batched forward)."""
+        t = t.to(x_t.device)
         if guidance_scale != 1.0:
-            null = {k: v.to(x_t.device) for k, v in self.null_conditions(conditions).items()}
-            both = model(
-                torch.cat([x_t, x_t]), torch.cat([timestep, timestep]), **{k: torch.cat([cond[k], null[k]]) for k in cond}, **model_kwargs
-            ).sample
-            c, u = both.chunk(2)
+            null = self.null_conditions(conditions)
+            both = {k: torch.cat([conditions[k], null[k]]) for k in conditions}
+            c, u = self._forward(model, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
             out = u + guidance_scale * (c - u)
         else:
-            out = model(x_t, timestep, **cond, **model_kwargs).sample
-        alpha, sigma = self.coefficients(t.to(x_t.device))
+            out = self._forward(model, x_t, t, conditions)
+        alpha, sigma = self.coefficients(t)
         return to_x0_eps(out.float(), x_t.float(), alpha, sigma, self.prediction_type)
 
+    def _forward(self, model, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> torch.Tensor:
+        """One call of a denoiser of this architecture, as its pipeline makes it."""
+        dtype = next(model.parameters()).dtype
+        timestep = t.float() * self.num_train_timesteps if self.time_type == "flow" else t.clamp_min(0)
+        if self.architecture == "digits":
+            return model(x.to(dtype), timestep, conditions["class_labels"].to(x.device)).sample
+        emb = {k: v[conditions["prompt_index"].cpu()].to(x.device, dtype) for k, v in self.embeddings.items()}
+        if self.architecture == "sd":
+            return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"]).sample
+        if self.architecture == "sdxl":
+            added = {"text_embeds": emb["pooled_prompt_embeds"], "time_ids": emb["time_ids"]}
+            return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"], added_cond_kwargs=added).sample
+        if self.architecture == "sd3":
+            return model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=emb["prompt_embeds"],
+                         pooled_projections=emb["pooled_prompt_embeds"]).sample
+        b, c, h, w = x.shape  # flux: packed 2x2 patches, sigma as timestep
+        packed = self.pipeline._pack_latents(x.to(dtype), b, c, h, w)
+        image_ids = self.pipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
+        guidance = torch.full((b,), 3.5, device=x.device) if model.config.guidance_embeds else None
+        out = model(hidden_states=packed, timestep=timestep / self.num_train_timesteps, guidance=guidance, pooled_projections=emb["pooled_prompt_embeds"],
+                    encoder_hidden_states=emb["prompt_embeds"], txt_ids=emb["text_ids"][0], img_ids=image_ids).sample
+        return self.pipeline._unpack_latents(out, h * self.pipeline.vae_scale_factor, w * self.pipeline.vae_scale_factor, self.pipeline.vae_scale_factor)
 
-def load_teacher(source: str = "digits") -> Teacher:
-    """The teacher named by ``source``: ``"digits"`` (the embedded digits teacher) or a folder holding a saved
-    :class:`DigitsPipeline`. Stock SD / SDXL / SD3 / Flux pipeline teachers are not supported by the trainer yet."""
+
+def _encode(pipe, prompts: list[str], resolution: int) -> dict:
+    """Prompt embeddings of a text-to-image pipeline, with its own ``encode_prompt``."""
+    device = pipe._execution_device
+    arch = architecture_of(pipe)
+    if arch == "sd":
+        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return {"prompt_embeds": embeds}
+    if arch == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+        projection = pipe.text_encoder_2.config.projection_dim
+        ids = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), embeds.dtype, projection)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "time_ids": ids.repeat(len(prompts), 1)}
+    if arch == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompts, device=device)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids[None].expand(len(prompts), -1, -1)}
+
+
+def load_teacher(source: str = "digits", resolution: int = 512, allow_pickle: bool = False) -> Teacher:
+    """The teacher named by ``source``: ``"digits"`` (the embedded digits teacher), or a folder or Hub id of a
+    diffusers pipeline with a UNet (SD 1.5 / SDXL, epsilon or v) or a transformer (SD3 / Flux, flow)."""
     if source == "digits":
-        return Teacher(load_digits_teacher(), "digits", "flow", "flow", source="onestep-pipelines/digits-teacher")
-    if not os.path.isdir(source):
-        raise ValueError(f"teacher {source!r} is neither 'digits' nor a folder holding a saved pipeline.")
-    if not os.path.isfile(os.path.join(source, "model_index.json")):
-        raise ValueError(f"teacher folder {source} is not a diffusers pipeline (it has no model_index.json).")
-    pipe = DiffusionPipeline.from_pretrained(source)
-    if not isinstance(pipe, DigitsPipeline):
-        raise ValueError(
-            f"teacher {source} is a {type(pipe).__name__}; the trainer distils DigitsPipeline teachers so far "
-            "(stock SD / SDXL / SD3 / Flux teachers are on the roadmap, issue 5)."
-        )
-    return Teacher(pipe, "digits", "flow", "flow", source=source)
+        return Teacher(load_digits_teacher(), "onestep-pipelines/digits-teacher")
+    if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
+        raise ValueError(f"teacher {source} is not a diffusers pipeline folder (it has no model_index.json).")
+    if not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") != 1):
+        raise ValueError(f"teacher {source!r} is neither 'digits', a pipeline folder, nor a Hub id 'org/name'.")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"teacher {source!r} could not be loaded as a diffusers pipeline: {error}") from None
+    try:
+        architecture_of(pipe)
+    except TypeError as error:
+        raise ValueError(f"teacher {source!r}: {error}") from None
+    return Teacher(pipe, source, resolution)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..benchmark.digits import load_digits_images
 from ..benchmark.evaluate import save_grid
 from ..metadata import StudentMetadata
-from ..pipelines import DigitsPipeline
+from ..pipelines import PIPELINES_BY_ARCHITECTURE, DigitsPipeline
 from ..pipelines.loading import write_atomically
 from ..schedulers import ConsistencyScheduler
 from ..students import save_student_lora, write_model_card
@@ -40,14 +40,18 @@ class DistillConfig:
     """Every option of ``onestep-train distill`` (the CLI help is built from these docs)."""
 
     method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2 or consistency"})
-    teacher: str = field(default="digits", metadata={"help": "'digits' (the embedded teacher) or a saved DigitsPipeline folder"})
+    teacher: str = field(default="digits", metadata={"help": "'digits' (the embedded teacher), or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)"})
+    prompts: str = field(default="", metadata={"help": "text-to-image teachers: a text file with one prompt per line (data-free methods)"})
+    data: str = field(default="", metadata={"help": "text-to-image teachers: an image folder with a .txt caption per image"})
+    resolution: int = field(default=512, metadata={"help": "text-to-image teachers: image size of training samples"})
     output_dir: str = field(default="onestep-digits-student", metadata={"help": "run folder: checkpoints, previews, the student"})
     num_steps: int = field(default=1, metadata={"help": "student steps (NFE), 1 to 4"})
     max_train_steps: int = field(default=1000, metadata={"help": "generator updates"})
-    batch_size: int = field(default=128, metadata={"help": "samples per update (per process)"})
+    batch_size: int = field(default=128, metadata={"help": "samples per micro-batch (per process)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (all optimizers)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "student learning rate (AdamW)"})
     fake_learning_rate: float = field(default=1e-4, metadata={"help": "dmd2: fake-score learning rate"})
-    fake_updates: int = field(default=2, metadata={"help": "dmd2: fake-score updates per generator update"})
+    fake_updates: int = field(default=1, metadata={"help": "dmd2: fake-score updates per generator update"})
     guidance_scale: float = field(default=1.0, metadata={"help": "teacher CFG scale (1 = none; baked into the student)"})
     divergence: str = field(default="reverse-kl", metadata={"help": "dmd2: reverse-kl, forward-kl or js (the last two need --gan-weight)"})
     gan_weight: float = field(default=0.0, metadata={"help": "dmd2: weight of the GAN head on fake-score features (0 = off)"})
@@ -57,7 +61,7 @@ class DistillConfig:
     target_ema: float = field(default=0.95, metadata={"help": "consistency: EMA decay of the target network"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the student; 0 trains all weights"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = the rank)"})
-    lora_targets: str = field(default="qkv,proj", metadata={"help": "comma-separated module names the LoRA adapts"})
+    lora_targets: str = field(default="", metadata={"help": "comma-separated module names the LoRA adapts (default: attention projections)"})
     ema_decay: float = field(default=0.99, metadata={"help": "EMA decay of the student weights (0 = no EMA)"})
     seed: int = field(default=0, metadata={"help": "seed of the whole run"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, fp16 or bf16"})
@@ -76,9 +80,11 @@ class DistillConfig:
             (1 <= self.num_steps <= 4, "num_steps must be 1 to 4"),
             (self.max_train_steps > 0, "max_train_steps must be positive"),
             (self.batch_size > 0, "batch_size must be positive"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1"),
             (self.learning_rate > 0 and self.fake_learning_rate > 0, "learning rates must be positive"),
             (self.fake_updates >= 1, "fake_updates must be at least 1"),
             (self.phases >= 0 and self.ode_steps >= 1, "phases must be >= 0 and ode_steps >= 1"),
+            (self.resolution > 0 and self.resolution % 16 == 0, "resolution must be a positive multiple of 16"),
             (0 <= self.target_ema < 1, "target_ema must lie in [0, 1)"),
             (self.lora_rank >= 0, f"lora_rank must be 0 (full fine-tune) or positive, got {self.lora_rank}"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
@@ -91,22 +97,84 @@ class DistillConfig:
 
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
-        keep = ("method", "teacher", "num_steps", "batch_size", "lora_rank", "lora_targets", "seed", "divergence", "gan_weight", "phases", "ode_steps")
+        keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank", "lora_targets", "seed",
+                "divergence", "gan_weight", "phases", "ode_steps")
         return {k: getattr(self, k) for k in keep}
 
 
 class DigitsData:
     """Real digits and their labels; data-free methods use the labels only."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self, teacher, batch_size: int):
         self.images, self.labels = load_digits_images()
-        if len(self.images) == 0:
-            raise ValueError("the digits dataset is empty.")
         self.batch_size = batch_size
 
     def batch(self, generator: torch.Generator) -> dict:
         idx = torch.randint(0, len(self.images), (self.batch_size,), generator=generator)
         return {"images": self.images[idx], "conditions": {"class_labels": self.labels[idx]}}
+
+
+class PromptData:
+    """Data-free batches: prompts drawn from a list (no images)."""
+
+    def __init__(self, teacher, batch_size: int, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--prompts {path}: no such file.")
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {path} holds no prompt.")
+        teacher.set_prompts(prompts)
+        self.teacher, self.batch_size = teacher, batch_size
+
+    def batch(self, generator: torch.Generator) -> dict:
+        return {"conditions": self.teacher.sample_conditions(self.batch_size, generator)}
+
+
+class ImageFolderData:
+    """Images with captions (``name.png`` + ``name.txt``), encoded once by the teacher's VAE."""
+
+    SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+    def __init__(self, teacher, batch_size: int, folder: str):
+        from PIL import Image
+
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--data {folder}: no such folder.")
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(self.SUFFIXES))
+        captioned = [n for n in names if os.path.isfile(os.path.join(folder, os.path.splitext(n)[0] + ".txt"))]
+        if not captioned:
+            raise ValueError(f"--data {folder} holds no image with a caption (name.png + name.txt).")
+        captions = [open(os.path.join(folder, os.path.splitext(n)[0] + ".txt"), encoding="utf-8").read().strip() or " " for n in captioned]
+        teacher.set_prompts(captions)
+        pipe, size = teacher.pipeline, teacher.resolution
+        latents = []
+        with torch.no_grad():
+            for name in captioned:
+                image = Image.open(os.path.join(folder, name)).convert("RGB").resize((size, size))
+                pixels = pipe.image_processor.preprocess(image).to(pipe.vae.device, pipe.vae.dtype)
+                latent = pipe.vae.encode(pixels).latent_dist.mean
+                shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+                latents.append((latent - shift) * pipe.vae.config.scaling_factor)
+        self.images, self.batch_size = torch.cat(latents).float().cpu(), batch_size
+
+    def batch(self, generator: torch.Generator) -> dict:
+        idx = torch.randint(0, len(self.images), (self.batch_size,), generator=generator)
+        return {"images": self.images[idx], "conditions": {"prompt_index": idx}}
+
+
+def make_data(teacher, config: "DistillConfig", needs_images: bool):
+    if teacher.architecture == "digits":
+        if config.prompts or config.data:
+            raise ValueError("the digits teacher trains on the embedded digits; --prompts and --data are for text-to-image teachers.")
+        return DigitsData(teacher, config.batch_size)
+    if config.data:
+        return ImageFolderData(teacher, config.batch_size, config.data)
+    if needs_images:
+        raise ValueError(f"method {config.method!r} (with these options) trains on images: pass --data FOLDER (images + .txt captions).")
+    if not config.prompts:
+        raise ValueError("a text-to-image teacher needs --prompts FILE (one prompt per line) or --data FOLDER.")
+    return PromptData(teacher, config.batch_size, config.prompts)
 
 
 def _checkpoints(folder: str) -> list[str]:
@@ -135,7 +203,7 @@ def distill(config: DistillConfig) -> dict:
     _check_output_dir(config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir, log_with=config.log_with or None)
     set_seed(config.seed)
-    teacher = load_teacher(config.teacher)
+    teacher = load_teacher(config.teacher, resolution=config.resolution)
     teacher.pipeline.to(accelerator.device)
     student = copy.deepcopy(teacher.model).train()
     if config.gradient_checkpointing:
@@ -145,7 +213,8 @@ def distill(config: DistillConfig) -> dict:
     if config.lora_rank > 0:
         from peft import LoraConfig
 
-        targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        default = "qkv,proj" if teacher.architecture == "digits" else "to_q,to_k,to_v,to_out.0"
+        targets = [t.strip() for t in (config.lora_targets or default).split(",") if t.strip()]
         student.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, target_modules=targets))
     else:
         student.requires_grad_(True)
@@ -153,23 +222,21 @@ def distill(config: DistillConfig) -> dict:
         student.r_embed.requires_grad_(False)
     method_cls = get_method(config.method)
     gamma = method_cls.sampler_gamma(config) if hasattr(method_cls, "sampler_gamma") else 1.0
-    scheduler = ConsistencyScheduler(time_type="flow", prediction_type="flow", gamma=gamma, timestep_preset="trailing")
+    scheduler = ConsistencyScheduler.from_config(teacher.pipeline.scheduler.config, gamma=gamma, timestep_preset="trailing")
     method = method_cls(teacher, student, scheduler, config)
     method.accelerator = accelerator
+    method.accumulation_steps = config.gradient_accumulation_steps
     accelerator.register_for_checkpointing(method)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
-    aux = method.auxiliary()
     student, optimizer = accelerator.prepare(student, optimizer)
     method.student = student
-    if aux:
-        for name, module in aux["modules"].items():
-            setattr(method, {"fake_score": "fake", "gan_head": "head"}[name], accelerator.prepare(module))
-        method.fake_optimizer = accelerator.prepare(aux["optimizer"])
+    for attribute, value in method.auxiliary().items():  # fake score, discriminator head, their optimizer
+        setattr(method, attribute, accelerator.prepare(value))
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    data = DigitsData(config.batch_size)
+    data = make_data(teacher, config, needs_images=method.needs_data)
 
     os.makedirs(config.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
@@ -200,12 +267,12 @@ def distill(config: DistillConfig) -> dict:
     progress = tqdm(range(start, config.max_train_steps), initial=start, total=config.max_train_steps, disable=not accelerator.is_main_process, desc=config.method)
     started = time.time()
     for step in progress:
-        # status: one generator per (seed, step, process) for data and noise
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 97 + accelerator.process_index)
-        batch = data.batch(generator)
-        # step
+        # step: one generator per (seed, step, micro-batch, process) for data and noise
         try:
-            logs = method.train_step(step, batch, generator, optimizer)
+            for micro in range(config.gradient_accumulation_steps):
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + (step * 64 + micro) * 97 + accelerator.process_index)
+                method.last_micro_step = micro == config.gradient_accumulation_steps - 1
+                logs = method.train_step(step, data.batch(generator), generator, optimizer)
         except TrainingDiverged as error:
             last = _checkpoints(ckpt_dir)
             raise TrainingDiverged(
@@ -258,7 +325,12 @@ def _ema_weights(ema, params):
 
 
 def _student_pipeline(teacher, model, scheduler, metadata=None):
-    pipe = DigitsPipeline(model.eval(), ConsistencyScheduler.from_config(scheduler.config))
+    scheduler = ConsistencyScheduler.from_config(scheduler.config)
+    if teacher.architecture == "digits":
+        pipe = DigitsPipeline(model.eval(), scheduler)
+    else:
+        components = {**teacher.pipeline.components, teacher.denoiser_name: model.eval(), "scheduler": scheduler}
+        pipe = PIPELINES_BY_ARCHITECTURE[teacher.architecture](**components)
     pipe.set_progress_bar_config(disable=True)
     if metadata is not None:
         pipe.set_student(metadata, set_scheduler=False)
@@ -266,12 +338,20 @@ def _student_pipeline(teacher, model, scheduler, metadata=None):
 
 
 def _preview(teacher, model, ema, params, scheduler, config, name):
+    folder = os.path.join(config.output_dir, "previews")
+    os.makedirs(folder, exist_ok=True)
     with _ema_weights(ema, params), torch.no_grad():
         pipe = _student_pipeline(teacher, model, scheduler)
-        images = pipe(class_labels=list(range(10)) * 4, num_inference_steps=config.num_steps, generator=torch.Generator().manual_seed(0), output_type="latent").images
+        generator = torch.Generator().manual_seed(0)
+        if teacher.architecture == "digits":
+            images = pipe(class_labels=list(range(10)) * 4, num_inference_steps=config.num_steps, generator=generator, output_type="latent").images
+            save_grid(images.float().clamp(-1, 1), os.path.join(folder, f"{name}.png"))
+        else:
+            kwargs = {"true_cfg_scale" if teacher.architecture == "flux" else "guidance_scale": 1.0}
+            images = pipe(prompt=teacher.prompts[:4], num_inference_steps=config.num_steps, height=config.resolution, width=config.resolution,
+                          generator=generator, output_type="pt", **kwargs).images
+            save_grid(images * 2 - 1, os.path.join(folder, f"{name}.png"), nrow=len(images), scale=1)
     model.train()
-    os.makedirs(os.path.join(config.output_dir, "previews"), exist_ok=True)
-    save_grid(images.float().clamp(-1, 1), os.path.join(config.output_dir, "previews", f"{name}.png"))
 
 
 def _export(teacher, model, ema, params, scheduler, config) -> dict:
@@ -280,7 +360,7 @@ def _export(teacher, model, ema, params, scheduler, config) -> dict:
     from ..benchmark.evaluate import sample_digits
 
     metadata = StudentMetadata.from_scheduler(
-        scheduler, method=config.method, architecture="digits", num_inference_steps=config.num_steps,
+        scheduler, method=config.method, architecture=teacher.architecture, num_inference_steps=config.num_steps,
         recommended_steps=sorted({config.num_steps, 1, 2, 4}), guidance_scale=config.guidance_scale,
         guidance_baked=config.guidance_scale != 1.0, base_model=teacher.source,
     )
@@ -298,7 +378,7 @@ def _export(teacher, model, ema, params, scheduler, config) -> dict:
         pipe.save_pretrained(student_dir)
         out["student_dir"] = student_dir
         rows, grid = [], None
-        if config.evaluate:
+        if config.evaluate and teacher.architecture == "digits":
             metric = DigitsMetric()
             teacher.pipeline.set_progress_bar_config(disable=True)
             for nfe in (1, 4, 32):

@@ -67,16 +67,17 @@ def sample_digits(
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4) -> None:
-    """Save ``(N, 1, 8, 8)`` images in [-1, 1] as one PNG grid (nearest-neighbour upscaled)."""
+    """Save ``(N, C, H, W)`` images in [-1, 1] (C = 1 or 3) as one PNG grid (nearest-neighbour upscaled)."""
     from PIL import Image
 
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().byte()[:, 0]
-    n, h, w = images.shape
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+    n, h, w, c = images.shape
     rows = (n + nrow - 1) // nrow
-    grid = torch.full((rows * (h + 1) + 1, nrow * (w + 1) + 1), 64, dtype=torch.uint8)
+    grid = torch.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 64, dtype=torch.uint8)
     for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = img
-    picture = Image.fromarray(grid.numpy(), mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+        r, col = divmod(i, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
+    array = grid.numpy()[..., 0] if c == 1 else grid.numpy()
+    picture = Image.fromarray(array, mode="L" if c == 1 else "RGB").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     picture.save(path)

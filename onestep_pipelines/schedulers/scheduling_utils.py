@@ -182,6 +182,18 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             return flow_coefficients(times.to(dtype))
         return trigflow_coefficients(times.to(dtype), self.config.sigma_data)
 
+    def coefficients_at(self, times) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, sigma)`` in float32 at native times (VP timesteps with -1 = clean, flow sigmas, TrigFlow
+        angles): the forward process this scheduler samples, for trainers that noise data the same way."""
+        return tuple(c.float() for c in self._coefficients(torch.as_tensor(times)))
+
+    def native_times(self, timesteps) -> torch.Tensor:
+        """Native times of model ``timesteps`` (the inverse of the units of ``self.timesteps``)."""
+        timesteps = torch.as_tensor(timesteps)
+        if self.config.time_type == "flow":
+            return timesteps.double() / self.config.num_train_timesteps
+        return timesteps.double() if self.config.time_type == "trigflow" else timesteps.long()
+
     def _abar(self, times: torch.Tensor) -> torch.Tensor:
         """float32 ``alphas_cumprod`` at VP timesteps, 1 at the clean end (-1)."""
         idx = torch.as_tensor(times).long()

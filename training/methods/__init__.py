@@ -45,11 +45,12 @@ class Method:
     def __init__(self, teacher, student, scheduler, config):
         self.teacher, self.student, self.config = teacher, student, config
         self.scheduler = scheduler  # the student's sampler; its times drive the roll-outs
-        scheduler.set_timesteps(config.num_steps)
-        self.times = (scheduler.timesteps.double() / scheduler.config.num_train_timesteps).float()
+        scheduler.set_timesteps(config.num_steps, mu=teacher.shift_mu())
+        self.times = scheduler.native_times(scheduler.timesteps)
 
     def auxiliary(self) -> dict:
-        """``{name: (module, optimizer)}`` of trainable auxiliary networks, for accelerate and checkpoints."""
+        """``{attribute: module or optimizer}`` of the method's trainable auxiliary networks and their optimizers;
+        the trainer prepares each with accelerate (devices, DDP, checkpoints) and sets it back on the method."""
         return {}
 
     def rollout(self, noise: torch.Tensor, conditions: dict, steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -66,15 +67,21 @@ class Method:
                 x = consistency_step(x0, fresh, alpha, sigma)
         return x
 
+    accumulation_steps = 1  # set by the trainer: micro-batches per optimizer step
+    last_micro_step = True
+
     def update(self, loss: torch.Tensor, optimizer, name: str) -> None:
-        """One optimizer step on ``loss``; a non-finite loss or gradient stops the run before the step."""
+        """Backward ``loss`` and, on the last micro-batch of an update, step ``optimizer`` (gradient accumulation).
+        A non-finite loss or gradient stops the run before the step."""
         check_finite(loss, name)
-        optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
+        self.accelerator.backward(loss / self.accumulation_steps)
+        if not self.last_micro_step:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             raise TrainingDiverged(f"the {name} gradient is not finite")
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def train_step(self, step: int, batch: dict, generator: torch.Generator, optimizer) -> dict[str, float]:
         """One update of the student (and of the method's auxiliary networks); returns the losses to log."""

@@ -50,18 +50,20 @@ class ConsistencyDistillation(Method):
         x0 = batch["images"].to(device)
         conditions = batch["conditions"]
         n, N = len(x0), self.config.ode_steps
-        index = torch.randint(1, N + 1, (n,), generator=generator)  # t = index / N in (0, 1]
-        t, s = (index / N).to(device), ((index - 1) / N).to(device)
+        index = torch.randint(1, N + 1, (n,), generator=generator)  # t at grid fraction index / N
         per_phase = N // self.phases
-        edge = (((index - 1) // per_phase) * per_phase / N).to(device)
+        edge_index = ((index - 1) // per_phase) * per_phase
+        t, s, edge = (self.teacher.native_time(i / N).to(device) for i in (index, index - 1, edge_index))
         noise = torch.randn(x0.shape, generator=generator).to(device)
         x_t = self.teacher.add_noise(x0, t, noise)
         with torch.no_grad():
             x0_teacher, eps_teacher = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
             alpha_s, sigma_s = self.teacher.coefficients(s)
             x_s = consistency_step(x0_teacher, eps_teacher, alpha_s, sigma_s)  # one Euler / DDIM step of the teacher
-            at_edge = (s <= edge).view(-1, 1, 1, 1)  # s on the phase edge: the target is x_s itself
-            target = torch.where(at_edge, x_s, self._to_edge(self.target, x_s, s.clamp_min(1e-4), edge, conditions))
+            at_edge = (index - 1 == edge_index).to(device).view(-1, 1, 1, 1)  # s is the phase edge: the target is x_s
+            s_model = torch.where(index - 1 == edge_index, index, index - 1)  # (a valid time where the target is unused)
+            mapped = self._to_edge(self.target, x_s, self.teacher.native_time(s_model / N).to(device), edge, conditions)
+            target = torch.where(at_edge, x_s, mapped)
         pred = self._to_edge(self.student, x_t, t, edge, conditions)
         diff = ((pred - target) ** 2).flatten(1).sum(dim=1)
         if self.config.loss == "huber":

@@ -38,6 +38,16 @@ class FeatureHead(nn.Module):
         return self.net(pooled.float()).squeeze(-1)
 
 
+def feature_block(model) -> tuple[nn.Module, int]:
+    """The block whose output feeds the discriminator head, and its width (the deepest features of the model)."""
+    cfg = model.config
+    if hasattr(model, "blocks"):  # digits DiT
+        return model.blocks[-1], cfg.hidden_size
+    if hasattr(model, "mid_block"):  # UNet
+        return model.mid_block, cfg.block_out_channels[-1]
+    return model.transformer_blocks[-1], cfg.num_attention_heads * cfg.attention_head_dim  # SD3 / Flux
+
+
 def f_divergence_weights(logits: torch.Tensor, divergence: str, clip: float = 10.0) -> torch.Tensor:
     """``h(r)`` with ``r = exp(logit)``, clipped to ``[1/clip, clip]`` and normalised to mean 1 (f-distill)."""
     if divergence == "reverse-kl":
@@ -62,18 +72,17 @@ class DMD2(Method):
         self.fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
         if hasattr(self.fake, "r_embed"):
             self.fake.r_embed.requires_grad_(False)
-        params = [p for p in self.fake.parameters() if p.requires_grad]
+        params = self._fake_params = [p for p in self.fake.parameters() if p.requires_grad]
         self.head = None
         if config.gan_weight > 0:
-            block = self.fake.blocks[-1]
-            self.head = FeatureHead(teacher.model.config.hidden_size)
-            block.register_forward_hook(lambda m, i, o: setattr(self, "_features", o))
-            params += list(self.head.parameters())
+            block, width = feature_block(self.fake)
+            self.head = FeatureHead(width)
+            block.register_forward_hook(lambda m, i, o: setattr(self, "_features", o[-1] if isinstance(o, tuple) else o))
+            params = params + list(self.head.parameters())
         self.fake_optimizer = torch.optim.AdamW(params, lr=config.fake_learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
 
     def auxiliary(self) -> dict:
-        modules = {"fake_score": self.fake} | ({"gan_head": self.head} if self.head is not None else {})
-        return {"modules": modules, "optimizer": self.fake_optimizer}
+        return {"fake": self.fake, "fake_optimizer": self.fake_optimizer} | ({"head": self.head} if self.head is not None else {})
 
     def _noised(self, x, generator):
         t = self.teacher.sample_times(len(x), generator).to(x.device)
@@ -93,8 +102,8 @@ class DMD2(Method):
             x = self._generate(conditions, generator, device)
         x_t, t, noise = self._noised(x, generator)
         x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
-        _, sigma = self.teacher.coefficients(t)
-        losses = {"fake": (((x0_fake - x) / sigma) ** 2).mean()}  # flow matching on student samples: x0 error / sigma = velocity error
+        weight = self.teacher.output_error_weight(t)
+        losses = {"fake": (((x0_fake - x) * weight) ** 2).mean()}  # the fake score's denoising loss on student samples
         if self.head is not None:
             fake_logits = self.head(self._features)
             real = batch["images"].to(device)
@@ -121,10 +130,12 @@ class DMD2(Method):
         weights = torch.ones(len(x), device=device)
         gan = torch.zeros((), device=device)
         if self.head is not None:
-            self.fake.requires_grad_(False)
-            self.teacher.predict(self.fake, x_t, t, conditions)  # features of the student sample, with grad to x
+            for p in self._fake_params:  # gradients flow to the student sample only
+                p.requires_grad_(False)
+            self.teacher.predict(self.fake, x_t, t, conditions)
             logits = self.head(self._features)
-            self.fake.requires_grad_(True)
+            for p in self._fake_params:
+                p.requires_grad_(True)
             gan = F.softplus(-logits).mean()
             weights = f_divergence_weights(logits, self.config.divergence)
         dmd = 0.5 * (weights.view(-1, 1, 1, 1) * (x - (x - grad).detach()) ** 2).sum(dim=(1, 2, 3)).mean()
