@@ -239,3 +239,11 @@ def test_text_to_image_teachers_need_prompts_or_images(stock_teachers, tmp_path)
     (tmp_path / "noimages").mkdir()
     with pytest.raises(ValueError, match="no image with a caption"):
         distill(DistillConfig(method="consistency", data=str(tmp_path / "noimages"), output_dir=str(tmp_path / "d"), **base))
+
+
+def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub):
+    result = distill(tiny(tiny_teacher, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16", push_to_hub="me/digits-student"))
+    assert "model_index.json" in hub.repos["me/digits-student"] and "README.md" in hub.repos["me/digits-student"]
+    assert hub.commits["me/digits-student"][-1] in result["hub_url"]
+    pipe = DiffusionPipeline.from_pretrained("me/digits-student", cache_dir=tmp_path / "cache")
+    assert torch.isfinite(pipe(class_labels=[1], output_type="pt").images).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
@@ -70,7 +71,7 @@ class DistillConfig:
     preview_every: int = field(default=200, metadata={"help": "write a preview grid every N updates (0 = never)"})
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder to continue from"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
-    log_with: str = field(default="", metadata={"help": "accelerate tracker for the losses, e.g. tensorboard (must be installed)"})
+    log_with: str = field(default="auto", metadata={"help": "accelerate tracker for the losses: auto (tensorboard when installed), none, or a tracker name"})
     evaluate: bool = field(default=True, metadata={"help": "print teacher-vs-student FD-digits at the end"})
     push_to_hub: str = field(default="", metadata={"help": "Hub repo id to upload the student to (token from HF_TOKEN / login)"})
 
@@ -201,7 +202,11 @@ def _check_output_dir(config: DistillConfig) -> None:
 def distill(config: DistillConfig) -> dict:
     """Run a distillation; returns ``{"student_dir": ..., "scores": ...}``."""
     _check_output_dir(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir, log_with=config.log_with or None)
+    log_with = config.log_with
+    if log_with == "auto":
+        log_with = "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else "none"
+    log_with = None if log_with in ("", "none") else log_with
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir, log_with=log_with)
     set_seed(config.seed)
     teacher = load_teacher(config.teacher, resolution=config.resolution)
     teacher.pipeline.to(accelerator.device)
@@ -249,7 +254,7 @@ def distill(config: DistillConfig) -> dict:
         start = int(os.path.basename(found[-1]).split("-")[1])
         accelerator.print(f"resumed from {found[-1]} (step {start})")
     write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
-    if config.log_with:
+    if log_with:
         accelerator.init_trackers("onestep-train", config=dataclasses.asdict(config))
 
     def save_checkpoint(step: int) -> str:
@@ -283,7 +288,7 @@ def distill(config: DistillConfig) -> dict:
         if ema is not None:
             ema.step(params)
         progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()} | {"s/step": f"{(time.time() - started) / (step + 1 - start):.2f}"})
-        if config.log_with:
+        if log_with:
             accelerator.log(logs, step=step + 1)
         # checkpoint and preview
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_train_steps:
