@@ -241,7 +241,17 @@ def test_text_to_image_teachers_need_prompts_or_images(stock_teachers, tmp_path)
         distill(DistillConfig(method="consistency", data=str(tmp_path / "noimages"), output_dir=str(tmp_path / "d"), **base))
 
 
-def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process; a real run is one process, tests are many runs."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub, fresh_accelerate_state):
     result = distill(tiny(tiny_teacher, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16", push_to_hub="me/digits-student"))
     assert "model_index.json" in hub.repos["me/digits-student"] and "README.md" in hub.repos["me/digits-student"]
     assert hub.commits["me/digits-student"][-1] in result["hub_url"]
