@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from onestep_pipelines import DigitsPipeline, DigitsTransformer2DModel
-from onestep_pipelines.schedulers import ConsistencyScheduler
+from onestep_pipelines.schedulers import ConsistencyScheduler, TDMScheduler
 from onestep_pipelines.training.cli import main
 from onestep_pipelines.training.methods import TrainingDiverged
 from onestep_pipelines.training.trainer import DistillConfig, distill
@@ -44,7 +44,7 @@ def student_weights(out):
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_steps": 2, "lora_rank": 4}, {"gan_weight": 0.1, "divergence": "js", "gradient_accumulation_steps": 2}, {"method": "consistency", "num_steps": 4},
-     {"method": "consistency", "num_steps": 2, "phases": 2, "loss": "l2", "lora_rank": 2}],
+     {"method": "consistency", "num_steps": 2, "phases": 2, "loss": "l2", "lora_rank": 2}, {"method": "tdm", "num_steps": 4}],
 )
 def test_methods_run_and_write_a_loadable_student(tiny_teacher, tmp_path, overrides):
     result = distill(tiny(tiny_teacher, tmp_path / "run", **overrides))
@@ -53,7 +53,10 @@ def test_methods_run_and_write_a_loadable_student(tiny_teacher, tmp_path, overri
     assert isinstance(pipe, DigitsPipeline) and isinstance(pipe.scheduler, ConsistencyScheduler)
     method = overrides.get("method", "dmd2")
     assert pipe.student.method == method and pipe.student.num_inference_steps == overrides.get("num_steps", 1)
-    assert pipe.scheduler.config.gamma == (0.0 if overrides.get("phases", 0) > 1 else 1.0)
+    if method == "tdm":  # deterministic moves between TDM's uniform boundaries
+        assert isinstance(pipe.scheduler, TDMScheduler) and pipe.student.scheduler_class == "TDMScheduler"
+    else:
+        assert pipe.scheduler.config.gamma == (0.0 if overrides.get("phases", 0) > 1 else 1.0)
     images = pipe(class_labels=[3, 4], output_type="np").images
     assert images.shape == (2, 8, 8, 1) and (images >= 0).all()
     assert os.path.isfile(tmp_path / "run" / "previews" / "step-2.png")
@@ -203,10 +206,10 @@ def stock_teachers(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["sd", "sdxl", "sd3", "flux"])
-@pytest.mark.parametrize("method", ["dmd2", "consistency"])
+@pytest.mark.parametrize("method", ["dmd2", "consistency", "tdm"])
 def test_methods_on_tiny_stock_teachers_write_loadable_students(stock_teachers, tmp_path, arch, method):
     folders, data = stock_teachers
-    lora = (method == "consistency") == (arch in ("sd", "sd3"))  # each method and each architecture: LoRA and full
+    lora = (method == "dmd2") != (arch in ("sd", "sd3"))  # each method and each architecture: LoRA and full
     source = {"data": data} if method == "consistency" else {"prompts": os.path.join(data, "prompts.txt")}
     config = DistillConfig(
         method=method, teacher=folders[arch], output_dir=str(tmp_path / "run"), resolution=32, num_steps=2,

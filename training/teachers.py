@@ -83,6 +83,11 @@ class Teacher:
             return fraction.double()
         return (fraction * self.num_train_timesteps).round().long() - 1
 
+    def fraction(self, t) -> float:
+        """The inverse of :meth:`native_time`: the fraction of the noise range at native time ``t``."""
+        t = float(t)
+        return t if self.time_type == "flow" else (t + 1) / self.num_train_timesteps
+
     def sample_times(self, n: int, generator: torch.Generator, low: float = 0.02, high: float = 0.98) -> torch.Tensor:
         """Uniform native times covering the fraction ``[low, high]`` of the noise range."""
         return self.native_time(low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64))

@@ -28,7 +28,7 @@ from ..benchmark.evaluate import save_grid
 from ..metadata import StudentMetadata
 from ..pipelines import PIPELINES_BY_ARCHITECTURE, DigitsPipeline
 from ..pipelines.loading import write_atomically
-from ..schedulers import ConsistencyScheduler
+from .. import schedulers
 from ..students import save_student_lora, write_model_card
 from .methods import TrainingDiverged, get_method
 from .teachers import load_teacher
@@ -40,7 +40,7 @@ RUN_FILE = "run.json"
 class DistillConfig:
     """Every option of ``onestep-train distill`` (the CLI help is built from these docs)."""
 
-    method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2 or consistency"})
+    method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2, consistency or tdm"})
     teacher: str = field(default="digits", metadata={"help": "'digits' (the embedded teacher), or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)"})
     prompts: str = field(default="", metadata={"help": "text-to-image teachers: a text file with one prompt per line (data-free methods)"})
     data: str = field(default="", metadata={"help": "text-to-image teachers: an image folder with a .txt caption per image"})
@@ -226,8 +226,11 @@ def distill(config: DistillConfig) -> dict:
     if hasattr(student, "r_embed"):  # one-time methods leave the second-time embedding alone (and DDP needs no unused params)
         student.r_embed.requires_grad_(False)
     method_cls = get_method(config.method)
-    gamma = method_cls.sampler_gamma(config) if hasattr(method_cls, "sampler_gamma") else 1.0
-    scheduler = ConsistencyScheduler.from_config(teacher.pipeline.scheduler.config, gamma=gamma, timestep_preset="trailing")
+    gamma = method_cls.sampler_gamma(config)
+    scheduler_cls = getattr(schedulers, method_cls.scheduler_class)
+    scheduler = scheduler_cls.from_config(
+        teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **({} if gamma is None else {"gamma": gamma})
+    )
     method = method_cls(teacher, student, scheduler, config)
     method.accelerator = accelerator
     method.accumulation_steps = config.gradient_accumulation_steps
@@ -330,7 +333,7 @@ def _ema_weights(ema, params):
 
 
 def _student_pipeline(teacher, model, scheduler, metadata=None):
-    scheduler = ConsistencyScheduler.from_config(scheduler.config)
+    scheduler = type(scheduler).from_config(scheduler.config)
     if teacher.architecture == "digits":
         pipe = DigitsPipeline(model.eval(), scheduler)
     else:

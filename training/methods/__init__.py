@@ -41,6 +41,13 @@ class Method:
 
     name = ""
     needs_data = False
+    scheduler_class = "ConsistencyScheduler"  # how students of this method sample (a class of onestep_pipelines.schedulers)
+    timestep_preset = "trailing"
+
+    @staticmethod
+    def sampler_gamma(config) -> float | None:
+        """The sampler's gamma (None for schedulers without one): 1 = re-noise fully between steps."""
+        return 1.0
 
     def __init__(self, teacher, student, scheduler, config):
         self.teacher, self.student, self.config = teacher, student, config
@@ -55,15 +62,17 @@ class Method:
 
     def rollout(self, noise: torch.Tensor, conditions: dict, steps: int, generator: torch.Generator) -> torch.Tensor:
         """Sample the student for ``steps`` of its own schedule without gradients (backward simulation, DMD2 / TDM)
-        and return ``x_t`` at step ``steps``; each step is the consistency rule of the sampling core (predict x0,
-        re-noise to the next time)."""
+        and return ``x_t`` at step ``steps``. Each step is the consistency rule of the sampling core: predict
+        ``(x0, eps)``, then move to the next time with fresh noise (gamma 1) or with ``eps`` itself (gamma 0, the
+        deterministic DDIM / Euler move of TDM students)."""
         x = noise
+        deterministic = self.sampler_gamma(self.config) in (0.0, None)
         with torch.no_grad():
             for i in range(steps):
                 t = self.times[i].expand(len(x))
                 x0, eps = self.teacher.predict(self.student, x, t, conditions)
                 alpha, sigma = self.teacher.coefficients(self.times[i + 1].expand(len(x)))
-                fresh = torch.randn(x.shape, generator=generator).to(x.device)
+                fresh = eps if deterministic else torch.randn(x.shape, generator=generator).to(x.device)
                 x = consistency_step(x0, fresh, alpha, sigma)
         return x
 
@@ -94,4 +103,4 @@ class Method:
         pass
 
 
-from . import consistency, dmd2  # noqa: E402,F401  (registers the methods)
+from . import consistency, dmd2, tdm  # noqa: E402,F401  (registers the methods)

@@ -36,7 +36,7 @@ class ConsistencyDistillation(Method):
         self.target = copy.deepcopy(student).eval().requires_grad_(False)
 
     @staticmethod
-    def sampler_gamma(config) -> float:
+    def sampler_gamma(config) -> float | None:
         """How students of this method sample: PCM jumps between phase edges (0), LCM re-noises fully (1)."""
         return 0.0 if (config.phases or 1) > 1 else 1.0
 

@@ -90,20 +90,28 @@ class DMD2(Method):
         return self.teacher.add_noise(x, t, noise), t, noise
 
     def _generate(self, conditions, generator, device):
-        """A student sample: step k of its roll-out (k random for multi-step students), with gradients."""
+        """A student sample: the x0 prediction at step k of its roll-out (k random for multi-step students:
+        backward simulation), with gradients; k is kept in ``self.segment``."""
         n = len(next(iter(conditions.values())))
         noise = torch.randn((n, *self.teacher.sample_shape), generator=generator).to(device)
-        k = int(torch.randint(0, len(self.times), (1,), generator=generator))
+        self.segment = k = int(torch.randint(0, len(self.times), (1,), generator=generator))
         x_k = self.rollout(noise, conditions, k, generator)
         return self.teacher.predict(self.student, x_k, self.times[k].expand(n), conditions)[0]
+
+    def fake_loss_weight(self, t):
+        """Per-sample weight of the fake score's x0 error: its usual denoising loss (velocity / epsilon error)."""
+        return self.teacher.output_error_weight(t)
+
+    def generator_loss(self, x, grad, weights):
+        """``0.5 ||x - sg(x - h g)||^2`` per sample, averaged (DMD eq. 7 with the f-divergence weight h)."""
+        return 0.5 * (weights.view(-1, 1, 1, 1) * (x - (x - grad).detach()) ** 2).sum(dim=(1, 2, 3)).mean()
 
     def _fake_update(self, conditions, batch, generator, device) -> dict:
         with torch.no_grad():
             x = self._generate(conditions, generator, device)
         x_t, t, noise = self._noised(x, generator)
         x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
-        weight = self.teacher.output_error_weight(t)
-        losses = {"fake": (((x0_fake - x) * weight) ** 2).mean()}  # the fake score's denoising loss on student samples
+        losses = {"fake": (((x0_fake - x) * self.fake_loss_weight(t)) ** 2).mean()}  # denoising loss on student samples
         if self.head is not None:
             fake_logits = self.head(self._features)
             real = batch["images"].to(device)
@@ -138,6 +146,6 @@ class DMD2(Method):
                 p.requires_grad_(True)
             gan = F.softplus(-logits).mean()
             weights = f_divergence_weights(logits, self.config.divergence)
-        dmd = 0.5 * (weights.view(-1, 1, 1, 1) * (x - (x - grad).detach()) ** 2).sum(dim=(1, 2, 3)).mean()
+        dmd = self.generator_loss(x, grad, weights)
         self.update(dmd + self.config.gan_weight * gan, optimizer, "generator")
         return {"generator": float(dmd.detach()), **({"gan": float(gan.detach())} if self.head is not None else {}), **logs}
