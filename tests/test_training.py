@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from onestep_pipelines import DigitsPipeline, DigitsTransformer2DModel
-from onestep_pipelines.schedulers import ConsistencyScheduler, TDMScheduler
+from onestep_pipelines.schedulers import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
 from onestep_pipelines.training.cli import main
 from onestep_pipelines.training.methods import TrainingDiverged
 from onestep_pipelines.training.trainer import DistillConfig, distill
@@ -260,3 +260,67 @@ def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub, fresh
     assert hub.commits["me/digits-student"][-1] in result["hub_url"]
     pipe = DiffusionPipeline.from_pretrained("me/digits-student", cache_dir=tmp_path / "cache")
     assert torch.isfinite(pipe(class_labels=[1], output_type="pt").images).all()
+
+
+@pytest.mark.parametrize("overrides", [{"target": "split"}, {"target": "jvp", "num_steps": 2, "lora_rank": 2, "source": "data", "guidance_scale": 1.5}])
+def test_meanflow_writes_r_conditioned_students(tiny_teacher, tmp_path, overrides):
+    from onestep_pipelines.schedulers import FlowMapScheduler
+
+    result = distill(tiny(tiny_teacher, tmp_path / "run", method="meanflow", **overrides))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert isinstance(pipe.scheduler, FlowMapScheduler) and pipe.student.r_conditioning
+    seen = []
+    pipe.transformer.r_embed.register_forward_hook(lambda m, a, o: seen.append(a[0]))  # r reached the model
+    assert torch.isfinite(pipe(class_labels=[2, 5], output_type="pt").images).all()
+    assert len(seen) == overrides.get("num_steps", 1)
+
+
+def test_meanflow_jvp_matches_finite_differences(tiny_teacher):
+    from types import SimpleNamespace
+
+    from onestep_pipelines.training.methods.meanflow import MeanFlow
+    from onestep_pipelines.training.teachers import load_teacher
+
+    teacher = load_teacher(tiny_teacher)
+    student = DigitsTransformer2DModel.from_config(teacher.model.config)
+    for p in student.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    config = tiny(tiny_teacher, "unused", method="meanflow", target="jvp")
+    method = MeanFlow(teacher, student, FlowMapScheduler(), config)
+    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    t, r = torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.1, 0.5, 0.0])
+    cond = {"class_labels": torch.tensor([1, 2, 3])}
+    u, dudt = method.jvp(student, z, r, t, v, cond)
+    h = 2e-5  # time enters as 1000 t: central differences in float32 need a small step
+    ahead = method.u(student, z + h * v, r, t + h, cond)
+    behind = method.u(student, z - h * v, r, t - h, cond)
+    torch.testing.assert_close(u, method.u(student, z, r, t, cond))
+    torch.testing.assert_close(dudt, (ahead - behind) / (2 * h), rtol=3e-2, atol=2e-2)  # float32 round-off / h
+    assert dudt.abs().mean() > 1e-2  # a real derivative, not a vanishing one
+
+
+def test_meanflow_refuses_vp_teachers_and_bad_options(stock_teachers, tmp_path, tiny_teacher):
+    folders, data = stock_teachers
+    with pytest.raises(ValueError, match="needs a flow teacher"):
+        distill(DistillConfig(method="meanflow", teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / "a"), max_train_steps=1, batch_size=2, evaluate=False))
+    for i, (option, message) in enumerate((({"target": "newton"}, "target 'newton' is unknown"), ({"source": "dream"}, "source 'dream' is unknown"))):
+        with pytest.raises(ValueError, match=message):
+            distill(tiny(tiny_teacher, tmp_path / f"bad-{i}", method="meanflow", **option))
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_meanflow_on_tiny_flow_teachers_writes_two_time_students(stock_teachers, tmp_path, arch):
+    folders, data = stock_teachers
+    config = DistillConfig(
+        method="meanflow", teacher=folders[arch], data=data, resolution=32, output_dir=str(tmp_path / "run"), max_train_steps=2,
+        batch_size=2, evaluate=False, preview_every=0, lora_rank=4 if arch == "sd3" else 0,
+    )
+    result = distill(config)
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert type(pipe.transformer).__name__.startswith("TwoTime") and pipe.student.r_conditioning
+    out = pipe(prompt="a cat", height=32, width=32, output_type="latent", max_sequence_length=16).images
+    assert torch.isfinite(out).all()
+    if arch == "sd3":
+        assert os.path.isfile(tmp_path / "run" / "lora" / "r_embedder.safetensors")

@@ -134,34 +134,37 @@ class Teacher:
         if guidance_scale != 1.0:
             null = self.null_conditions(conditions)
             both = {k: torch.cat([conditions[k], null[k]]) for k in conditions}
-            c, u = self._forward(model, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+            c, u = self.call(model, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
             out = u + guidance_scale * (c - u)
         else:
-            out = self._forward(model, x_t, t, conditions)
+            out = self.call(model, x_t, t, conditions)
         alpha, sigma = self.coefficients(t)
         return to_x0_eps(out.float(), x_t.float(), alpha, sigma, self.prediction_type)
 
-    def _forward(self, model, x: torch.Tensor, t: torch.Tensor, conditions: dict) -> torch.Tensor:
-        """One call of a denoiser of this architecture, as its pipeline makes it."""
+    def call(self, model, x: torch.Tensor, t: torch.Tensor, conditions: dict, r: torch.Tensor | None = None) -> torch.Tensor:
+        """One call of a denoiser of this architecture, as its pipeline makes it; with ``r`` (native time, flow
+        teachers) the second time goes to an r-conditioned model in the units of its ``timestep``."""
         dtype = next(model.parameters()).dtype
         timestep = t.float() * self.num_train_timesteps if self.time_type == "flow" else t.clamp_min(0)
+        extra = {} if r is None else {"r_timestep": r.float() * self.num_train_timesteps}
         if self.architecture == "digits":
-            return model(x.to(dtype), timestep, conditions["class_labels"].to(x.device)).sample
+            return model(x.to(dtype), timestep, conditions["class_labels"].to(x.device), **extra).sample
         emb = {k: v[conditions["prompt_index"].cpu()].to(x.device, dtype) for k, v in self.embeddings.items()}
         if self.architecture == "sd":
-            return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"]).sample
+            return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"], **extra).sample
         if self.architecture == "sdxl":
             added = {"text_embeds": emb["pooled_prompt_embeds"], "time_ids": emb["time_ids"]}
-            return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"], added_cond_kwargs=added).sample
+            return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"], added_cond_kwargs=added, **extra).sample
         if self.architecture == "sd3":
             return model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=emb["prompt_embeds"],
-                         pooled_projections=emb["pooled_prompt_embeds"]).sample
+                         pooled_projections=emb["pooled_prompt_embeds"], **extra).sample
         b, c, h, w = x.shape  # flux: packed 2x2 patches, sigma as timestep
         packed = self.pipeline._pack_latents(x.to(dtype), b, c, h, w)
         image_ids = self.pipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
         guidance = torch.full((b,), 3.5, device=x.device) if model.config.guidance_embeds else None
+        extra = {k: v / self.num_train_timesteps for k, v in extra.items()}  # Flux takes sigma
         out = model(hidden_states=packed, timestep=timestep / self.num_train_timesteps, guidance=guidance, pooled_projections=emb["pooled_prompt_embeds"],
-                    encoder_hidden_states=emb["prompt_embeds"], txt_ids=emb["text_ids"][0], img_ids=image_ids).sample
+                    encoder_hidden_states=emb["prompt_embeds"], txt_ids=emb["text_ids"][0], img_ids=image_ids, **extra).sample
         return self.pipeline._unpack_latents(out, h * self.pipeline.vae_scale_factor, w * self.pipeline.vae_scale_factor, self.pipeline.vae_scale_factor)
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..benchmark.digits import load_digits_images
 from ..benchmark.evaluate import save_grid
 from ..metadata import StudentMetadata
+from ..models import add_r_conditioning
 from ..pipelines import PIPELINES_BY_ARCHITECTURE, DigitsPipeline
 from ..pipelines.loading import write_atomically
 from .. import schedulers
@@ -40,7 +41,7 @@ RUN_FILE = "run.json"
 class DistillConfig:
     """Every option of ``onestep-train distill`` (the CLI help is built from these docs)."""
 
-    method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2, consistency or tdm"})
+    method: str = field(default="dmd2", metadata={"help": "distillation method: dmd2, consistency, tdm or meanflow"})
     teacher: str = field(default="digits", metadata={"help": "'digits' (the embedded teacher), or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)"})
     prompts: str = field(default="", metadata={"help": "text-to-image teachers: a text file with one prompt per line (data-free methods)"})
     data: str = field(default="", metadata={"help": "text-to-image teachers: an image folder with a .txt caption per image"})
@@ -60,6 +61,11 @@ class DistillConfig:
     ode_steps: int = field(default=32, metadata={"help": "consistency: teacher ODE grid (one Euler step of 1/ode_steps per target)"})
     loss: str = field(default="huber", metadata={"help": "consistency: huber (pseudo-Huber) or l2"})
     target_ema: float = field(default=0.95, metadata={"help": "consistency: EMA decay of the target network"})
+    target: str = field(default="split", metadata={"help": "meanflow: split (SplitMeanFlow, no JVP) or jvp (MeanFlow identity with torch.func.jvp)"})
+    source: str = field(default="teacher", metadata={"help": "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)"})
+    equal_fraction: float = field(default=0.25, metadata={"help": "meanflow: fraction of pairs with r = t"})
+    logit_mean: float = field(default=0.0, metadata={"help": "meanflow: mean of the logit-normal t"})
+    logit_std: float = field(default=1.0, metadata={"help": "meanflow: standard deviation of the logit-normal t"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the student; 0 trains all weights"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0 = the rank)"})
     lora_targets: str = field(default="", metadata={"help": "comma-separated module names the LoRA adapts (default: attention projections)"})
@@ -87,6 +93,7 @@ class DistillConfig:
             (self.phases >= 0 and self.ode_steps >= 1, "phases must be >= 0 and ode_steps >= 1"),
             (self.resolution > 0 and self.resolution % 16 == 0, "resolution must be a positive multiple of 16"),
             (0 <= self.target_ema < 1, "target_ema must lie in [0, 1)"),
+            (0 <= self.equal_fraction <= 1 and self.logit_std > 0, "equal_fraction must lie in [0, 1] and logit_std be positive"),
             (self.lora_rank >= 0, f"lora_rank must be 0 (full fine-tune) or positive, got {self.lora_rank}"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
             (self.checkpoint_every > 0, "checkpoint_every must be positive"),
@@ -99,7 +106,7 @@ class DistillConfig:
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank", "lora_targets", "seed",
-                "divergence", "gan_weight", "phases", "ode_steps")
+                "divergence", "gan_weight", "phases", "ode_steps", "target", "source")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -210,7 +217,12 @@ def distill(config: DistillConfig) -> dict:
     set_seed(config.seed)
     teacher = load_teacher(config.teacher, resolution=config.resolution)
     teacher.pipeline.to(accelerator.device)
+    method_cls = get_method(config.method)
+    method_cls.check_teacher(teacher)
     student = copy.deepcopy(teacher.model).train()
+    uses_r = getattr(method_cls, "uses_r", False)
+    if uses_r:  # flow-map / MeanFlow students: the teacher plus a zero-initialised second-time embedding
+        student = add_r_conditioning(student)
     if config.gradient_checkpointing:
         if not student._supports_gradient_checkpointing:
             raise ValueError(f"--gradient-checkpointing: {type(student).__name__} does not support gradient checkpointing.")
@@ -223,9 +235,9 @@ def distill(config: DistillConfig) -> dict:
         student.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, target_modules=targets))
     else:
         student.requires_grad_(True)
-    if hasattr(student, "r_embed"):  # one-time methods leave the second-time embedding alone (and DDP needs no unused params)
-        student.r_embed.requires_grad_(False)
-    method_cls = get_method(config.method)
+    r_module = getattr(student, "r_embedder", None) or getattr(student, "r_embed", None)
+    if r_module is not None:  # trained fully by r-methods; left alone by one-time methods (DDP wants no unused params)
+        r_module.requires_grad_(uses_r)
     gamma = method_cls.sampler_gamma(config)
     scheduler_cls = getattr(schedulers, method_cls.scheduler_class)
     scheduler = scheduler_cls.from_config(
@@ -370,7 +382,7 @@ def _export(teacher, model, ema, params, scheduler, config) -> dict:
     metadata = StudentMetadata.from_scheduler(
         scheduler, method=config.method, architecture=teacher.architecture, num_inference_steps=config.num_steps,
         recommended_steps=[config.num_steps], guidance_scale=config.guidance_scale,
-        guidance_baked=config.guidance_scale != 1.0, base_model=teacher.source,
+        guidance_baked=config.guidance_scale != 1.0, base_model=teacher.source, r_conditioning=getattr(get_method(config.method), "uses_r", False),
     )
     out = {}
     with _ema_weights(ema, params), torch.no_grad():
@@ -392,10 +404,12 @@ def _export(teacher, model, ema, params, scheduler, config) -> dict:
             for nfe in (1, 4, 32):
                 score = metric.score(*sample_digits(teacher.pipeline, nfe, euler_grid=True))
                 rows.append({"model": "teacher (Euler)", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
-            images, labels = sample_digits(pipe, config.num_steps)  # the student at the step count it was trained for
-            score = metric.score(images, labels)
-            rows.append({"model": f"student ({config.method})", "NFE": config.num_steps, "FD-digits": score.fd, "accuracy": score.acc})
-            grid = images[:100]
+            # the student at the step count it was trained for; flow-map students at 1, 2 and 4 steps too
+            for nfe in sorted({config.num_steps, 1, 2, 4}) if metadata.r_conditioning else [config.num_steps]:
+                images, labels = sample_digits(pipe, nfe)
+                score = metric.score(images, labels)
+                rows.append({"model": f"student ({config.method})", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
+                grid = images[:100] if nfe == config.num_steps else grid
             out["scores"] = rows
         if grid is not None:
             save_grid(grid, os.path.join(config.output_dir, "samples.png"))

@@ -44,6 +44,10 @@ class Method:
     scheduler_class = "ConsistencyScheduler"  # how students of this method sample (a class of onestep_pipelines.schedulers)
     timestep_preset = "trailing"
 
+    @classmethod
+    def check_teacher(cls, teacher) -> None:
+        """Raise a clear error when the method cannot distil this teacher (before anything is built)."""
+
     @staticmethod
     def sampler_gamma(config) -> float | None:
         """The sampler's gamma (None for schedulers without one): 1 = re-noise fully between steps."""
@@ -103,4 +107,4 @@ class Method:
         pass
 
 
-from . import consistency, dmd2, tdm  # noqa: E402,F401  (registers the methods)
+from . import consistency, dmd2, meanflow, tdm  # noqa: E402,F401  (registers the methods)

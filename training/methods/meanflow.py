@@ -1,0 +1,120 @@
+"""MeanFlow: average-velocity training (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"), with
+the JVP-free interval-splitting target of SplitMeanFlow (Guo et al. 2025).
+
+The student ``u(z_t, r, t)`` predicts the average velocity over ``[r, t]`` (time 1 = noise), so one step is
+``z_r = z_t - (t - r) u``. On the flow path ``z_t = (1 - t) x + t e`` the instantaneous velocity is
+``v = e - x`` (from data) or the teacher's velocity at ``z_t`` (distillation); with guidance ``w`` it is
+``v_w = w v + (1 - w) v_uncond`` (the unconditional velocity of the same source), baked into the student.
+
+- ``--target jvp`` (MeanFlow eq. 8): ``u_tgt = v - (t - r) du/dt`` with ``du/dt`` the total derivative along the
+  path, one forward-mode JVP of ``u`` in the direction ``(v, 0, 1)`` (``torch.func.jvp``, under the math SDPA kernel).
+- ``--target split`` (SplitMeanFlow): with ``s = (t + r) / 2`` and ``z_s = z_t - (t - s) u(z_t, s, t)``,
+  ``u_tgt = ((t - s) u(z_t, s, t) + (s - r) u(z_s, r, s)) / (t - r)``, both from the EMA network (no JVP).
+
+Pairs with ``r = t`` (a fraction ``--equal-fraction``) learn ``u(z, t, t) = v``. The loss is the adaptive weighted
+``||u - sg(u_tgt)||^2 / sg(||u - u_tgt||^2 + 1e-3)^p`` (MeanFlow sec. 4.3, p = 0.5 here); ``t`` is logit-normal.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import Method, register_method
+
+
+@register_method
+class MeanFlow(Method):
+    name = "meanflow"
+    needs_data = True
+    uses_r = True
+    scheduler_class = "FlowMapScheduler"
+
+    @staticmethod
+    def sampler_gamma(config) -> float:
+        return 0.0
+
+    @classmethod
+    def check_teacher(cls, teacher) -> None:
+        if teacher.time_type != "flow":
+            raise ValueError(f"meanflow needs a flow teacher (time 1 = noise, velocity prediction); this one is {teacher.time_type}.")
+
+    def __init__(self, teacher, student, scheduler, config):
+        super().__init__(teacher, student, scheduler, config)
+        if config.target not in ("jvp", "split"):
+            raise ValueError(f"target {config.target!r} is unknown; choose 'jvp' or 'split'.")
+        if config.source not in ("teacher", "data"):
+            raise ValueError(f"source {config.source!r} is unknown; choose 'teacher' or 'data'.")
+        self.target_net = copy.deepcopy(student).eval().requires_grad_(False)
+
+    def u(self, model, z, r, t, conditions):
+        """Average velocity over ``[r, t]`` (native flow times)."""
+        return self.teacher.call(model, z, t, conditions, r=r).float()
+
+    def jvp(self, model, z, r, t, v, conditions):
+        """``(u, du/dt)`` with ``du/dt = dz/dt . d_z u + d_t u`` along the path (tangent ``(v, 0, 1)``), one forward-mode
+        JVP. Attention runs on the math kernel (the fused CPU kernels have no forward-mode derivative)."""
+        fn = lambda z_, r_, t_: self.u(model, z_, r_, t_, conditions)  # noqa: E731
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        except (RuntimeError, NotImplementedError) as error:
+            raise ValueError(
+                f"--target jvp: {type(self.accelerator.unwrap_model(model)).__name__} cannot do forward-mode AD here ({error}); "
+                "use --target split (no JVP)."
+            ) from None
+
+    def train_step(self, step, batch, generator, optimizer) -> dict:
+        device = self.accelerator.device
+        cfg = self.config
+        x = batch["images"].to(device)
+        conditions = batch["conditions"]
+        n = len(x)
+        t = torch.sigmoid(torch.randn(n, generator=generator) * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
+        r = t * torch.rand(n, generator=generator)
+        r = torch.where(torch.rand(n, generator=generator) < cfg.equal_fraction, t, r)
+        t, r = t.to(device), r.to(device)
+        e = torch.randn(x.shape, generator=generator).to(device)
+        tt, rr = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+        z = (1 - tt) * x + tt * e
+        with torch.no_grad():
+            v = self._velocity(z, t, x, e, conditions)
+        if cfg.target == "jvp":
+            pred, dudt = self.jvp(self.student, z, r, t, v, conditions)
+            target = (v - (tt - rr) * dudt).detach()
+        else:
+            with torch.no_grad():
+                s = (t + r) / 2
+                ss = s.view(-1, 1, 1, 1)
+                u_ts = self.u(self.target_net, z, s, t, conditions)
+                z_s = z - (tt - ss) * u_ts
+                split = ((tt - ss) * u_ts + (ss - rr) * self.u(self.target_net, z_s, r, s, conditions)) / (tt - rr).clamp_min(1e-6)
+                target = torch.where((t == r).view(-1, 1, 1, 1), v, split)
+            pred = self.u(self.student, z, r, t, conditions)
+        error = ((pred - target) ** 2).flatten(1).mean(dim=1)
+        loss = (error / (error.detach() + 1e-3) ** 0.5).mean()
+        self.update(loss, optimizer, "meanflow")
+        with torch.no_grad():
+            for p_target, p in zip(self.target_net.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
+                p_target.lerp_(p, 1.0 - cfg.target_ema)
+        return {"meanflow": float(loss.detach())}
+
+    def _velocity(self, z, t, x, e, conditions):
+        """Instantaneous (guided) velocity at ``z_t``: the teacher's, or ``e - x`` from data."""
+        w = self.config.guidance_scale
+        if self.config.source == "teacher":
+            x0, _ = self.teacher.predict(self.teacher.model, z, t, conditions, guidance_scale=w)
+            return (z - x0) / t.view(-1, 1, 1, 1)
+        v = e - x
+        if w == 1.0:
+            return v
+        uncond = self.u(self.target_net, z, t, t, self.teacher.null_conditions(conditions))
+        return w * v + (1 - w) * uncond
+
+    def state_dict(self) -> dict:
+        return {"target": self.target_net.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target_net.load_state_dict(state["target"])
