@@ -64,6 +64,7 @@ class DistillConfig:
     target: str = field(default="split", metadata={"help": "meanflow: split (SplitMeanFlow, no JVP) or jvp (MeanFlow identity with torch.func.jvp)"})
     source: str = field(default="teacher", metadata={"help": "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)"})
     equal_fraction: float = field(default=0.25, metadata={"help": "meanflow: fraction of pairs with r = t"})
+    endpoint_fraction: float = field(default=0.3, metadata={"help": "meanflow: fraction of t set to 1 and, independently, of r set to 0"})
     logit_mean: float = field(default=0.0, metadata={"help": "meanflow: mean of the logit-normal t"})
     logit_std: float = field(default=1.0, metadata={"help": "meanflow: standard deviation of the logit-normal t"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank of the student; 0 trains all weights"})
@@ -93,7 +94,8 @@ class DistillConfig:
             (self.phases >= 0 and self.ode_steps >= 1, "phases must be >= 0 and ode_steps >= 1"),
             (self.resolution > 0 and self.resolution % 16 == 0, "resolution must be a positive multiple of 16"),
             (0 <= self.target_ema < 1, "target_ema must lie in [0, 1)"),
-            (0 <= self.equal_fraction <= 1 and self.logit_std > 0, "equal_fraction must lie in [0, 1] and logit_std be positive"),
+            (0 <= self.equal_fraction <= 1 and 0 <= self.endpoint_fraction <= 1, "equal_fraction and endpoint_fraction must lie in [0, 1]"),
+            (self.logit_std > 0, "logit_std must be positive"),
             (self.lora_rank >= 0, f"lora_rank must be 0 (full fine-tune) or positive, got {self.lora_rank}"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
             (self.checkpoint_every > 0, "checkpoint_every must be positive"),
@@ -248,7 +250,7 @@ def distill(config: DistillConfig) -> dict:
     method.accumulation_steps = config.gradient_accumulation_steps
     accelerator.register_for_checkpointing(method)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=method_cls.adam_betas, weight_decay=0.0)
     student, optimizer = accelerator.prepare(student, optimizer)
     method.student = student
     for attribute, value in method.auxiliary().items():  # fake score, discriminator head, their optimizer

@@ -43,6 +43,7 @@ class Method:
     needs_data = False
     scheduler_class = "ConsistencyScheduler"  # how students of this method sample (a class of onestep_pipelines.schedulers)
     timestep_preset = "trailing"
+    adam_betas = (0.0, 0.99)  # the student's AdamW betas (DMD2's choice; regression objectives use momentum)
 
     @classmethod
     def check_teacher(cls, teacher) -> None:

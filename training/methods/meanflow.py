@@ -12,7 +12,8 @@ The student ``u(z_t, r, t)`` predicts the average velocity over ``[r, t]`` (time
   ``u_tgt = ((t - s) u(z_t, s, t) + (s - r) u(z_s, r, s)) / (t - r)``, both from the EMA network (no JVP).
 
 Pairs with ``r = t`` (a fraction ``--equal-fraction``) learn ``u(z, t, t) = v``. The loss is the adaptive weighted
-``||u - sg(u_tgt)||^2 / sg(||u - u_tgt||^2 + 1e-3)^p`` (MeanFlow sec. 4.3, p = 0.5 here); ``t`` is logit-normal.
+``||u - sg(u_tgt)||^2 / sg(||u - u_tgt||^2 + 1e-3)^p`` (MeanFlow sec. 4.3, p = 0.5 here); ``t`` is logit-normal, and a fraction ``--endpoint-fraction`` of ``t`` (and,
+independently, of ``r``) is set to the end points 1 (noise) and 0 (data), the jumps few-step sampling makes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class MeanFlow(Method):
     needs_data = True
     uses_r = True
     scheduler_class = "FlowMapScheduler"
+    adam_betas = (0.9, 0.99)
 
     @staticmethod
     def sampler_gamma(config) -> float:
@@ -73,7 +75,9 @@ class MeanFlow(Method):
         conditions = batch["conditions"]
         n = len(x)
         t = torch.sigmoid(torch.randn(n, generator=generator) * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
+        t = torch.where(torch.rand(n, generator=generator) < cfg.endpoint_fraction, torch.ones(n), t)  # start at pure noise
         r = t * torch.rand(n, generator=generator)
+        r = torch.where(torch.rand(n, generator=generator) < cfg.endpoint_fraction, torch.zeros(n), r)  # jump to data
         r = torch.where(torch.rand(n, generator=generator) < cfg.equal_fraction, t, r)
         t, r = t.to(device), r.to(device)
         e = torch.randn(x.shape, generator=generator).to(device)
