@@ -327,6 +327,9 @@ def distill(config: DistillConfig) -> dict:
         result.update(_export(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config))
         write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # a clean exit for gloo / NCCL workers
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return result
 
 
