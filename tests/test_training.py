@@ -262,11 +262,16 @@ def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub, fresh
     assert torch.isfinite(pipe(class_labels=[1], output_type="pt").images).all()
 
 
-@pytest.mark.parametrize("overrides", [{"target": "split"}, {"target": "jvp", "num_steps": 2, "lora_rank": 2, "source": "data", "guidance_scale": 1.5}])
-def test_meanflow_writes_r_conditioned_students(tiny_teacher, tmp_path, overrides):
+@pytest.mark.parametrize("overrides", [
+    {"method": "meanflow", "target": "split"},
+    {"method": "meanflow", "target": "jvp", "num_steps": 2, "lora_rank": 2, "source": "data", "guidance_scale": 1.5},
+    {"method": "flowmap"},
+    {"method": "flowmap", "target": "jvp", "num_steps": 4, "lora_rank": 2, "guidance_scale": 1.5},
+])
+def test_flow_map_methods_write_r_conditioned_students(tiny_teacher, tmp_path, overrides):
     from onestep_pipelines.schedulers import FlowMapScheduler
 
-    result = distill(tiny(tiny_teacher, tmp_path / "run", method="meanflow", **overrides))
+    result = distill(tiny(tiny_teacher, tmp_path / "run", **overrides))
     pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
     assert isinstance(pipe.scheduler, FlowMapScheduler) and pipe.student.r_conditioning
     seen = []
@@ -292,29 +297,63 @@ def test_meanflow_jvp_matches_finite_differences(tiny_teacher):
     z, v = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
     t, r = torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.1, 0.5, 0.0])
     cond = {"class_labels": torch.tensor([1, 2, 3])}
-    u, dudt = method.jvp(student, z, r, t, v, cond)
+    zero, one = torch.zeros_like(t), torch.ones_like(t)
     h = 2e-5  # time enters as 1000 t: central differences in float32 need a small step
-    ahead = method.u(student, z + h * v, r, t + h, cond)
-    behind = method.u(student, z - h * v, r, t - h, cond)
-    torch.testing.assert_close(u, method.u(student, z, r, t, cond))
-    torch.testing.assert_close(dudt, (ahead - behind) / (2 * h), rtol=3e-2, atol=2e-2)  # float32 round-off / h
-    assert dudt.abs().mean() > 1e-2  # a real derivative, not a vanishing one
+    for tangent in ((v, zero, one), (torch.zeros_like(z), one, zero)):  # MeanFlow's d/dt along the path; flowmap's d/dr
+        u, du = method.jvp(student, (z, r, t), tangent, cond)
+        ahead = method.u(student, *(p + h * d for p, d in zip((z, r, t), tangent)), cond)
+        behind = method.u(student, *(p - h * d for p, d in zip((z, r, t), tangent)), cond)
+        torch.testing.assert_close(u, method.u(student, z, r, t, cond))
+        torch.testing.assert_close(du, (ahead - behind) / (2 * h), rtol=3e-2, atol=2e-2)  # float32 round-off / h
+        assert du.abs().mean() > 1e-2  # a real derivative, not a vanishing one
 
 
-def test_meanflow_refuses_vp_teachers_and_bad_options(stock_teachers, tmp_path, tiny_teacher):
+@pytest.mark.parametrize("target", ["jvp", "euler"])
+def test_flowmap_target_is_fixed_by_the_exact_flow_map(target):
+    """For the linear ODE dz/dt = a z the exact flow map is X(z, t, r) = z exp(a (r - t)); a student equal to it
+    must be its own Lagrangian target (exactly with the JVP, to O(1/ode_steps) with the Euler step)."""
+    from types import SimpleNamespace
+
+    from onestep_pipelines.training.methods.flowmap import FlowMap
+
+    a = 0.8
+    method = FlowMap.__new__(FlowMap)
+    method.config, method.target = SimpleNamespace(ode_steps=64), target
+    method.student = method.target_net = None
+    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    method.u = lambda model, z, r, t, cond: z * (1 - torch.exp(a * (r - t).view(-1, 1, 1, 1))) / (t - r).clamp_min(1e-12).view(-1, 1, 1, 1)
+    method.teacher_velocity = lambda z, t, cond: a * z
+    z = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    t, r = torch.tensor([1.0, 0.9, 0.5, 0.3], dtype=torch.float64), torch.tensor([0.0, 0.4, 0.49, 0.3], dtype=torch.float64)
+    pred, target_u = method.prediction_and_target(z, r, t, None, None, {})
+    torch.testing.assert_close(target_u[:3], pred[:3], rtol=1e-8 if target == "jvp" else 1e-2, atol=0)
+    torch.testing.assert_close(target_u[3], a * z[3])  # r = t: the teacher's velocity
+    method.teacher_velocity = lambda z, t, cond: -a * z  # the wrong ODE is not a fixed point
+    assert not torch.allclose(method.prediction_and_target(z, r, t, None, None, {})[1][:2], pred[:2], rtol=1e-2)
+
+
+def test_flow_map_methods_refuse_vp_teachers_and_bad_options(stock_teachers, tmp_path, tiny_teacher):
     folders, data = stock_teachers
-    with pytest.raises(ValueError, match="needs a flow teacher"):
-        distill(DistillConfig(method="meanflow", teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / "a"), max_train_steps=1, batch_size=2, evaluate=False))
-    for i, (option, message) in enumerate((({"target": "newton"}, "target 'newton' is unknown"), ({"source": "dream"}, "source 'dream' is unknown"))):
+    for method in ("meanflow", "flowmap"):
+        with pytest.raises(ValueError, match=f"{method} needs a flow teacher.*this one is vp"):
+            distill(DistillConfig(method=method, teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / method), max_train_steps=1, batch_size=2, evaluate=False))
+    bad = (
+        ({"method": "meanflow", "target": "newton"}, "target 'newton' is unknown for meanflow; choose one of \\['split', 'jvp'\\]"),
+        ({"method": "meanflow", "source": "dream"}, "source 'dream' is unknown"),
+        ({"method": "flowmap", "target": "split"}, "target 'split' is unknown for flowmap; choose one of \\['euler', 'jvp'\\]"),
+        ({"method": "flowmap", "source": "data"}, "source 'data' is unknown for flowmap"),
+    )
+    for i, (option, message) in enumerate(bad):
         with pytest.raises(ValueError, match=message):
-            distill(tiny(tiny_teacher, tmp_path / f"bad-{i}", method="meanflow", **option))
+            distill(tiny(tiny_teacher, tmp_path / f"bad-{i}", **option))
 
 
+@pytest.mark.parametrize("method", ["meanflow", "flowmap"])
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
-def test_meanflow_on_tiny_flow_teachers_writes_two_time_students(stock_teachers, tmp_path, arch):
+def test_flow_map_methods_on_tiny_flow_teachers_write_two_time_students(stock_teachers, tmp_path, arch, method):
     folders, data = stock_teachers
     config = DistillConfig(
-        method="meanflow", teacher=folders[arch], data=data, resolution=32, output_dir=str(tmp_path / "run"), max_train_steps=2,
+        method=method, teacher=folders[arch], data=data, resolution=32, output_dir=str(tmp_path / "run"), max_train_steps=2,
         batch_size=2, evaluate=False, preview_every=0, lora_rank=4 if arch == "sd3" else 0,
     )
     result = distill(config)

@@ -58,10 +58,11 @@ class DistillConfig:
     divergence: str = field(default="reverse-kl", metadata={"help": "dmd2: reverse-kl, forward-kl or js (the last two need --gan-weight)"})
     gan_weight: float = field(default=0.0, metadata={"help": "dmd2: weight of the GAN head on fake-score features (0 = off)"})
     phases: int = field(default=0, metadata={"help": "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)"})
-    ode_steps: int = field(default=32, metadata={"help": "consistency: teacher ODE grid (one Euler step of 1/ode_steps per target)"})
+    ode_steps: int = field(default=32, metadata={"help": "consistency, flowmap: teacher ODE grid (one Euler step of 1/ode_steps per target)"})
     loss: str = field(default="huber", metadata={"help": "consistency: huber (pseudo-Huber) or l2"})
     target_ema: float = field(default=0.95, metadata={"help": "consistency: EMA decay of the target network"})
-    target: str = field(default="split", metadata={"help": "meanflow: split (SplitMeanFlow, no JVP) or jvp (MeanFlow identity with torch.func.jvp)"})
+    target: str = field(default="", metadata={"help": "meanflow: split (SplitMeanFlow, no JVP, default) or jvp (MeanFlow identity with torch.func.jvp); "
+                                                   "flowmap: euler (a teacher Euler step of 1/ode_steps, no JVP, default) or jvp (Lagrangian tangent)"})
     source: str = field(default="teacher", metadata={"help": "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)"})
     equal_fraction: float = field(default=0.25, metadata={"help": "meanflow: fraction of pairs with r = t"})
     endpoint_fraction: float = field(default=0.3, metadata={"help": "meanflow: fraction of t set to 1 and, independently, of r set to 0"})
@@ -409,8 +410,8 @@ def _export(teacher, model, ema, params, scheduler, config) -> dict:
             for nfe in (1, 4, 32):
                 score = metric.score(*sample_digits(teacher.pipeline, nfe, euler_grid=True))
                 rows.append({"model": "teacher (Euler)", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
-            # the student at the step count it was trained for; flow-map students at 1, 2 and 4 steps too
-            for nfe in sorted({config.num_steps, 1, 2, 4}) if metadata.r_conditioning else [config.num_steps]:
+            # the student at the step count it was trained for; flow-map students at 1, 2, 4 and 8 steps too
+            for nfe in sorted({config.num_steps, 1, 2, 4, 8}) if metadata.r_conditioning else [config.num_steps]:
                 images, labels = sample_digits(pipe, nfe)
                 score = metric.score(images, labels)
                 rows.append({"model": f"student ({config.method})", "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})

@@ -108,4 +108,4 @@ class Method:
         pass
 
 
-from . import consistency, dmd2, meanflow, tdm  # noqa: E402,F401  (registers the methods)
+from . import consistency, dmd2, flowmap, meanflow, tdm  # noqa: E402,F401  (registers the methods)

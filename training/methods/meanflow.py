@@ -33,6 +33,8 @@ class MeanFlow(Method):
     uses_r = True
     scheduler_class = "FlowMapScheduler"
     adam_betas = (0.9, 0.99)
+    targets = ("split", "jvp")  # ways to form the target; the first needs no JVP and is the default
+    source_options = ("teacher", "data")
 
     @staticmethod
     def sampler_gamma(config) -> float:
@@ -41,76 +43,90 @@ class MeanFlow(Method):
     @classmethod
     def check_teacher(cls, teacher) -> None:
         if teacher.time_type != "flow":
-            raise ValueError(f"meanflow needs a flow teacher (time 1 = noise, velocity prediction); this one is {teacher.time_type}.")
+            raise ValueError(f"{cls.name} needs a flow teacher (time 1 = noise, velocity prediction); this one is {teacher.time_type}.")
 
     def __init__(self, teacher, student, scheduler, config):
         super().__init__(teacher, student, scheduler, config)
-        if config.target not in ("jvp", "split"):
-            raise ValueError(f"target {config.target!r} is unknown; choose 'jvp' or 'split'.")
-        if config.source not in ("teacher", "data"):
-            raise ValueError(f"source {config.source!r} is unknown; choose 'teacher' or 'data'.")
+        self.target = config.target or self.targets[0]
+        if self.target not in self.targets:
+            raise ValueError(f"--target {self.target!r} is unknown for {self.name}; choose one of {list(self.targets)}.")
+        if config.source not in self.source_options:
+            raise ValueError(f"--source {config.source!r} is unknown for {self.name}; choose one of {list(self.source_options)}.")
         self.target_net = copy.deepcopy(student).eval().requires_grad_(False)
 
     def u(self, model, z, r, t, conditions):
         """Average velocity over ``[r, t]`` (native flow times)."""
         return self.teacher.call(model, z, t, conditions, r=r).float()
 
-    def jvp(self, model, z, r, t, v, conditions):
-        """``(u, du/dt)`` with ``du/dt = dz/dt . d_z u + d_t u`` along the path (tangent ``(v, 0, 1)``), one forward-mode
-        JVP. Attention runs on the math kernel (the fused CPU kernels have no forward-mode derivative)."""
+    def jvp(self, model, primals, tangents, conditions):
+        """``(u, du)``: ``u(z, r, t)`` and its forward-mode derivative in the direction ``tangents`` of ``(z, r, t)``
+        (``(v, 0, 1)``: the total derivative along the path). Attention runs on the math kernel (the fused CPU
+        kernels have no forward-mode derivative)."""
         fn = lambda z_, r_, t_: self.u(model, z_, r_, t_, conditions)  # noqa: E731
         try:
             with sdpa_kernel(SDPBackend.MATH):
-                return torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+                return torch.func.jvp(fn, primals, tangents)
         except (RuntimeError, NotImplementedError) as error:
             raise ValueError(
                 f"--target jvp: {type(self.accelerator.unwrap_model(model)).__name__} cannot do forward-mode AD here ({error}); "
-                "use --target split (no JVP)."
+                f"use --target {self.targets[0]} (no JVP)."
             ) from None
 
-    def train_step(self, step, batch, generator, optimizer) -> dict:
-        device = self.accelerator.device
+    def sample_pairs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Times ``t`` (logit-normal, a fraction at 1) and ``r`` (uniform in ``[0, t]``, a fraction at 0, a fraction
+        equal to ``t``)."""
         cfg = self.config
-        x = batch["images"].to(device)
-        conditions = batch["conditions"]
-        n = len(x)
         t = torch.sigmoid(torch.randn(n, generator=generator) * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
         t = torch.where(torch.rand(n, generator=generator) < cfg.endpoint_fraction, torch.ones(n), t)  # start at pure noise
         r = t * torch.rand(n, generator=generator)
         r = torch.where(torch.rand(n, generator=generator) < cfg.endpoint_fraction, torch.zeros(n), r)  # jump to data
         r = torch.where(torch.rand(n, generator=generator) < cfg.equal_fraction, t, r)
-        t, r = t.to(device), r.to(device)
-        e = torch.randn(x.shape, generator=generator).to(device)
+        return t, r
+
+    def prediction_and_target(self, z, r, t, x, e, conditions):
+        """The student's ``u(z_t, r, t)`` (with gradient) and its regression target (without) at ``z_t = (1 - t) x + t e``."""
         tt, rr = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
-        z = (1 - tt) * x + tt * e
         with torch.no_grad():
             v = self._velocity(z, t, x, e, conditions)
-        if cfg.target == "jvp":
-            pred, dudt = self.jvp(self.student, z, r, t, v, conditions)
-            target = (v - (tt - rr) * dudt).detach()
-        else:
-            with torch.no_grad():
-                s = (t + r) / 2
-                ss = s.view(-1, 1, 1, 1)
-                u_ts = self.u(self.target_net, z, s, t, conditions)
-                z_s = z - (tt - ss) * u_ts
-                split = ((tt - ss) * u_ts + (ss - rr) * self.u(self.target_net, z_s, r, s, conditions)) / (tt - rr).clamp_min(1e-6)
-                target = torch.where((t == r).view(-1, 1, 1, 1), v, split)
-            pred = self.u(self.student, z, r, t, conditions)
+        if self.target == "jvp":
+            pred, dudt = self.jvp(self.student, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), conditions)
+            return pred, (v - (tt - rr) * dudt).detach()
+        with torch.no_grad():
+            s = (t + r) / 2
+            ss = s.view(-1, 1, 1, 1)
+            u_ts = self.u(self.target_net, z, s, t, conditions)
+            z_s = z - (tt - ss) * u_ts
+            split = ((tt - ss) * u_ts + (ss - rr) * self.u(self.target_net, z_s, r, s, conditions)) / (tt - rr).clamp_min(1e-6)
+            target = torch.where((t == r).view(-1, 1, 1, 1), v, split)
+        return self.u(self.student, z, r, t, conditions), target
+
+    def train_step(self, step, batch, generator, optimizer) -> dict:
+        device = self.accelerator.device
+        x = batch["images"].to(device)
+        conditions = batch["conditions"]
+        t, r = (a.to(device) for a in self.sample_pairs(len(x), generator))
+        e = torch.randn(x.shape, generator=generator).to(device)
+        tt = t.view(-1, 1, 1, 1)
+        z = (1 - tt) * x + tt * e
+        pred, target = self.prediction_and_target(z, r, t, x, e, conditions)
         error = ((pred - target) ** 2).flatten(1).mean(dim=1)
         loss = (error / (error.detach() + 1e-3) ** 0.5).mean()
-        self.update(loss, optimizer, "meanflow")
+        self.update(loss, optimizer, self.name)
         with torch.no_grad():
             for p_target, p in zip(self.target_net.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
-                p_target.lerp_(p, 1.0 - cfg.target_ema)
-        return {"meanflow": float(loss.detach())}
+                p_target.lerp_(p, 1.0 - self.config.target_ema)
+        return {self.name: float(loss.detach())}
+
+    def teacher_velocity(self, z, t, conditions):
+        """The teacher's guided velocity ``eps - x0`` (flow time, 1 = noise; defined at ``t = 0`` too)."""
+        x0, eps = self.teacher.predict(self.teacher.model, z, t, conditions, guidance_scale=self.config.guidance_scale)
+        return eps - x0
 
     def _velocity(self, z, t, x, e, conditions):
         """Instantaneous (guided) velocity at ``z_t``: the teacher's, or ``e - x`` from data."""
         w = self.config.guidance_scale
         if self.config.source == "teacher":
-            x0, _ = self.teacher.predict(self.teacher.model, z, t, conditions, guidance_scale=w)
-            return (z - x0) / t.view(-1, 1, 1, 1)
+            return self.teacher_velocity(z, t, conditions)
         v = e - x
         if w == 1.0:
             return v
