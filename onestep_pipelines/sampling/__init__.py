@@ -4,6 +4,7 @@ Schedulers (``onestep_pipelines.schedulers``), ComfyUI samplers and training rol
 these functions, so that every update rule, prediction conversion and timestep preset exists once.
 """
 
+from .loops import SigmaSpace, sample_consistency, sample_flow_map, seeded_noise_sampler, with_r_sigma
 from .predictions import (
     ALLOWED_PREDICTIONS,
     DEFAULT_PREDICTION,
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_PREDICTION",
     "PREDICTION_TYPES",
     "PRESETS",
+    "SigmaSpace",
     "TIME_TYPES",
     "TimePoints",
     "calculate_shift",
@@ -58,6 +60,9 @@ __all__ = [
     "forward_noise",
     "forward_noise_coefficients",
     "preset_times",
+    "sample_consistency",
+    "sample_flow_map",
+    "seeded_noise_sampler",
     "shift_sigmas",
     "to_x0_eps",
     "trigflow_coefficients",
@@ -66,4 +71,5 @@ __all__ = [
     "vp_coefficients",
     "vp_forward_noise_coefficients",
     "vp_timestep_from_coefficients",
+    "with_r_sigma",
 ]

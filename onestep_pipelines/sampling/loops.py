@@ -1,0 +1,125 @@
+"""Sampling loops over a sigma schedule, for k-diffusion-style denoisers (ComfyUI's KSAMPLER, k-diffusion).
+
+Each loop has k-diffusion's signature ``(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts)``:
+``model(x, sigma * s_in, **extra_args)`` returns the denoised ``x0_hat``, ``sigmas`` ends at 0. The update rules
+are those of :mod:`.steps` (written once); :class:`SigmaSpace` only says how a denoiser's ``sigma`` maps to
+``(alpha, sigma)`` of ``x = alpha x0 + sigma eps``:
+
+* VP models (SD 1.5 / SDXL, epsilon or v) run in the variance-exploding form ``x = x0 + s eps`` with
+  ``s = sqrt((1 - abar) / abar)``, i.e. ``alpha = 1``; the VP sample is ``x / sqrt(1 + s^2)``. The TCD / LCM
+  intermediate time is floored on the model's grid of training timesteps, as :class:`ConsistencyScheduler` does
+  with ``set_alpha_to_one=True`` (trajectories end at the clean sample).
+* Rectified-flow models (SD3, Flux, ...): ``x = (1 - s) x0 + s eps``.
+
+Moving between the two forms is exact (``forward_noise_coefficients`` is invariant to the rescaling), so these
+loops give the diffusers schedulers' samples on the same model, initial noise and re-noising noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import trange
+
+from .steps import consistency_step, consistency_target_time, flow_map_step, forward_noise, forward_noise_coefficients
+
+
+@dataclass(frozen=True)
+class SigmaSpace:
+    """How a denoiser's ``sigma`` relates to ``(alpha, sigma)``: rectified flow (``flow=True``) or the VE form of
+    a VP model with its table of ``discrete_sigmas`` (one per training timestep, increasing)."""
+
+    flow: bool
+    discrete_sigmas: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not self.flow and self.discrete_sigmas is None:
+            raise ValueError("a VP SigmaSpace needs the model's discrete_sigmas (one per training timestep).")
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, sigma)`` with ``x = alpha x0 + sigma eps``."""
+        return (1 - sigma, sigma) if self.flow else (torch.ones_like(sigma), sigma)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Nearest training timestep of a VP ``sigma`` (in log sigma); -1 for ``sigma = 0`` (clean)."""
+        table = self.discrete_sigmas.to(sigma.device)
+        index = (sigma.clamp_min(1e-12).log() - table.log().view(-1, *[1] * sigma.ndim)).abs().argmin(dim=0)
+        return torch.where(sigma > 0, index, -1)
+
+    def intermediate_sigma(self, sigma_next: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Sigma of the intermediate time ``s`` (:func:`consistency_target_time`) before re-noising to ``sigma_next``."""
+        if self.flow:
+            return consistency_target_time(sigma_next, 0.0, gamma)
+        t_next = self.timestep(sigma_next)
+        s = torch.floor(-1.0 + (1.0 - gamma) * (t_next + 1.0)).long()  # consistency_target_time on the grid, t_end = -1
+        table = self.discrete_sigmas.to(sigma_next.device)
+        return torch.where(s >= 0, table[s.clamp_min(0)], torch.zeros_like(sigma_next))
+
+
+def seeded_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable:
+    """``noise_sampler(sigma, sigma_next)`` drawing standard normal noise like ``x`` from one seeded generator."""
+    generator = torch.Generator(device=x.device)
+    if seed is not None:
+        generator.manual_seed(int(seed))
+    else:
+        generator.seed()
+    return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=1.0, space=None, noise_sampler=None):
+    """Multistep consistency sampling with a gamma knob (LCM, Luo et al. 2023; TCD, Zheng et al. 2024, Alg. 4).
+
+    Each step predicts ``x0``, moves along the prediction to ``s = (1 - gamma) t_next`` and re-noises to
+    ``t_next``; ``gamma = 0`` is DDIM / Euler (and the TDM sampler), ``gamma = 1`` LCM / DMD2."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+    extra_args = {} if extra_args is None else extra_args
+    space = SigmaSpace(flow=True) if space is None else space
+    noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        alpha, sig = space.coefficients(sigma)
+        eps = (x - alpha * denoised) / sig
+        sigma_s = space.intermediate_sigma(sigma_next, gamma)
+        alpha_s, sig_s = space.coefficients(sigma_s)
+        scale, std = forward_noise_coefficients(alpha_s, sig_s, *space.coefficients(sigma_next))
+        renoise = bool(sigma_next > 0) and bool(sigma_s < sigma_next)
+        x = consistency_step(denoised, eps, alpha_s, sig_s, scale, std, noise_sampler(sigma, sigma_next) if renoise else None)
+    return x
+
+
+def with_r_sigma(extra_args: dict, r_sigma: torch.Tensor) -> dict:
+    """Default way a flow-map loop hands the target time to a plain denoiser: the keyword ``r_sigma``."""
+    return {**extra_args, "r_sigma": r_sigma}
+
+
+@torch.no_grad()
+def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.0, pass_r=with_r_sigma, noise_sampler=None):
+    """Flow-map sampling (MeanFlow, Geng et al. 2025; Align Your Flow, Sabour et al. 2025) for flow models: every
+    call gets its target time ``r`` (through ``pass_r(extra_args, r)``) and the sample jumps there,
+    ``x_r = x_t - (t - r) u`` with the average velocity ``u = (x_t - x0_hat) / t``. ``r`` is the next sigma, or
+    with ``gamma > 0`` the earlier ``s = (1 - gamma) sigma_next``, re-noised to ``sigma_next`` (as
+    :class:`FlowMapScheduler`)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+    extra_args = {} if extra_args is None else extra_args
+    space = SigmaSpace(flow=True)
+    noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_s = space.intermediate_sigma(sigma_next, gamma)
+        denoised = model(x, sigma * s_in, **pass_r(extra_args, sigma_s * s_in))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        x = flow_map_step(x, (x - denoised) / sigma, sigma, sigma_s)
+        if bool(sigma_s < sigma_next):
+            x = forward_noise(x, *forward_noise_coefficients(*space.coefficients(sigma_s), *space.coefficients(sigma_next)), noise_sampler(sigma, sigma_next))
+    return x
