@@ -4,7 +4,7 @@ Schedulers (``onestep_pipelines.schedulers``), ComfyUI samplers and training rol
 these functions, so that every update rule, prediction conversion and timestep preset exists once.
 """
 
-from .loops import SigmaSpace, sample_consistency, sample_flow_map, seeded_noise_sampler, with_r_sigma
+from .loops import SigmaSpace, few_step_sigmas, parse_timesteps, sample_consistency, sample_flow_map, seeded_noise_sampler, with_r_sigma
 from .predictions import (
     ALLOWED_PREDICTIONS,
     DEFAULT_PREDICTION,
@@ -53,12 +53,14 @@ __all__ = [
     "consistency_step",
     "consistency_target_time",
     "dynamic_shift_sigmas",
+    "few_step_sigmas",
     "flow_coefficients",
     "flow_map_step",
     "flow_sigma_from_coefficients",
     "flow_sigma_from_trigflow",
     "forward_noise",
     "forward_noise_coefficients",
+    "parse_timesteps",
     "preset_times",
     "sample_consistency",
     "sample_flow_map",

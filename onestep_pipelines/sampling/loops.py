@@ -20,9 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import trange
 
+from .presets import check_decreasing, check_num_steps, preset_times
+from .time import flow_sigma_from_trigflow, shift_sigmas, vp_timestep_from_coefficients
 from .steps import consistency_step, consistency_target_time, flow_map_step, forward_noise, forward_noise_coefficients
 
 
@@ -52,10 +55,8 @@ class SigmaSpace:
         """Sigma of the intermediate time ``s`` (:func:`consistency_target_time`) before re-noising to ``sigma_next``."""
         if self.flow:
             return consistency_target_time(sigma_next, 0.0, gamma)
-        t_next = self.timestep(sigma_next)
-        s = torch.floor(-1.0 + (1.0 - gamma) * (t_next + 1.0)).long()  # consistency_target_time on the grid, t_end = -1
-        table = self.discrete_sigmas.to(sigma_next.device)
-        return torch.where(s >= 0, table[s.clamp_min(0)], torch.zeros_like(sigma_next))
+        s = consistency_target_time(float(self.timestep(sigma_next)), -1.0, gamma, discrete=True)  # on the grid; -1 = clean
+        return self.discrete_sigmas.to(sigma_next)[s] if s >= 0 else torch.zeros_like(sigma_next)
 
 
 def seeded_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable:
@@ -123,3 +124,73 @@ def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=No
         if bool(sigma_s < sigma_next):
             x = forward_noise(x, *forward_noise_coefficients(*space.coefficients(sigma_s), *space.coefficients(sigma_next)), noise_sampler(sigma, sigma_next))
     return x
+
+
+def parse_timesteps(text: str) -> list[float]:
+    """``"999, 749, 499, 249"`` -> ``[999.0, 749.0, 499.0, 249.0]``, with an error naming a bad entry."""
+    values = []
+    for item in text.replace(";", ",").split(","):
+        if item.strip():
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ValueError(f"timesteps: {item.strip()!r} is not a number (expected a list such as '999,749,499,249').") from None
+    if not values:
+        raise ValueError("timesteps: the list is empty (expected a list such as '999,749,499,249').")
+    return values
+
+
+def few_step_sigmas(
+    space: SigmaSpace,
+    steps: int,
+    preset: str = "trailing",
+    timesteps: list[float] | None = None,
+    shift: float | None = None,
+    denoise: float = 1.0,
+    flow_shift: Callable | None = None,
+    num_train_timesteps: int = 1000,
+    original_inference_steps: int = 50,
+) -> torch.Tensor:
+    """Sigmas (ending with 0) of a few-step schedule in a model's sigma space, equal to the schedule of
+    :class:`ConsistencyScheduler` with the same preset (or custom ``timesteps``) on the same model.
+
+    A preset's fractions ``u`` (or custom training timesteps ``t``, ``u = (t + 1) / T`` on a VP grid, ``t / T``
+    for flow) become the VP grid's sigma at timestep ``round(u T) - 1``, or for flow models the model's own
+    shifted sigma ``flow_shift(u)`` (``shift_sigmas(u, shift)`` when ``shift`` is given). TrigFlow presets (rCM,
+    sCM) map by signal-to-noise ratio. ``denoise < 1`` keeps the last ``steps`` of a ``steps / denoise`` schedule
+    (as ComfyUI's BasicScheduler).
+    """
+    T = num_train_timesteps
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}.")
+    if shift is not None and (not space.flow or shift <= 0):
+        raise ValueError(f"shift={shift}: a shift applies to flow models only and must be > 0.")
+    flow_shift = (lambda u: shift_sigmas(u, shift)) if shift is not None else (flow_shift or (lambda u: u))
+    if timesteps is not None:
+        if denoise != 1.0:
+            raise ValueError("denoise applies to presets; with custom timesteps, list only the timesteps to run.")
+        values = check_decreasing(timesteps, "timesteps", 0, T - 1 if not space.flow else T, low_inclusive=space.flow)
+        fractions, domain = ((values + 1) / T if not space.flow else values / T), "fraction"
+        if not space.flow and not np.all(values == np.round(values)):
+            raise ValueError(f"timesteps of a VP model are integers in [0, {T - 1}], got {values.tolist()}.")
+    else:
+        steps = check_num_steps(steps)
+        total = int(steps / denoise)
+        points = preset_times(preset, total, num_train_timesteps=T, original_inference_steps=original_inference_steps)
+        fractions, domain = points.values[-steps:], points.domain
+    if space.flow:
+        if domain == "trigflow":
+            sigmas = flow_sigma_from_trigflow(torch.from_numpy(fractions)).float()
+        else:
+            sigmas = torch.as_tensor(flow_shift(np.asarray(fractions)), dtype=torch.float32)
+    else:
+        table = space.discrete_sigmas.float().cpu()
+        if domain == "trigflow":
+            t = torch.from_numpy(fractions)
+            index = vp_timestep_from_coefficients(1 / (1 + table.double() ** 2), torch.cos(t), torch.sin(t)).long()
+        else:
+            index = torch.from_numpy(np.round(np.asarray(fractions) * T) - 1).long()
+        sigmas = table[index.clamp(0, len(table) - 1)]
+    if len(sigmas) > 1 and not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"{len(sigmas)} steps of this schedule do not give strictly decreasing sigmas ({sigmas.tolist()}); use fewer steps.")
+    return torch.cat([sigmas.float(), torch.zeros(1)])

@@ -169,7 +169,8 @@ def flow_sigma_from_trigflow(t: torch.Tensor) -> torch.Tensor:
 
 
 def vp_timestep_from_coefficients(alphas_cumprod: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Nearest VP timestep in log-SNR to the noise level ``(alpha, sigma)``."""
+    """Nearest VP timestep in log-SNR to the noise level ``(alpha, sigma)`` (``alpha <= 0``, e.g. ``cos(1.5708)``, is
+    pure noise: the last timestep)."""
     logsnr_grid = torch.log(alphas_cumprod.double()) - torch.log1p(-alphas_cumprod.double())
-    logsnr = 2 * (torch.log(alpha.double()) - torch.log(sigma.double()))
+    logsnr = 2 * (torch.log(alpha.double().clamp_min(1e-30)) - torch.log(sigma.double().clamp_min(1e-30)))
     return (logsnr_grid[None, :] - logsnr.reshape(-1, 1)).abs().argmin(dim=1).reshape(alpha.shape)

@@ -20,8 +20,9 @@ injects it with diffusers' ``load_lora_adapter``, optionally fuses it, and sets 
 from __future__ import annotations
 
 import json
-import re
+import math
 import os
+import re
 from collections import Counter
 
 import torch
@@ -107,6 +108,49 @@ def comfyui_unmapped_keys(keys, model) -> list[str]:
         if suffix is None or key[: -len(suffix)] not in known:
             unmapped.append(key)
     return unmapped
+
+
+def _header_alpha(config: dict, module: str, rank: int) -> float:
+    """ComfyUI alpha (scale x rank) of ``module`` under a peft ``LoraConfig`` dict (patterns as peft matches them)."""
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+            alpha = value
+            break
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return float(scale * rank)
+
+
+def comfyui_ready(tensors: dict, header: dict | None = None) -> tuple[dict, int]:
+    """Any diffusers / peft / kohya LoRA -> ``(tensors ComfyUI's loader maps, number of LoRA modules)``.
+
+    diffusers-peft UNet keys (``unet.<module>.lora_A.weight``), which ComfyUI does not map, become kohya keys
+    (``lora_unet_<module, "." -> "_">.lora_down.weight``); ``transformer.*``, kohya and ComfyUI keys pass through.
+    Modules without an ``.alpha`` tensor get the alpha of diffusers' ``lora_adapter_metadata`` header
+    (``lora_alpha``, ``alpha_pattern``, ``use_rslora``), so ComfyUI (alpha / rank) scales exactly like peft.
+    """
+    configs = {}
+    if header and ADAPTER_METADATA_KEY in header:
+        flat = json.loads(header[ADAPTER_METADATA_KEY])
+        for prefix in ("unet", "transformer"):
+            configs[prefix] = {k[len(prefix) + 1 :]: v for k, v in flat.items() if k.startswith(f"{prefix}.")}
+    parts = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
+    out, modules = {}, {}  # modules: output stem -> (prefix, diffusers module name, rank)
+    for key, value in tensors.items():
+        prefix = key.partition(".")[0]
+        leaf = next((p for p in parts if key.endswith("." + p)), None)
+        if prefix in ("unet", "transformer") and leaf is not None:
+            module = key[len(prefix) + 1 : -len(leaf) - 1]
+            stem = f"lora_unet_{module.replace('.', '_')}" if prefix == "unet" else f"transformer.{module}"
+            out[f"{stem}.{parts[leaf] if prefix == 'unet' else leaf}"] = value
+            if leaf == "lora_A.weight":
+                modules[stem] = (prefix, module, int(value.shape[0]))
+        else:
+            out[key] = value
+    for stem, (prefix, module, rank) in modules.items():
+        if f"{stem}.alpha" not in out and prefix in configs:
+            out[f"{stem}.alpha"] = torch.tensor(_header_alpha(configs[prefix], module, rank))
+    return out, len({k.rsplit(".", 2)[0] for k in out if k.endswith((".lora_down.weight", ".lora_A.weight"))})
 
 
 def save_student_lora(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import atexit
+import shutil
 import tempfile
 from functools import lru_cache
 
@@ -34,6 +36,7 @@ def _byte_alphabet() -> list[str]:
 def _clip_vocab_dir() -> str:
     """A CLIP BPE vocabulary of single byte-level characters (514 ids, no merges) in a temp folder."""
     folder = tempfile.mkdtemp(prefix="onestep-clip-vocab-")
+    atexit.register(shutil.rmtree, folder, True)
     chars = _byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})

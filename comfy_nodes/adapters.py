@@ -1,0 +1,238 @@
+"""What the nodes do, as functions: ComfyUI objects in, ComfyUI objects out. Imported only inside ComfyUI.
+
+The update rules, presets and LoRA key conversion live in ``onestep_pipelines`` (sampling core, students);
+this module only translates ComfyUI's conventions: a model's ``model_sampling`` becomes a
+:class:`~onestep_pipelines.sampling.SigmaSpace`, the target time ``r`` travels in
+``model_options["transformer_options"]`` and reaches an r-conditioned model through a model patch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from safetensors import safe_open
+
+import comfy.lora
+import comfy.model_sampling
+import comfy.samplers
+
+from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
+from onestep_pipelines.sampling import SigmaSpace, few_step_sigmas, sample_consistency, sample_flow_map
+from onestep_pipelines.students.lora import comfyui_ready
+
+R_KEY = "onestep_r_sigma"  # transformer_options entry carrying the flow-map target sigma
+R_PATCH_KEY = "onestep_r_conditioning"  # model_options flag set by the r-conditioning patch
+ARCHITECTURES = {"SD15": "sd", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
+log = logging.getLogger("onestep_pipelines")
+
+
+# ------------------------------------------------------------------------------------------ time
+def sigma_space(model_sampling) -> SigmaSpace:
+    """Rectified flow (``CONST``) or a discrete VP model (epsilon / v); anything else is refused."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return SigmaSpace(flow=True)
+    discrete = isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and not isinstance(
+        model_sampling, (comfy.model_sampling.ModelSamplingDiscreteEDM, comfy.model_sampling.StableCascadeSampling)
+    )
+    if discrete and isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(model_sampling, comfy.model_sampling.EDM):
+        return SigmaSpace(flow=False, discrete_sigmas=model_sampling.sigmas.detach().float().cpu())
+    raise ValueError(
+        f"onestep samplers support rectified-flow models (SD3, Flux, ...) and discrete VP models (SD 1.5 / SDXL, epsilon or v); "
+        f"this model samples with {type(model_sampling).__name__}."
+    )
+
+
+def model_sigmas(model, steps: int, preset: str, timesteps: list[float] | None, shift: float, denoise: float) -> torch.Tensor:
+    """SIGMAS of a few-step schedule for ``model`` (a ModelPatcher), converted with its own model_sampling."""
+    ms = model.get_model_object("model_sampling")
+    multiplier = float(getattr(ms, "multiplier", 1.0))
+    own_shift = lambda u: ms.sigma(torch.as_tensor(u, dtype=torch.float32) * multiplier).float()  # noqa: E731
+    return few_step_sigmas(
+        sigma_space(ms), steps, preset=preset, timesteps=timesteps, shift=shift if shift > 0 else None, denoise=denoise, flow_shift=own_shift
+    )
+
+
+# -------------------------------------------------------------------------------------- samplers
+def _model_sampling(model):
+    return model.inner_model.inner_model.model_sampling  # KSamplerX0Inpaint -> CFGGuider wrapper -> BaseModel
+
+
+def comfy_consistency(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=1.0):
+    """KSAMPLER function: :func:`~onestep_pipelines.sampling.sample_consistency` in the model's sigma space."""
+    return sample_consistency(model, x, sigmas, extra_args, callback, disable, gamma=gamma, space=sigma_space(_model_sampling(model)))
+
+
+def _pass_r(extra_args: dict, r_sigma: torch.Tensor) -> dict:
+    model_options = dict(extra_args.get("model_options", {}))
+    model_options["transformer_options"] = {**model_options.get("transformer_options", {}), R_KEY: r_sigma}
+    return {**extra_args, "model_options": model_options}
+
+
+def comfy_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.0):
+    """KSAMPLER function: :func:`~onestep_pipelines.sampling.sample_flow_map`, ``r`` in transformer_options."""
+    extra_args = {} if extra_args is None else extra_args
+    if not sigma_space(_model_sampling(model)).flow:
+        raise ValueError("the flow-map sampler needs a rectified-flow model (SD3, Flux, or a model patched with ModelSamplingSD3).")
+    if not extra_args.get("model_options", {}).get(R_PATCH_KEY):
+        raise ValueError(
+            "the flow-map sampler sends a second time r, but this MODEL does not take one: apply "
+            "'Flow-Map r-Conditioning (onestep)' with the student's r_embedder.safetensors first."
+        )
+    return sample_flow_map(model, x, sigmas, extra_args, callback, disable, gamma=gamma, pass_r=_pass_r)
+
+
+def consistency_sampler(gamma: float):
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+    return comfy.samplers.KSAMPLER(comfy_consistency, extra_options={"gamma": float(gamma)})
+
+
+def flow_map_sampler(gamma: float):
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+    return comfy.samplers.KSAMPLER(comfy_flow_map, extra_options={"gamma": float(gamma)})
+
+
+# -------------------------------------------------------------------------------- r-conditioning
+TIME_EMBEDDINGS = {"UNetModel": "time_embed", "MMDiT": "t_embedder", "OpenAISignatureMMDITWrapper": "t_embedder", "Flux": "time_in"}
+
+
+class RTimeEmbedding(torch.nn.Module):
+    """The model's time embedding plus ``r_embedder(t - r)`` (the adapter of ``add_r_conditioning``) while an
+    interval is set; exactly the original module otherwise."""
+
+    def __init__(self, original: torch.nn.Module, r_embedder: torch.nn.Module):
+        super().__init__()
+        self.original, self.r_embedder = original, r_embedder
+        self.interval = None
+
+    def forward(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        if self.interval is None:
+            return out
+        interval = self.interval.to(out.device).float().expand(out.shape[0]) if self.interval.numel() == 1 else self.interval.to(out.device).float()
+        return out + self.r_embedder.to(out.device)(interval).to(out.dtype)
+
+
+def r_embedder_from_file(path: str) -> torch.nn.Module:
+    """The second-time embedding saved with an r-conditioned student (``r_embedder.safetensors``)."""
+    from diffusers.models.embeddings import Timesteps
+
+    from onestep_pipelines.models.r_conditioning import IntervalEmbedding
+
+    with safe_open(path, framework="pt") as f:
+        tensors = {k.removeprefix("r_embedder."): f.get_tensor(k) for k in f.keys()}
+    expected = {"embedding.linear_1.weight", "embedding.linear_1.bias", "embedding.linear_2.weight", "embedding.linear_2.bias"}
+    if set(tensors) != expected:
+        raise ValueError(f"{path} is not an r_embedder file of this package (keys {sorted(tensors)[:6]}, expected {sorted(expected)}).")
+    channels, embed_dim = tensors["embedding.linear_1.weight"].shape[1], tensors["embedding.linear_2.weight"].shape[0]
+    module = IntervalEmbedding(Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0), embed_dim)
+    module.load_state_dict(tensors)
+    return module.eval()
+
+
+def patch_r_conditioning(model, r_embedder: torch.nn.Module):
+    """A clone of ``model`` whose denoiser takes the flow-map target time sent by the flow-map sampler."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    name = TIME_EMBEDDINGS.get(type(diffusion_model).__name__)
+    if name is None:
+        raise ValueError(f"r-conditioning supports UNet, SD3 (MMDiT) and Flux denoisers, not {type(diffusion_model).__name__}.")
+    original = getattr(diffusion_model, name)
+    width = _out_features(original)
+    if width != r_embedder.embedding.linear_2.out_features:
+        raise ValueError(f"this r_embedder makes {r_embedder.embedding.linear_2.out_features}-wide embeddings; the model's time embedding is {width} wide (another base model).")
+    wrapped = RTimeEmbedding(original, r_embedder)
+    ms = model.get_model_object("model_sampling")
+    previous = model.model_options.get("model_function_wrapper")
+
+    def wrapper(apply_model, args):
+        r = args["c"].get("transformer_options", {}).get(R_KEY)
+        if r is not None:  # the interval in the units of the model's timestep (x 1000 for flow models, as in diffusers)
+            sigma = args["timestep"]
+            scale = 1000.0 / float(getattr(ms, "multiplier", 1.0)) if isinstance(ms, comfy.model_sampling.CONST) else 1.0
+            wrapped.interval = (ms.timestep(sigma) - ms.timestep(r.flatten()[0].to(sigma))) * scale
+        try:
+            return previous(apply_model, args) if previous is not None else apply_model(args["input"], args["timestep"], **args["c"])
+        finally:
+            wrapped.interval = None
+
+    patched = model.clone()
+    patched.add_object_patch(f"diffusion_model.{name}", wrapped)
+    patched.set_model_unet_function_wrapper(wrapper)
+    patched.model_options[R_PATCH_KEY] = True
+    return patched
+
+
+def _out_features(module: torch.nn.Module) -> int:
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1].out_features
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def read_lora(path: str) -> tuple[dict, StudentMetadata | None, dict]:
+    with safe_open(path, framework="pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
+    return tensors, metadata, header
+
+
+def model_architecture(model) -> str | None:
+    return ARCHITECTURES.get(type(model.model.model_config).__name__)
+
+
+def lora_patches(model, tensors: dict, header: dict) -> tuple[dict, int, list[str]]:
+    """``(ComfyUI patches, modules in the file, file modules that match nothing in this model)``."""
+    ready, n_modules = comfyui_ready(tensors, header)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(ready, key_map, log_missing=False)
+    stems = {k.rsplit(".", 2)[0] for k in ready if k.endswith((".lora_down.weight", ".lora_A.weight"))}
+    mapped = {s for s in stems if s in key_map and _target(key_map[s]) in patches}
+    return patches, n_modules, sorted(stems - mapped)
+
+
+def _target(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def load_lora(model, path: str, strength: float, allow_partial: bool):
+    """``(patched model, metadata, report)``; refuses a LoRA for another architecture, and a partial load unless
+    ``allow_partial``."""
+    tensors, metadata, header = read_lora(path)
+    architecture = model_architecture(model)
+    if metadata is not None and architecture is not None and metadata.architecture != architecture:
+        raise ValueError(f"{path} is a LoRA for {metadata.architecture!r} models; this MODEL is {architecture!r}.")
+    patches, n_modules, unmapped = lora_patches(model, tensors, header)
+    if n_modules == 0:
+        raise ValueError(f"{path} holds no LoRA pairs (lora_A/lora_B or lora_down/lora_up).")
+    if len(unmapped) == n_modules:
+        raise ValueError(f"none of the {n_modules} LoRA modules of {path} exists in this {architecture or 'model'}: a LoRA for another architecture?")
+    if unmapped and not allow_partial:
+        shown = ", ".join(unmapped[:8]) + (" ..." if len(unmapped) > 8 else "")
+        raise ValueError(f"only {n_modules - len(unmapped)} of {n_modules} LoRA modules map onto this model (unmapped: {shown}); enable allow_partial to load them anyway.")
+    patched = model.clone()
+    applied = patched.add_patches(patches, strength)
+    report = f"{n_modules - len(unmapped)}/{n_modules} LoRA modules mapped, {len(applied)} weights patched"
+    log.info("onestep LoRA %s: %s", path, report)
+    return patched, metadata, report
+
+
+def student_sampling(model, metadata: StudentMetadata | None, fallback_steps: int):
+    """SAMPLER and SIGMAS recorded in a student's metadata (gamma, preset or timesteps, steps); without metadata a
+    deterministic (gamma 0) sampler on the uniform schedule with ``fallback_steps``."""
+    if metadata is None:
+        return consistency_sampler(0.0), model_sigmas(model, fallback_steps, "trailing", None, 0.0, 1.0)
+    config = metadata.scheduler_config
+    gamma = float(config.get("gamma", 0.0 if metadata.scheduler_class == "TDMScheduler" else 1.0))
+    sampler = flow_map_sampler(gamma) if metadata.r_conditioning else consistency_sampler(gamma)
+    preset = config.get("timestep_preset") or ("tdm" if metadata.scheduler_class == "TDMScheduler" else "trailing")
+    sigmas = model_sigmas(model, metadata.num_inference_steps, preset, None, 0.0, 1.0)
+    return sampler, sigmas
+
+
+def describe(metadata: StudentMetadata | None) -> str:
+    if metadata is None:
+        return "no onestep sampling metadata"
+    guidance = "CFG 1 (guidance baked in)" if metadata.guidance_baked else f"CFG {metadata.guidance_scale:g}"
+    return f"{metadata.method} student, {metadata.scheduler_class}, {metadata.num_inference_steps} steps, {guidance}"
+

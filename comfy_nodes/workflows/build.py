@@ -1,0 +1,183 @@
+"""Writes the example workflows of the node pack: ``<name>.api.json`` (ComfyUI's API format, for ``/prompt``) and
+``<name>.json`` (the UI format, for drag and drop), from one description per workflow below.
+
+The UI format needs each node's widget order, which comes from a running ComfyUI's ``/object_info``:
+
+    COMFYUI_DIR=/path/to/ComfyUI python comfy_nodes/workflows/build.py
+
+starts one (with this repository as a custom node) and rewrites both files of every workflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Graph:
+    """API-format workflow builder: ``g.node(class_type, **inputs)`` returns a node whose ``[i]`` is its output i."""
+
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+
+    def node(self, class_type: str, **inputs):
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        return _Ref(node_id)
+
+
+class _Ref:
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+
+    def __getitem__(self, index: int) -> list:
+        return [self.node_id, index]
+
+
+def _base(g: Graph, prompt: str = "a photo of a cat", flow: bool = False):
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="sd3.5_medium_incl_clips.safetensors" if flow else "v1-5-pruned-emaonly.safetensors")
+    model = ckpt[0]
+    if flow:
+        model = g.node("ModelSamplingSD3", model=model, shift=3.0)[0]
+    positive = g.node("CLIPTextEncode", text=prompt, clip=ckpt[1])
+    negative = g.node("CLIPTextEncode", text="", clip=ckpt[1])
+    latent = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
+    return ckpt, model, positive, negative, latent
+
+
+def _finish(g: Graph, ckpt, model, positive, negative, latent, sampler, sigmas, prefix: str, cfg: float = 1.0):
+    out = g.node("SamplerCustom", model=model, add_noise=True, noise_seed=0, cfg=cfg, positive=positive[0], negative=negative[0],
+                 sampler=sampler, sigmas=sigmas, latent_image=latent[0])
+    image = g.node("VAEDecode", samples=out[0], vae=ckpt[2])
+    g.node("SaveImage", images=image[0], filename_prefix=prefix)
+    return g.nodes
+
+
+def consistency_sampler() -> dict:
+    """LCM / DMD2-style 4-step sampling: the consistency sampler (gamma 1) on the LCM preset."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g)
+    sigmas = g.node("OneStepSigmas", model=model, preset="lcm", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    sampler = g.node("OneStepConsistencySampler", gamma=1.0)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_consistency")
+
+
+def tcd_custom_timesteps() -> dict:
+    """TCD-style sampling (gamma 0.3) on a custom timestep list."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g)
+    sigmas = g.node("OneStepSigmas", model=model, preset="custom", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    sampler = g.node("OneStepConsistencySampler", gamma=0.3)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_tcd")
+
+
+def tdm_sampler() -> dict:
+    """A TDM student: the TDM sampler on the TDM preset."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g)
+    sigmas = g.node("OneStepSigmas", model=model, preset="tdm", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    sampler = g.node("OneStepTDMSampler")
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_tdm")
+
+
+def student_lora() -> dict:
+    """A student LoRA: the loader patches the model and outputs the sampler and sigmas recorded in the file."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g)
+    lora = g.node("OneStepLoraLoader", model=model, lora_name="dmd2_student_comfyui.safetensors", strength=1.0, allow_partial=False, fallback_steps=4)
+    return _finish(g, ckpt, lora[0], positive, negative, latent, lora[1], lora[2], "onestep_lora")
+
+
+def flow_map_sampler() -> dict:
+    """A flow-map (MeanFlow / flowmap) student on a flow model: r-conditioning + the flow-map sampler, 2 steps."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g, flow=True)
+    patched = g.node("OneStepFlowMapConditioning", model=model, r_embedder="r_embedder.safetensors")
+    sigmas = g.node("OneStepSigmas", model=patched[0], preset="trailing", steps=2, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    sampler = g.node("OneStepFlowMapSampler", gamma=0.0)
+    return _finish(g, ckpt, patched[0], positive, negative, latent, sampler[0], sigmas[0], "onestep_flowmap")
+
+
+def diffusers_student() -> dict:
+    """A diffusers-format student folder (models/diffusers/<name>) generating with its recorded scheduler."""
+    g = Graph()
+    image = g.node("OneStepDiffusersStudent", student="digits-dmd2-student", prompt="", class_labels="0,1,2,3,4,5,6,7,8,9", seed=0,
+                   steps=0, guidance=-1.0, width=0, height=0, batch_size=1)
+    g.node("SaveImage", images=image[0], filename_prefix="onestep_diffusers")
+    return g.nodes
+
+
+WORKFLOWS = {f.__name__: f for f in (consistency_sampler, tcd_custom_timesteps, tdm_sampler, student_lora, flow_map_sampler, diffusers_student)}
+
+
+def to_ui(api: dict, object_info: dict) -> dict:
+    """The UI (LiteGraph) form of an API workflow: nodes with widget values in ComfyUI's order, and links."""
+    nodes, links = [], []
+    outgoing: dict[tuple[str, int], list[int]] = {}
+    for node_id, node in api.items():
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                links.append([link_id, int(value[0]), value[1], int(node_id), None, None])
+                outgoing.setdefault((value[0], value[1]), []).append(link_id)
+    for order, (node_id, node) in enumerate(api.items()):
+        info = object_info[node["class_type"]]
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        names = info.get("input_order", {}).get("required", []) + info.get("input_order", {}).get("optional", []) or list(spec)
+        inputs, widgets = [], []
+        for name in names:
+            kind, options = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+            value = node["inputs"].get(name)
+            is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+            if is_widget and not isinstance(value, list):
+                widgets.append(value)
+                if options.get("control_after_generate"):
+                    widgets.append("fixed")
+            elif value is not None:
+                link_id = next(link[0] for link in links if link[3] == int(node_id) and link[4] is None and [str(link[1]), link[2]] == value)
+                links[link_id - 1][4] = len(inputs)
+                links[link_id - 1][5] = kind
+                inputs.append({"name": name, "type": kind, "link": link_id})
+        outputs = [
+            {"name": out_name, "type": out_type, "links": outgoing.get((node_id, i), []), "slot_index": i}
+            for i, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))
+        ]
+        nodes.append({
+            "id": int(node_id), "type": node["class_type"], "pos": [40 + 340 * (order % 4), 60 + 320 * (order // 4)], "size": [315, 130],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
+        })
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def write(name: str, data: dict) -> None:
+    path = os.path.join(HERE, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def main() -> None:
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+    from onestep_pipelines.testing.comfyui import ComfyServer
+
+    with tempfile.TemporaryDirectory() as base:
+        os.makedirs(os.path.join(base, "custom_nodes"))
+        os.symlink(os.path.dirname(os.path.dirname(HERE)), os.path.join(base, "custom_nodes", "onestep-pipelines"))
+        with ComfyServer(base) as server:
+            object_info = server.get("/object_info")
+    for name, make in WORKFLOWS.items():
+        api = make()
+        write(f"{name}.api.json", api)
+        write(f"{name}.json", to_ui(api, object_info))
+        print(f"wrote {name}.json and {name}.api.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The node pack inside a real ComfyUI server (skipped unless COMFYUI_DIR points at a ComfyUI checkout; the server
+runs with COMFYUI_PYTHON, default this interpreter).
+
+Random-weight models shaped the way ComfyUI detects them: an SD 1.5 checkpoint (UNet with 320 channels and
+768-wide cross-attention, full-size CLIP-L, tiny TAESD), LoRAs and an r_embedder written by this package, and a
+digits student folder for the diffusers bridge. Samples must equal the diffusers pipelines' on the same weights,
+initial noise and re-noising noise."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from onestep_pipelines.testing.comfyui import ComfyServer, comfyui_dir, execution_error, sd15_unet, write_sd15_checkpoint
+
+pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run the server tests")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = os.path.join(REPO, "comfy_nodes", "workflows")
+SEED, SIZE = 7, 64  # 64 px = an 8x8 latent
+SD15_LATENT_SCALE = 0.18215  # ComfyUI returns latents divided by the SD 1.5 latent format's scale (process_latent_out)
+NODE_IDS = ["OneStepConsistencySampler", "OneStepTDMSampler", "OneStepFlowMapSampler", "OneStepFlowMapConditioning", "OneStepSigmas",
+            "OneStepLoraLoader", "OneStepDiffusersStudent"]
+
+
+def _lora_metadata(**overrides):
+    from onestep_pipelines.metadata import StudentMetadata
+    from onestep_pipelines.schedulers import ConsistencyScheduler
+
+    scheduler = ConsistencyScheduler(gamma=1.0, timestep_preset="dmd2")
+    return StudentMetadata.from_scheduler(scheduler, **{"method": "dmd2", "architecture": "sd", "num_inference_steps": 2, **overrides})
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    from peft import LoraConfig
+
+    from onestep_pipelines.benchmark.digits import TEACHER_DIR
+    from onestep_pipelines.metadata import StudentMetadata
+    from onestep_pipelines.schedulers import ConsistencyScheduler
+    from onestep_pipelines.models.r_conditioning import add_r_conditioning
+    from onestep_pipelines.pipelines.pipeline_digits import DigitsPipeline
+    from onestep_pipelines.students.lora import save_student_lora
+
+    base = tmp_path_factory.mktemp("comfy")
+    for folder in ("checkpoints", "loras", "diffusers"):
+        (base / "models" / folder).mkdir(parents=True)
+    (base / "custom_nodes").mkdir()
+    os.symlink(REPO, base / "custom_nodes" / "onestep-pipelines")  # the "cloned into custom_nodes" route
+    unet = sd15_unet(seed=0)
+    write_sd15_checkpoint(str(base / "models" / "checkpoints" / "tiny_sd15.safetensors"), unet)
+
+    lora_unet = copy.deepcopy(unet)  # a LoRA student on every attention projection and resnet conv, alpha != rank
+    lora_unet.add_adapter(LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+                                     alpha_pattern={"conv2": 2}, init_lora_weights=False))
+    files = save_student_lora(str(base / "lora"), lora_unet, _lora_metadata())
+    for kind in ("diffusers", "comfyui"):
+        os.symlink(files[kind], base / "models" / "loras" / f"student_{kind}.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(files["diffusers"], framework="pt") as f:  # the same LoRA, declared for SDXL
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header["onestep_student"] = _lora_metadata(architecture="sdxl").to_json()
+    save_file(tensors, str(base / "models" / "loras" / "sdxl_student.safetensors"), metadata=header)
+
+    r_unet = add_r_conditioning(copy.deepcopy(unet))  # a flow-map student: the base UNet plus a trained-looking r embedding
+    torch.manual_seed(3)
+    for p in r_unet.r_embedder.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_file({k: v.contiguous() for k, v in r_unet.r_embedder.state_dict().items()}, str(base / "models" / "loras" / "r_embedder.safetensors"))
+
+    digits = DigitsPipeline.from_pretrained(TEACHER_DIR)  # the teacher run as a 4-step "student" (Euler, recorded in its metadata)
+    digits.set_student(StudentMetadata.from_scheduler(ConsistencyScheduler.from_config(digits.scheduler.config, gamma=0.0), method="euler",
+                                                      architecture="digits", num_inference_steps=4))
+    digits.save_pretrained(str(base / "models" / "diffusers" / "digits-dmd2-student"))
+    with ComfyServer(str(base)) as server:
+        yield {"server": server, "unet": unet, "lora_unet": lora_unet, "r_unet": r_unet, "base": base}
+
+
+def _pipeline(unet, scheduler, cls=None):
+    """A diffusers SD pipeline around ``unet`` (text encoder, tokenizer and VAE are unused: zero conditioning, latents out)."""
+    from diffusers import StableDiffusionPipeline
+
+    from onestep_pipelines.testing.tiny_pipelines import tiny_sd_pipeline
+
+    parts = {**tiny_sd_pipeline().components, "unet": unet, "scheduler": scheduler}
+    return (cls or StableDiffusionPipeline)(**parts, requires_safety_checker=False)
+
+
+def _diffusers_latent(pipe, steps):
+    """The pipeline's final latent for zero text conditioning, SEED's initial noise and SEED's re-noising noise."""
+    noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.manual_seed(SEED))  # ComfyUI's prepare_noise
+    size = noise.shape[-1] * pipe.vae_scale_factor
+    with torch.no_grad():
+        return pipe(prompt_embeds=torch.zeros(1, 77, 768), guidance_scale=1.0, num_inference_steps=steps, latents=noise.clone(),
+                    generator=torch.Generator().manual_seed(SEED), output_type="latent", height=size, width=size).images
+
+
+def _model_latent(server, entry) -> torch.Tensor:
+    return server.latent(entry, "8") * SD15_LATENT_SCALE
+
+
+def _zero_cond_workflow(sampler: dict, sigmas: dict, model_nodes: dict | None = None, model_ref=("1", 0)) -> dict:
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": sampler,
+        "6": sigmas,
+        "7": {"class_type": "SamplerCustom", "inputs": {"model": list(model_ref), "add_noise": True, "noise_seed": SEED, "cfg": 1.0,
+              "positive": ["3", 0], "negative": ["3", 0], "sampler": ["5", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "parity"}},
+    }
+    prompt.update(model_nodes or {})
+    return prompt
+
+
+def _sigmas(model_ref, preset, steps, timesteps="999,749,499,249", shift=0.0):
+    return {"class_type": "OneStepSigmas", "inputs": {"model": list(model_ref), "preset": preset, "steps": steps, "timesteps": timesteps,
+                                                      "shift": shift, "denoise": 1.0}}
+
+
+def test_nodes_are_listed_with_their_schemas(comfy):
+    info = comfy["server"].get("/object_info")
+    assert set(NODE_IDS) <= set(info)
+    assert info["OneStepConsistencySampler"]["input"]["required"]["gamma"][1]["max"] == 1.0
+    assert "r_embedder.safetensors" in json.dumps(info["OneStepFlowMapConditioning"]["input"])
+    assert "digits-dmd2-student" in json.dumps(info["OneStepDiffusersStudent"]["input"])
+
+
+@pytest.mark.parametrize("gamma,preset,steps", [(1.0, "lcm", 4), (0.3, "tcd", 3), (0.0, "trailing", 2)])
+def test_consistency_sampler_equals_the_diffusers_pipeline(comfy, gamma, preset, steps):
+    from onestep_pipelines.schedulers import ConsistencyScheduler
+
+    server = comfy["server"]
+    entry = server.run(_zero_cond_workflow({"class_type": "OneStepConsistencySampler", "inputs": {"gamma": gamma}}, _sigmas(("1", 0), preset, steps)))
+    assert execution_error(entry) is None, execution_error(entry)
+    expected = _diffusers_latent(_pipeline(comfy["unet"], ConsistencyScheduler(gamma=gamma, timestep_preset=preset)), steps)
+    torch.testing.assert_close(_model_latent(server, entry), expected, rtol=0, atol=1e-4)
+
+
+def test_tdm_sampler_equals_tdm_scheduler(comfy):
+    from onestep_pipelines.schedulers import TDMScheduler
+
+    server = comfy["server"]
+    entry = server.run(_zero_cond_workflow({"class_type": "OneStepTDMSampler", "inputs": {}}, _sigmas(("1", 0), "tdm", 4)))
+    assert execution_error(entry) is None, execution_error(entry)
+    torch.testing.assert_close(_model_latent(server, entry), _diffusers_latent(_pipeline(comfy["unet"], TDMScheduler()), 4), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "comfyui"])
+def test_lora_loader_patches_every_module_with_peft_scaling(comfy, kind):
+    from onestep_pipelines.schedulers import ConsistencyScheduler
+
+    server = comfy["server"]
+    loader = {"class_type": "OneStepLoraLoader", "inputs": {"model": ["1", 0], "lora_name": f"student_{kind}.safetensors", "strength": 1.0,
+                                                            "allow_partial": False, "fallback_steps": 4}}
+    prompt = _zero_cond_workflow({"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.0}}, {}, {"9": loader}, ("9", 0))
+    prompt["7"]["inputs"].update(sampler=["9", 1], sigmas=["9", 2])  # the sampler and sigmas recorded in the file
+    del prompt["5"], prompt["6"]
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    modules = sum(1 for name, _ in comfy["lora_unet"].named_modules() if name.endswith(".lora_A"))
+    assert f"student_{kind}.safetensors: {modules}/{modules} LoRA modules mapped, {modules} weights patched" in server.read_log()
+    expected = _diffusers_latent(_pipeline(comfy["lora_unet"], ConsistencyScheduler(gamma=1.0, timestep_preset="dmd2")), 2)
+    torch.testing.assert_close(_model_latent(server, entry), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps,gamma", [(1, 0.0), (2, 0.0), (3, 0.5)])
+def test_flow_map_sampler_sends_r_and_equals_the_few_step_pipeline(comfy, steps, gamma):
+    from onestep_pipelines.pipelines.few_step import FewStepStableDiffusionPipeline
+    from onestep_pipelines.schedulers import FlowMapScheduler
+    server = comfy["server"]
+    nodes = {"10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
+             "9": {"class_type": "OneStepFlowMapConditioning", "inputs": {"model": ["10", 0], "r_embedder": "r_embedder.safetensors"}}}
+    prompt = _zero_cond_workflow({"class_type": "OneStepFlowMapSampler", "inputs": {"gamma": gamma}}, _sigmas(("9", 0), "trailing", steps), nodes, ("9", 0))
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    pipe = _pipeline(comfy["r_unet"], FlowMapScheduler(shift=3.0, gamma=gamma), FewStepStableDiffusionPipeline)
+    expected = _diffusers_latent(pipe, steps)
+    torch.testing.assert_close(_model_latent(server, entry), expected, rtol=0, atol=1e-4)
+    prompt["9"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}  # r silenced: a different sample
+    plain = {**prompt, "5": {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 0.0}}}
+    other = server.run(plain)
+    assert not torch.allclose(_model_latent(server, other), expected, atol=1e-3)
+
+
+def test_bad_input_gives_node_errors_and_the_server_keeps_serving(comfy):
+    server = comfy["server"]
+    consistency = {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.0}}
+    cases = [
+        (_sigmas(("1", 0), "custom", 4, timesteps="999,seven,499"), consistency, "'seven' is not a number"),
+        (_sigmas(("1", 0), "custom", 4, timesteps="499,749,249"), consistency, "strictly decreasing"),
+        (_sigmas(("1", 0), "dmd2", 6), consistency, "at most 4"),
+        (_sigmas(("1", 0), "trailing", 2, shift=2.0), consistency, "flow models only"),
+        (_sigmas(("1", 0), "trailing", 2), {"class_type": "OneStepFlowMapSampler", "inputs": {"gamma": 0.0}}, "needs a rectified-flow model"),
+    ]
+    for sigmas, sampler, message in cases:
+        entry = server.run(_zero_cond_workflow(sampler, sigmas))
+        assert message in (execution_error(entry) or ""), execution_error(entry)
+    with pytest.raises(ValueError, match="Value 1.5 bigger than max of 1.0.*\"details\": \"gamma\""):  # ComfyUI's own validation of the schema's range
+        server.run(_zero_cond_workflow({"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.5}}, _sigmas(("1", 0), "lcm", 2)))
+    nodes = {"10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}}
+    entry = server.run(_zero_cond_workflow({"class_type": "OneStepFlowMapSampler", "inputs": {"gamma": 0.0}}, _sigmas(("10", 0), "trailing", 2), nodes, ("10", 0)))
+    assert "does not take one" in (execution_error(entry) or "")
+    loader = {"class_type": "OneStepLoraLoader", "inputs": {"model": ["1", 0], "lora_name": "sdxl_student.safetensors", "strength": 1.0,
+                                                            "allow_partial": False, "fallback_steps": 4}}
+    entry = server.run(_zero_cond_workflow(consistency, _sigmas(("9", 0), "lcm", 2), {"9": loader}, ("9", 0)))
+    assert "is a LoRA for 'sdxl' models; this MODEL is 'sd'" in (execution_error(entry) or ""), execution_error(entry)
+    entry = server.run(_zero_cond_workflow(consistency, _sigmas(("1", 0), "lcm", 2)))  # still serving
+    assert execution_error(entry) is None and _model_latent(server, entry).shape == (1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["consistency_sampler", "tcd_custom_timesteps", "tdm_sampler", "student_lora", "flow_map_sampler", "diffusers_student"])
+def test_example_workflows_run(comfy, name):
+    with open(os.path.join(WORKFLOWS, f"{name}.api.json")) as f:
+        prompt = json.load(f)
+    files = {"ckpt_name": "tiny_sd15.safetensors", "lora_name": "student_comfyui.safetensors", "r_embedder": "r_embedder.safetensors"}
+    for node in prompt.values():
+        for key, value in files.items():
+            if key in node["inputs"]:
+                node["inputs"][key] = value
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=SIZE, height=SIZE)
+    entry = comfy["server"].run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    images = [item for out in entry["outputs"].values() for item in out.get("images", [])]
+    assert images and all(os.path.isfile(comfy["server"].output_path(i.get("subfolder", ""), i["filename"])) for i in images)
