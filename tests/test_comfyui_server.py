@@ -231,3 +231,12 @@ def test_example_workflows_run(comfy, name):
     assert execution_error(entry) is None, execution_error(entry)
     images = [item for out in entry["outputs"].values() for item in out.get("images", [])]
     assert images and all(os.path.isfile(comfy["server"].output_path(i.get("subfolder", ""), i["filename"])) for i in images)
+
+
+def test_pip_installed_package_loads_through_the_one_line_shim(tmp_path, monkeypatch):
+    """The second install route: the package importable (here: this checkout) and a one-line file in custom_nodes."""
+    (tmp_path / "custom_nodes").mkdir()
+    (tmp_path / "custom_nodes" / "onestep.py").write_text("from onestep_pipelines.comfy_nodes import comfy_entrypoint  # noqa: F401\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    with ComfyServer(str(tmp_path)) as server:
+        assert set(NODE_IDS) <= set(server.get("/object_info"))

@@ -321,7 +321,8 @@ def distill(config: DistillConfig) -> dict:
         "seconds": seconds,
         "steps": config.max_train_steps - start,
         "seconds_per_step": seconds / max(1, config.max_train_steps - start),
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if accelerator.device.type == "cuda"
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # GPU: allocated tensors; CPU: peak RSS
         "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process under DDP
     }
     if accelerator.is_main_process:

@@ -23,6 +23,7 @@ import copy
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...models.r_conditioning import takes_r_timestep
 from . import Method, register_method
 
 
@@ -52,6 +53,9 @@ class MeanFlow(Method):
             raise ValueError(f"--target {self.target!r} is unknown for {self.name}; choose one of {list(self.targets)}.")
         if config.source not in self.source_options:
             raise ValueError(f"--source {config.source!r} is unknown for {self.name}; choose one of {list(self.source_options)}.")
+        if not takes_r_timestep(student):
+            raise ValueError(f"{self.name} trains a flow map u(x, r, t): the student must take a second time r (add_r_conditioning); "
+                             f"{type(student).__name__} does not.")
         self.target_net = copy.deepcopy(student).eval().requires_grad_(False)
 
     def u(self, model, z, r, t, conditions):

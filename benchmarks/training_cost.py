@@ -1,0 +1,65 @@
+"""Wall time per update and peak memory of the trainer's methods on the digits teacher, each in a fresh process
+(prints a table; not a timed test). The main use: the JVP targets of MeanFlow and flow-map distillation against
+their JVP-free counterparts.
+
+    python benchmarks/training_cost.py --updates 40 --batch-size 128
+
+Peak memory is the process's peak resident set (CPU) or ``torch.cuda.max_memory_allocated`` (GPU), read from the
+run's summary.json; times are the run's own seconds per update (model loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+RUNS = [
+    ("meanflow", "split", []),
+    ("meanflow", "jvp", []),
+    ("flowmap", "euler", []),
+    ("flowmap", "jvp", []),
+    ("dmd2", "", []),
+    ("consistency", "", []),
+]
+
+
+def run(method: str, target: str, extra: list[str], updates: int, batch_size: int, folder: str) -> dict:
+    out = os.path.join(folder, f"{method}-{target or 'default'}")
+    args = [sys.executable, "-m", "onestep_pipelines.training.cli", "distill", "--method", method, "--output-dir", out,
+            "--max-train-steps", str(updates), "--batch-size", str(batch_size), "--no-evaluate", "--preview-every", "0",
+            "--checkpoint-every", str(10 * updates)] + (["--target", target] if target else []) + extra
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--updates", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--methods", default="", help="comma-separated subset of: " + ", ".join(sorted({m for m, _, _ in RUNS})))
+    args = parser.parse_args()
+    chosen = {m.strip() for m in args.methods.split(",") if m.strip()}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for method, target, extra in RUNS:
+            if chosen and method not in chosen:
+                continue
+            summary = run(method, target, extra, args.updates, args.batch_size, folder)
+            rows.append((method, target or "-", summary["seconds_per_step"], summary["peak_memory_mb"]))
+            print(f"  {method} {target}: {summary['seconds_per_step']:.3f} s/update, {summary['peak_memory_mb']:.0f} MB", file=sys.stderr)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU threads; digits teacher, batch {args.batch_size}, {args.updates} updates each")
+    print(f"{'method':12s} {'target':7s} {'s/update':>9s} {'peak MB':>8s}")
+    for method, target, seconds, memory in rows:
+        print(f"{method:12s} {target:7s} {seconds:9.3f} {memory:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
