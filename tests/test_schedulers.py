@@ -347,6 +347,18 @@ def test_nan_model_output_names_the_step(cls):
         s.step(bad, s.timesteps[1], x)
 
 
+def test_nan_check_on_accelerators_waits_for_the_last_step_and_names_the_first_bad_one():
+    s = FlowMapScheduler()
+    s._immediate_check_devices = ()  # behave as on an accelerator: no host read until the last step
+    s.set_timesteps(3)
+    x = torch.randn(SHAPE)
+    bad = torch.full(SHAPE, float("nan"))
+    x = s.step(torch.randn(SHAPE), s.timesteps[0], x).prev_sample
+    x = s.step(bad, s.timesteps[1], x).prev_sample  # no error yet
+    with pytest.raises(ValueError, match=r"step 2/3 \(timestep"):
+        s.step(torch.randn(SHAPE), s.timesteps[2], x)
+
+
 def test_check_finite_can_be_turned_off():
     s = ConsistencyScheduler(check_finite=False)
     s.set_timesteps(1)

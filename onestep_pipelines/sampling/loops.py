@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import trange
+from tqdm.auto import tqdm
 
 from .presets import check_decreasing, check_num_steps, preset_times
 from .time import flow_sigma_from_trigflow, shift_sigmas, vp_timestep_from_coefficients
@@ -58,6 +58,19 @@ class SigmaSpace:
         s = consistency_target_time(float(self.timestep(sigma_next)), -1.0, gamma, discrete=True)  # on the grid; -1 = clean
         return self.discrete_sigmas.to(sigma_next)[s] if s >= 0 else torch.zeros_like(sigma_next)
 
+    def plan(self, sigmas: torch.Tensor, gamma: float) -> list[dict[str, float]]:
+        """Per step: ``(alpha, sigma)`` now, ``(alpha_s, sigma_s)`` at the intermediate time, the re-noising
+        ``scale`` / ``std`` to ``sigma_next`` and whether to re-noise, as Python floats. Worked out from the schedule
+        on the host (one transfer), so that the loops make no host-device synchronisation per step."""
+        host = sigmas.detach().to("cpu", torch.float64)
+        steps = []
+        for sigma, sigma_next in zip(host[:-1], host[1:]):
+            sigma_s = self.intermediate_sigma(sigma_next, gamma)
+            scale, std = forward_noise_coefficients(*self.coefficients(sigma_s), *self.coefficients(sigma_next))
+            values = dict(zip(("alpha", "sigma", "alpha_s", "sigma_s", "scale", "std"), (*self.coefficients(sigma), *self.coefficients(sigma_s), scale, std)))
+            steps.append({k: float(v) for k, v in values.items()} | {"renoise": bool(sigma_next > 0 and sigma_s < sigma_next)})
+        return steps
+
 
 def seeded_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable:
     """``noise_sampler(sigma, sigma_next)`` drawing standard normal noise like ``x`` from one seeded generator."""
@@ -81,18 +94,13 @@ def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable
     space = SigmaSpace(flow=True) if space is None else space
     noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
+    for i, step in enumerate(tqdm(space.plan(sigmas, gamma), disable=disable)):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        alpha, sig = space.coefficients(sigma)
-        eps = (x - alpha * denoised) / sig
-        sigma_s = space.intermediate_sigma(sigma_next, gamma)
-        alpha_s, sig_s = space.coefficients(sigma_s)
-        scale, std = forward_noise_coefficients(alpha_s, sig_s, *space.coefficients(sigma_next))
-        renoise = bool(sigma_next > 0) and bool(sigma_s < sigma_next)
-        x = consistency_step(denoised, eps, alpha_s, sig_s, scale, std, noise_sampler(sigma, sigma_next) if renoise else None)
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        eps = (x - step["alpha"] * denoised) / step["sigma"]
+        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if step["renoise"] else None
+        x = consistency_step(denoised, eps, step["alpha_s"], step["sigma_s"], step["scale"], step["std"], noise)
     return x
 
 
@@ -111,18 +119,16 @@ def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=No
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
     extra_args = {} if extra_args is None else extra_args
-    space = SigmaSpace(flow=True)
     noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        sigma_s = space.intermediate_sigma(sigma_next, gamma)
-        denoised = model(x, sigma * s_in, **pass_r(extra_args, sigma_s * s_in))
+    for i, step in enumerate(tqdm(SigmaSpace(flow=True).plan(sigmas, gamma), disable=disable)):
+        sigma, r = sigmas[i], step["sigma_s"]
+        denoised = model(x, sigma * s_in, **pass_r(extra_args, r * s_in))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        x = flow_map_step(x, (x - denoised) / sigma, sigma, sigma_s)
-        if bool(sigma_s < sigma_next):
-            x = forward_noise(x, *forward_noise_coefficients(*space.coefficients(sigma_s), *space.coefficients(sigma_next)), noise_sampler(sigma, sigma_next))
+        x = flow_map_step(x, (x - denoised) / step["sigma"], step["sigma"], r)
+        if step["renoise"]:
+            x = forward_noise(x, step["scale"], step["std"], noise_sampler(sigma, sigmas[i + 1]))
     return x
 
 

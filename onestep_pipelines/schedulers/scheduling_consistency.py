@@ -49,7 +49,8 @@ class ConsistencyScheduler(FewStepSchedulerMixin):
             ``c_skip = 0.25 / ((s t)^2 + 0.25)``, ``c_out = s t / sqrt((s t)^2 + 0.25)``, ``s = timestep_scaling``.
         timestep_scaling (`float`, defaults to 10.0): LCM's timestep scaling for the boundary condition.
         check_finite (`bool`, defaults to True): raise a `ValueError` naming the step when the model output has
-            NaN or inf (one host sync per step; turn off for ``torch.compile`` or maximum speed).
+            NaN or inf. On the CPU at that step; on an accelerator at the last step (the flag stays on the device,
+            so there is no synchronisation per step). Skipped inside ``torch.compile``.
     """
 
     @register_to_config

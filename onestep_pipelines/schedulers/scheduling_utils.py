@@ -164,6 +164,7 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         self.sigmas = None
         self._step_index = None
         self._begin_index = None
+        self._first_nonfinite = None
 
     # ------------------------------------------------------------------------------- time math
     @property
@@ -318,6 +319,7 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None
+        self._first_nonfinite = None
         self._on_set_timesteps(device)
 
     def _on_set_timesteps(self, device) -> None:
@@ -362,12 +364,28 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             )
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}.")
-        if self.config.check_finite and not torch.isfinite(model_output).all():
+        if self.config.check_finite and not torch.compiler.is_compiling():
+            self._check_finite(model_output, i)
+        return i
+
+    _immediate_check_devices = ("cpu",)  # where reading a tensor on the host costs no device synchronisation
+
+    def _check_finite(self, model_output: torch.Tensor, i: int) -> None:
+        """Raise a ValueError naming the first step whose model output has NaN / inf. On the CPU at once; on an
+        accelerator the flag stays on the device and is read once, at the last step (no synchronisation per step)."""
+        bad = ~torch.isfinite(model_output).all()
+        if model_output.device.type in self._immediate_check_devices:
+            first = i if bool(bad) else -1
+        else:
+            if self._first_nonfinite is None:
+                self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=model_output.device)
+            self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), i, self._first_nonfinite)
+            first = int(self._first_nonfinite) if i == self.num_inference_steps - 1 else -1
+        if first >= 0:
             raise ValueError(
-                f"model_output at step {i + 1}/{self.num_inference_steps} (timestep {self.timesteps[i].item()}) "
+                f"model_output at step {first + 1}/{self.num_inference_steps} (timestep {self.timesteps[first].item()}) "
                 "contains NaN or inf values."
             )
-        return i
 
     def _coef(self, name: str, i: int, ref: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)[i].to(device=ref.device, dtype=ref.dtype)
