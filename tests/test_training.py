@@ -311,14 +311,14 @@ def test_meanflow_jvp_matches_finite_differences(tiny_teacher):
 @pytest.mark.parametrize("target", ["jvp", "euler"])
 def test_flowmap_target_is_fixed_by_the_exact_flow_map(target):
     """For the linear ODE dz/dt = a z the exact flow map is X(z, t, r) = z exp(a (r - t)); a student equal to it
-    must be its own Lagrangian target (exactly with the JVP, to O(1/ode_steps) with the Euler step)."""
+    must be its own target (Eulerian, exactly, with the JVP; Lagrangian, to O(1/ode_steps), with the Euler step)."""
     from types import SimpleNamespace
 
     from onestep_pipelines.training.methods.flowmap import FlowMap
 
     a = 0.8
     method = FlowMap.__new__(FlowMap)
-    method.config, method.target = SimpleNamespace(ode_steps=64), target
+    method.config, method.target = SimpleNamespace(ode_steps=64, source="teacher", guidance_scale=1.0), target
     method.student = method.target_net = None
     method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
     method.u = lambda model, z, r, t, cond: z * (1 - torch.exp(a * (r - t).view(-1, 1, 1, 1))) / (t - r).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -327,11 +327,7 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target):
     t, r = torch.tensor([1.0, 0.9, 0.5, 0.3], dtype=torch.float64), torch.tensor([0.0, 0.4, 0.49, 0.3], dtype=torch.float64)
     pred, target_u = method.prediction_and_target(z, r, t, None, None, {})
     torch.testing.assert_close(target_u[:3], pred[:3], rtol=1e-8 if target == "jvp" else 1e-2, atol=0)
-    step, towards = (target_u[3] - pred[3]).flatten(), (a * z[3] - pred[3]).flatten()  # r = t: towards the teacher's velocity
-    if target == "euler":
-        torch.testing.assert_close(target_u[3], a * z[3])
-    else:  # the JVP target takes a normalised (bounded) step in that direction
-        assert torch.nn.functional.cosine_similarity(step, towards, dim=0) > 0.9999 and step.norm() / step.numel() ** 0.5 < 1
+    torch.testing.assert_close(target_u[3], a * z[3])  # r = t: the teacher's velocity
     method.teacher_velocity = lambda z, t, cond: -a * z  # the wrong ODE is not a fixed point
     assert not torch.allclose(method.prediction_and_target(z, r, t, None, None, {})[1][:2], pred[:2], rtol=1e-2)
 

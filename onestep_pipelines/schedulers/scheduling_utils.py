@@ -321,6 +321,7 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._first_nonfinite = None
         self._on_set_timesteps(device)
+        self._moved = {}
 
     def _on_set_timesteps(self, device) -> None:
         """Hook for subclasses that precompute more per-step values."""
@@ -373,7 +374,8 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
     def _check_finite(self, model_output: torch.Tensor, i: int) -> None:
         """Raise a ValueError naming the first step whose model output has NaN / inf. On the CPU at once; on an
         accelerator the flag stays on the device and is read once, at the last step (no synchronisation per step)."""
-        bad = ~torch.isfinite(model_output).all()
+        total = model_output.sum(dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32)
+        bad = ~torch.isfinite(total)  # NaN / inf anywhere make the sum NaN / inf (one reduction, no full-size mask)
         if model_output.device.type in self._immediate_check_devices:
             first = i if bool(bad) else -1
         else:
@@ -388,7 +390,11 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             )
 
     def _coef(self, name: str, i: int, ref: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name)[i].to(device=ref.device, dtype=ref.dtype)
+        """Step ``i``'s coefficient ``name`` on ``ref``'s device and dtype (each table is moved once per schedule)."""
+        key = (name, ref.device, ref.dtype)
+        if key not in self._moved:
+            self._moved[key] = getattr(self, name).to(device=ref.device, dtype=ref.dtype)
+        return self._moved[key][i]
 
     @staticmethod
     def _compute_dtype(t: torch.Tensor) -> torch.dtype:
