@@ -308,8 +308,8 @@ def test_meanflow_jvp_matches_finite_differences(tiny_teacher):
         assert du.abs().mean() > 1e-2  # a real derivative, not a vanishing one
 
 
-@pytest.mark.parametrize("target", ["jvp", "euler"])
-def test_flowmap_target_is_fixed_by_the_exact_flow_map(target):
+@pytest.mark.parametrize("target,jump_fraction", [("jvp", 0.0), ("euler", 0.0), ("euler", 0.5)])
+def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
     """For the linear ODE dz/dt = a z the exact flow map is X(z, t, r) = z exp(a (r - t)); a student equal to it
     must be its own target (Eulerian, exactly, with the JVP; Lagrangian, to O(1/ode_steps), with the Euler step)."""
     from types import SimpleNamespace
@@ -318,7 +318,7 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target):
 
     a = 0.8
     method = FlowMap.__new__(FlowMap)
-    method.config, method.target = SimpleNamespace(ode_steps=64, source="teacher", guidance_scale=1.0), target
+    method.config, method.target = SimpleNamespace(ode_steps=64, source="teacher", guidance_scale=1.0, jump_fraction=jump_fraction), target
     method.student = method.target_net = None
     method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
     method.u = lambda model, z, r, t, cond: z * (1 - torch.exp(a * (r - t).view(-1, 1, 1, 1))) / (t - r).clamp_min(1e-12).view(-1, 1, 1, 1)

@@ -64,6 +64,7 @@ class DistillConfig:
     target: str = field(default="", metadata={"help": "meanflow: split (SplitMeanFlow, no JVP, default) or jvp (MeanFlow identity with torch.func.jvp); "
                                                    "flowmap: euler (a teacher Euler step of 1/ode_steps, no JVP, default) or jvp (Lagrangian tangent)"})
     source: str = field(default="teacher", metadata={"help": "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)"})
+    jump_fraction: float = field(default=0.0, metadata={"help": "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps); 0 = one step of 1/ode_steps"})
     equal_fraction: float = field(default=0.25, metadata={"help": "meanflow: fraction of pairs with r = t"})
     endpoint_fraction: float = field(default=0.3, metadata={"help": "meanflow: fraction of t set to 1 and, independently, of r set to 0"})
     logit_mean: float = field(default=0.0, metadata={"help": "meanflow: mean of the logit-normal t"})
@@ -96,6 +97,7 @@ class DistillConfig:
             (self.resolution > 0 and self.resolution % 16 == 0, "resolution must be a positive multiple of 16"),
             (0 <= self.target_ema < 1, "target_ema must lie in [0, 1)"),
             (0 <= self.equal_fraction <= 1 and 0 <= self.endpoint_fraction <= 1, "equal_fraction and endpoint_fraction must lie in [0, 1]"),
+            (0 <= self.jump_fraction < 1, "jump_fraction must lie in [0, 1)"),
             (self.logit_std > 0, "logit_std must be positive"),
             (self.lora_rank >= 0, f"lora_rank must be 0 (full fine-tune) or positive, got {self.lora_rank}"),
             (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
@@ -109,7 +111,7 @@ class DistillConfig:
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank", "lora_targets", "seed",
-                "divergence", "gan_weight", "phases", "ode_steps", "target", "source")
+                "divergence", "gan_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
         return {k: getattr(self, k) for k in keep}
 
 

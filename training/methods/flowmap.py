@@ -10,7 +10,9 @@ noise), and must transport ``z_t`` along the teacher's probability-flow ODE ``dz
   ``z_r = X_ema(z_t, t, r') - (r' - r) v(X_ema, r')``, so
   ``u_tgt = (z_t - z_r) / (t - r) = ((t - r') u_ema(z_t, r', t) + (r' - r) v(X_ema, r')) / (t - r)``. Intervals
   shorter than ``d`` regress onto the teacher's velocity itself, so many small steps follow the teacher's ODE (flow
-  maps do not degrade as steps grow, unlike consistency models).
+  maps do not degrade as steps grow, unlike consistency models). With ``--jump-fraction f > 0`` the teacher covers
+  ``r' - r = max(d, f (t - r))`` in Euler steps of at most ``d`` (their mean velocity replaces ``v``): long jumps
+  then bootstrap from a map a fraction ``f`` shorter instead of ``d`` shorter, at the cost of more teacher calls.
 - ``--target jvp``, Eulerian map distillation (AYF): ``X`` is constant along the teacher's ODE,
   ``dX/dt = v - u - (t - r) du/dt = 0``, i.e. ``u_tgt = v - (t - r) sg(du/dt)`` with the total derivative ``du/dt``
   along ``(v, 0, 1)`` from one JVP. This is MeanFlow's identity with the teacher's velocity, so it is MeanFlow's
@@ -23,6 +25,8 @@ EMA target network are MeanFlow's.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -41,10 +45,17 @@ class FlowMap(MeanFlow):
         if self.target == "jvp":  # Eulerian: MeanFlow's identity with the teacher's velocity
             return super().prediction_and_target(z, r, t, x, e, conditions)
         with torch.no_grad():
-            r_mid = torch.minimum(r + 1.0 / self.config.ode_steps, t)
+            d = 1.0 / self.config.ode_steps
+            r_mid = torch.minimum(r + torch.clamp_min(self.config.jump_fraction * (t - r), d), t)
             mid = r_mid.view(-1, 1, 1, 1)
             u_ema = self.u(self.target_net, z, r_mid, t, conditions)
-            v_mid = self.teacher_velocity(z - (tt - mid) * u_ema, r_mid, conditions)  # the teacher's velocity where the EMA map lands
-            target = ((tt - mid) * u_ema + (mid - rr) * v_mid) / (tt - rr).clamp_min(1e-6)
-            target = torch.where((t > r).view(-1, 1, 1, 1), target, v_mid)
+            substeps = max(1, math.ceil(float((r_mid - r).max()) / d - 1e-6))  # teacher Euler steps of at most d
+            h = ((r_mid - r) / substeps).view(-1, 1, 1, 1)
+            z_s, s, v_sum = z - (tt - mid) * u_ema, mid, 0.0
+            for k in range(substeps):
+                v = self.teacher_velocity(z_s, s.flatten(), conditions)
+                v_first = v if k == 0 else v_first  # at (z_t, t) where r' = t
+                v_sum, z_s, s = v_sum + v, z_s - h * v, s - h
+            target = ((tt - mid) * u_ema + (mid - rr) * v_sum / substeps) / (tt - rr).clamp_min(1e-6)
+            target = torch.where((t > r).view(-1, 1, 1, 1), target, v_first)
         return self.u(self.student, z, r, t, conditions), target
