@@ -64,7 +64,7 @@ class DistillConfig:
     target: str = field(default="", metadata={"help": "meanflow: split (SplitMeanFlow, no JVP, default) or jvp (MeanFlow identity with torch.func.jvp); "
                                                    "flowmap: euler (a teacher Euler step of 1/ode_steps, no JVP, default) or jvp (Lagrangian tangent)"})
     source: str = field(default="teacher", metadata={"help": "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)"})
-    jump_fraction: float = field(default=0.0, metadata={"help": "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps); 0 = one step of 1/ode_steps"})
+    jump_fraction: float = field(default=0.5, metadata={"help": "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps); 0 = one step of 1/ode_steps"})
     equal_fraction: float = field(default=0.25, metadata={"help": "meanflow: fraction of pairs with r = t"})
     endpoint_fraction: float = field(default=0.3, metadata={"help": "meanflow: fraction of t set to 1 and, independently, of r set to 0"})
     logit_mean: float = field(default=0.0, metadata={"help": "meanflow: mean of the logit-normal t"})

@@ -10,9 +10,10 @@ noise), and must transport ``z_t`` along the teacher's probability-flow ODE ``dz
   ``z_r = X_ema(z_t, t, r') - (r' - r) v(X_ema, r')``, so
   ``u_tgt = (z_t - z_r) / (t - r) = ((t - r') u_ema(z_t, r', t) + (r' - r) v(X_ema, r')) / (t - r)``. Intervals
   shorter than ``d`` regress onto the teacher's velocity itself, so many small steps follow the teacher's ODE (flow
-  maps do not degrade as steps grow, unlike consistency models). With ``--jump-fraction f > 0`` the teacher covers
+  maps do not degrade as steps grow, unlike consistency models). With ``--jump-fraction f`` (default 0.5) the teacher covers
   ``r' - r = max(d, f (t - r))`` in Euler steps of at most ``d`` (their mean velocity replaces ``v``): long jumps
-  then bootstrap from a map a fraction ``f`` shorter instead of ``d`` shorter, at the cost of more teacher calls.
+  then bootstrap from a map a fraction ``f`` shorter instead of ``d`` shorter, at the cost of more teacher calls
+  (``f = 0``: the single Euler step above).
 - ``--target jvp``, Eulerian map distillation (AYF): ``X`` is constant along the teacher's ODE,
   ``dX/dt = v - u - (t - r) du/dt = 0``, i.e. ``u_tgt = v - (t - r) sg(du/dt)`` with the total derivative ``du/dt``
   along ``(v, 0, 1)`` from one JVP. This is MeanFlow's identity with the teacher's velocity, so it is MeanFlow's
