@@ -21,7 +21,8 @@ import tempfile
 RUNS = [
     ("meanflow", "split", []),
     ("meanflow", "jvp", []),
-    ("flowmap", "euler", []),
+    ("flowmap", "euler", []),  # the default --jump-fraction 0.5
+    ("flowmap", "euler", ["--jump-fraction", "0"]),  # one teacher Euler step per target
     ("flowmap", "jvp", []),
     ("dmd2", "", []),
     ("consistency", "", []),
@@ -29,7 +30,7 @@ RUNS = [
 
 
 def run(method: str, target: str, extra: list[str], updates: int, batch_size: int, folder: str) -> dict:
-    out = os.path.join(folder, f"{method}-{target or 'default'}")
+    out = os.path.join(folder, "-".join([method, target or "default"] + [a.strip("-") for a in extra]))
     args = [sys.executable, "-m", "onestep_pipelines.training.cli", "distill", "--method", method, "--output-dir", out,
             "--max-train-steps", str(updates), "--batch-size", str(batch_size), "--no-evaluate", "--preview-every", "0",
             "--checkpoint-every", str(10 * updates)] + (["--target", target] if target else []) + extra
@@ -53,12 +54,13 @@ def main() -> None:
             if chosen and method not in chosen:
                 continue
             summary = run(method, target, extra, args.updates, args.batch_size, folder)
-            rows.append((method, target or "-", summary["seconds_per_step"], summary["peak_memory_mb"]))
-            print(f"  {method} {target}: {summary['seconds_per_step']:.3f} s/update, {summary['peak_memory_mb']:.0f} MB", file=sys.stderr)
+            label = " ".join([target or "-"] + extra)
+            rows.append((method, label, summary["seconds_per_step"], summary["peak_memory_mb"]))
+            print(f"  {method} {label}: {summary['seconds_per_step']:.3f} s/update, {summary['peak_memory_mb']:.0f} MB", file=sys.stderr)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU threads; digits teacher, batch {args.batch_size}, {args.updates} updates each")
-    print(f"{'method':12s} {'target':7s} {'s/update':>9s} {'peak MB':>8s}")
+    print(f"{'method':12s} {'target':26s} {'s/update':>9s} {'peak MB':>8s}")
     for method, target, seconds, memory in rows:
-        print(f"{method:12s} {target:7s} {seconds:9.3f} {memory:8.0f}")
+        print(f"{method:12s} {target:26s} {seconds:9.3f} {memory:8.0f}")
 
 
 if __name__ == "__main__":
