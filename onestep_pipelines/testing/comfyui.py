@@ -43,7 +43,11 @@ def _import_comfy():
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import comfy.utils
+    try:
+        import comfy.utils
+    except ModuleNotFoundError as error:  # this process writes checkpoints with ComfyUI's own key layout
+        raise RuntimeError(f"this Python imports ComfyUI's comfy.utils from {root} and needs {error.name!r}: "
+                           f"pip install {error.name}") from error
 
     return comfy
 
