@@ -1,5 +1,9 @@
-"""Entry point when this repository is cloned into ``ComfyUI/custom_nodes/``: loads the node pack
-(``comfy_nodes``), using the package from this checkout unless onestep-pipelines is pip-installed."""
+"""Entry point when this repository is cloned into ``ComfyUI/custom_nodes/``.
+
+ComfyUI imports this file as a package named after the folder, so the node pack loads as its subpackage
+``comfy_nodes`` (no symbolic links, no installation of this package needed). The library the nodes call is the
+installed onestep-pipelines, or this checkout's ``onestep_pipelines/`` when it is not installed (dependencies from
+``requirements.txt``)."""
 
 import importlib.util
 import os
@@ -8,4 +12,4 @@ import sys
 if importlib.util.find_spec("onestep_pipelines") is None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from onestep_pipelines.comfy_nodes import comfy_entrypoint  # noqa: E402,F401
+from .comfy_nodes import comfy_entrypoint  # noqa: E402,F401

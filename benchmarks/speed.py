@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from onestep_pipelines import ConsistencyScheduler, StudentMetadata  # noqa: E402
-from onestep_pipelines.pipelines.few_step import FewStepStableDiffusion3Pipeline, FewStepStableDiffusionPipeline  # noqa: E402
+from onestep_pipelines.pipelines import FewStepStableDiffusion3Pipeline, FewStepStableDiffusionPipeline  # noqa: E402
 from onestep_pipelines.testing import tiny_pipeline  # noqa: E402
 
 STEPS = (1, 2, 4)

@@ -126,30 +126,38 @@ def _poisoned_at(call):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", _poisoned_at(1))
-    with pytest.raises(TrainingDiverged, match=r"step 1: the generator loss is nan.*Last good checkpoint: none"):
+    with pytest.raises(TrainingDiverged, match=r"update 1: the generator loss is not finite \(nan\).*Last good checkpoint: none"):
         distill(tiny(tiny_teacher, tmp_path / "early"))
     monkeypatch.setattr(torch.optim.AdamW, "step", _poisoned_at(5))  # the fake-score step of update 3
-    with pytest.raises(TrainingDiverged, match=r"step 3: .* Last good checkpoint: .*step-2"):
+    with pytest.raises(TrainingDiverged, match=r"update 3: .* Last good checkpoint: .*step-2"):
         distill(tiny(tiny_teacher, tmp_path / "late"))
     monkeypatch.undo()
-    state = load_file(str(tmp_path / "late" / "checkpoints" / "step-2" / "model.safetensors"))
+    state = load_file(str(tmp_path / "late" / "checkpoints" / "step-2" / "student.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values())  # the kept checkpoint is a good one
 
 
 def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
     cases = [
-        (["--method", "magic"], "method 'magic' is unknown"),
-        (["--teacher", str(tmp_path)], "not a diffusers pipeline"),
+        (["--method", "magic"], "argument --method: invalid choice: 'magic'"),
+        (["--teacher", str(tmp_path)], "--teacher " + str(tmp_path) + " is not a diffusers pipeline"),
         (["--teacher", "no/such/teacher"], "nor a Hub id 'org/name'"),
-        (["--teacher", "nobody/no-such-teacher"], "could not be loaded as a diffusers pipeline"),
-        (["--lora-rank", "-1"], "lora_rank must be 0"),
-        (["--num-steps", "9"], "num_steps must be 1 to 4"),
-        (["--divergence", "js"], "set gan_weight > 0"),
-        (["--method", "consistency", "--phases", "3", "--ode-steps", "32"], "must be a multiple of phases"),
-        (["--method", "consistency", "--loss", "l1"], "loss 'l1' is unknown"),
+        (["--teacher", "nobody/no-such-teacher"], "a text-to-image teacher needs --prompts FILE"),
+        (["--teacher", "nobody/no-such-teacher", "--prompts", str(prompts)], "could not be loaded as a diffusers pipeline"),
+        (["--lora-rank", "-1"], "--lora-rank must be 0 (train all weights) or positive, got -1"),
+        (["--num-steps", "9"], "--num-steps must be 1 to 4, got 9"),
+        (["--divergence", "js"], "set --gan-weight > 0"),
+        (["--method", "consistency", "--phases", "3", "--ode-steps", "32"], "--ode-steps must be a multiple of --phases 3"),
+        (["--method", "consistency", "--loss", "l1"], "argument --loss: invalid choice: 'l1'"),
+        (["--num-steps", "two"], "argument --num-steps: invalid int value: 'two'"),
     ]
     for flags, message in cases:
-        assert main(["distill", "--output-dir", str(tmp_path / "bad"), "--teacher", tiny_teacher, *flags]) == 2
+        try:
+            code = main(["distill", "--output-dir", str(tmp_path / "bad"), "--teacher", tiny_teacher, *flags])
+        except SystemExit as exit:  # argparse's own checks (types, choices)
+            code = exit.code
+        assert code == 2
         assert message in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -335,13 +343,14 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
 def test_flow_map_methods_refuse_vp_teachers_and_bad_options(stock_teachers, tmp_path, tiny_teacher):
     folders, data = stock_teachers
     for method in ("meanflow", "flowmap"):
-        with pytest.raises(ValueError, match=f"{method} needs a flow teacher.*this one is vp"):
+        with pytest.raises(ValueError, match=f"--method {method} needs a flow teacher.*is a VP"):
             distill(DistillConfig(method=method, teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / method), max_train_steps=1, batch_size=2, evaluate=False))
     bad = (
-        ({"method": "meanflow", "target": "newton"}, "target 'newton' is unknown for meanflow; choose one of \\['split', 'jvp'\\]"),
-        ({"method": "meanflow", "source": "dream"}, "source 'dream' is unknown"),
-        ({"method": "flowmap", "target": "split"}, "target 'split' is unknown for flowmap; choose one of \\['euler', 'jvp'\\]"),
-        ({"method": "flowmap", "source": "data"}, "source 'data' is unknown for flowmap"),
+        ({"method": "meanflow", "target": "newton"}, "--target 'newton' does not apply to --method meanflow; choose one of split, jvp"),
+        ({"method": "meanflow", "source": "dream"}, "--source 'dream' does not apply to --method meanflow"),
+        ({"method": "flowmap", "target": "split"}, "--target 'split' does not apply to --method flowmap; choose one of euler, jvp"),
+        ({"method": "flowmap", "source": "data"}, "--source 'data' does not apply to --method flowmap"),
+        ({"method": "dmd2", "target": "jvp"}, "--target 'jvp' does not apply to --method dmd2; it takes no --target"),
     )
     for i, (option, message) in enumerate(bad):
         with pytest.raises(ValueError, match=message):

@@ -1,11 +1,14 @@
-"""``onestep-train``: the distillation command.
+"""``onestep-train``: distil a teacher into a few-step student, or score a student on the digits benchmark.
 
-``onestep-train distill`` with no options distils the embedded digits teacher into a 1-step student with DMD2
-(about 6 minutes on 2 CPU cores) and prints teacher-vs-student FD-digits; every option of
-:class:`~onestep_pipelines.training.trainer.DistillConfig` is a flag (``--help``). Under
-``accelerate launch -m onestep_pipelines.training.cli distill ...`` it runs on several GPUs (DDP, or FSDP /
-DeepSpeed from accelerate's config); several CPU processes start with
-``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m onestep_pipelines.training.cli distill ...`` (gloo).
+``onestep-train distill`` with no options distils the embedded digits teacher into a 1-step student with DMD2 (about
+6 minutes on 2 CPU cores) and prints teacher-vs-student FD-digits. Every option of
+:class:`~onestep_pipelines.training.config.DistillConfig` is a flag (``--help``), and ``--config run.yaml`` reads
+them from a file (flags given on the command line win). ``onestep-train evaluate STUDENT_DIR`` scores a digits
+student folder. Flags are parsed and checked before torch or diffusers load, so a mistake is answered at once.
+
+Several processes: ``accelerate launch -m onestep_pipelines.training.cli distill ...`` on GPUs (DDP, or FSDP /
+DeepSpeed from accelerate's config); ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m
+onestep_pipelines.training.cli distill ...`` on CPU (gloo).
 """
 
 from __future__ import annotations
@@ -15,26 +18,45 @@ import dataclasses
 import os
 import sys
 
-from .methods import TrainingDiverged
-from .trainer import DistillConfig, distill
+from .config import DistillConfig, flag, resolve
+from .methods import METHODS, TrainingDiverged
+
+
+def _distill_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file (keys are the flags' names); flags given here win")
+    defaults = DistillConfig.__dataclass_fields__
+    for f in dataclasses.fields(DistillConfig):
+        default = defaults[f.name].default
+        help_text = f.metadata["help"]
+        if f.name == "method":
+            help_text = "distillation method: " + "; ".join(f"{name}: {spec.summary}" for name, spec in METHODS.items())
+        help_text += f" (default: {default!r})" if default != "" else ""
+        kwargs = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%"), "dest": f.name}
+        if f.type == "bool":
+            sub.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            metavar = None if f.metadata.get("choices") else {"int": "N", "float": "X", "str": "VALUE"}[f.type]
+            sub.add_argument(flag(f.name), type=kind, choices=f.metadata.get("choices"), metavar=metavar, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onestep-train", description="Distil a diffusion teacher into a 1-4 step student.")
     commands = parser.add_subparsers(dest="command", required=True)
-    sub = commands.add_parser(
-        "distill",
-        help="distil a teacher into a few-step student",
+    distill = commands.add_parser(
+        "distill", help="distil a teacher into a few-step student",
         description="Distil a teacher into a 1-4 step student. Defaults: the embedded digits teacher, DMD2, 1 step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for f in dataclasses.fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            sub.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            sub.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    _distill_arguments(distill)
+    evaluate = commands.add_parser(
+        "evaluate", help="score a digits student folder (FD-digits and accuracy)",
+        description="Score a digits student (a pipeline folder, or a LoRA folder of the digits teacher) on the embedded benchmark: "
+                    "FD-digits and class accuracy of 898 samples from fixed seeds, at each step count.",
+    )
+    evaluate.add_argument("student", metavar="STUDENT_DIR", help="a student pipeline folder, or a LoRA student folder of the digits teacher")
+    evaluate.add_argument("--steps", default="", help="comma-separated step counts (default: the student's recommended steps)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu"), help="auto: CUDA / MPS when present, else the CPU")
+    evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")
     return parser
 
 
@@ -44,15 +66,28 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _error(message: str) -> int:
+    print(f"onestep-train: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
-    args.pop("command")
+    command = args.pop("command")
+    if command == "evaluate":
+        return _evaluate(args)
+    config_file = args.pop("config", None)
     try:
-        config = DistillConfig(**args)
+        config = resolve(args, config_file)
+        config.check_paths()
+    except ValueError as error:
+        return _error(str(error))
+    from .trainer import distill  # torch, diffusers and the teacher load from here on
+
+    try:
         result = distill(config)
     except (ValueError, FileNotFoundError) as error:
-        print(f"onestep-train: error: {error}", file=sys.stderr)
-        return 2
+        return _error(str(error))
     except TrainingDiverged as error:
         print(f"onestep-train: training diverged at {error}", file=sys.stderr)
         return 3
@@ -60,9 +95,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "scores" in result:
         print(_table(result["scores"]))
-    print(f"student: {result['student_dir']}  ({result['steps']} updates in {result['seconds']:.0f} s)")
+    resumed = result["this_part"]["resumed_from"]
+    part = f"; this part: {result['this_part']['steps']} from update {resumed} in {result['this_part']['seconds']:.0f} s" if resumed else ""
+    print(f"student: {result['student_dir']}  ({result['steps']} updates in {result['seconds']:.0f} s{part})")
     if "lora_dir" in result:
         print(f"LoRA: {result['lora_dir']}")
+    return 0
+
+
+def _evaluate(args: dict) -> int:
+    try:
+        steps = [int(s) for s in args["steps"].replace(";", ",").split(",") if s.strip()] if args["steps"] else None
+    except ValueError:
+        return _error(f"--steps {args['steps']!r} is not a comma-separated list of integers, e.g. 1,2,4.")
+    if steps is not None and (not steps or min(steps) < 1):
+        return _error(f"--steps {args['steps']!r}: step counts are positive integers.")
+    if not os.path.isdir(args["student"]):
+        return _error(f"{args['student']}: no such folder.")
+    from .evaluate import evaluate_student
+
+    try:
+        rows = evaluate_student(args["student"], steps, args["device"], args["json"] or None)
+    except ValueError as error:
+        return _error(str(error))
+    print(_table(rows))
     return 0
 
 

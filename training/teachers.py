@@ -17,10 +17,10 @@ import os
 import torch
 from diffusers import DiffusionPipeline
 
-from ..benchmark.evaluate import load_digits_teacher
-from ..pipelines import architecture_of
-from ..sampling import calculate_shift, to_x0_eps
-from ..schedulers import ConsistencyScheduler
+from onestep_pipelines.benchmark.evaluate import load_digits_teacher
+from onestep_pipelines.pipelines import architecture_of
+from onestep_pipelines.sampling import calculate_shift, to_x0_eps
+from onestep_pipelines.schedulers import ConsistencyScheduler
 
 
 class Teacher:
@@ -73,14 +73,15 @@ class Teacher:
         return calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha_t, sigma_t)`` at native times ``t`` (shape ``(B,)``), shaped ``(B, 1, 1, 1)``."""
-        alpha, sigma = self.convention.coefficients_at(t.cpu())
-        return alpha.view(-1, 1, 1, 1).to(t.device), sigma.view(-1, 1, 1, 1).to(t.device)
+        """``(alpha_t, sigma_t)`` at native times ``t`` (shape ``(B,)``), float32 shaped ``(B, 1, 1, 1)``, computed on
+        ``t``'s device (no host round trip)."""
+        alpha, sigma = self.convention.coefficients_at(t)
+        return alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
 
     def native_time(self, fraction: torch.Tensor) -> torch.Tensor:
         """Native time at a fraction of the noise range (0 = clean, 1 = pure noise / the last timestep)."""
         if self.time_type == "flow":
-            return fraction.double()
+            return fraction.float()
         return (fraction * self.num_train_timesteps).round().long() - 1
 
     def fraction(self, t) -> float:
@@ -88,12 +89,12 @@ class Teacher:
         t = float(t)
         return t if self.time_type == "flow" else (t + 1) / self.num_train_timesteps
 
-    def sample_times(self, n: int, generator: torch.Generator, low: float = 0.02, high: float = 0.98) -> torch.Tensor:
-        """Uniform native times covering the fraction ``[low, high]`` of the noise range."""
-        return self.native_time(low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64))
+    def sample_times(self, u: torch.Tensor, low: float = 0.02, high: float = 0.98) -> torch.Tensor:
+        """Native times covering the fraction ``[low, high]`` of the noise range, from uniform draws ``u`` in [0, 1)."""
+        return self.native_time(low + (high - low) * u)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = self.coefficients(t.to(x0.device))
+        alpha, sigma = self.coefficients(t)
         return alpha * x0 + sigma * noise
 
     def output_error_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -114,12 +115,13 @@ class Teacher:
         with torch.no_grad():
             self.embeddings = _encode(self.pipeline, [*prompts, ""], self.resolution)
 
-    def sample_conditions(self, n: int, generator: torch.Generator) -> dict:
+    def sample_conditions(self, rng) -> dict:
+        """Random conditions for a data-free batch (one per sample, on the training device)."""
         if self.architecture == "digits":
-            return {"class_labels": torch.randint(0, self.model.config.num_classes, (n,), generator=generator)}
+            return {"class_labels": rng.integers(self.model.config.num_classes)}
         if not self.prompts:
             raise ValueError("a text-to-image teacher needs prompts: pass --prompts FILE (one per line) or --data FOLDER.")
-        return {"prompt_index": torch.randint(0, len(self.prompts), (n,), generator=generator)}
+        return {"prompt_index": rng.integers(len(self.prompts))}
 
     def null_conditions(self, conditions: dict) -> dict:
         if self.architecture == "digits":
@@ -130,7 +132,6 @@ class Teacher:
     def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float = 1.0):
         """``(x0_hat, eps_hat)`` of ``model`` (the teacher or any copy of it) at ``(x_t, t)``; with
         ``guidance_scale != 1`` classifier-free guided (one batched forward)."""
-        t = t.to(x_t.device)
         if guidance_scale != 1.0:
             null = self.null_conditions(conditions)
             both = {k: torch.cat([conditions[k], null[k]]) for k in conditions}
@@ -148,8 +149,9 @@ class Teacher:
         timestep = t.float() * self.num_train_timesteps if self.time_type == "flow" else t.clamp_min(0)
         extra = {} if r is None else {"r_timestep": r.float() * self.num_train_timesteps}
         if self.architecture == "digits":
-            return model(x.to(dtype), timestep, conditions["class_labels"].to(x.device), **extra).sample
-        emb = {k: v[conditions["prompt_index"].cpu()].to(x.device, dtype) for k, v in self.embeddings.items()}
+            return model(x.to(dtype), timestep, conditions["class_labels"], **extra).sample
+        index = conditions["prompt_index"]
+        emb = {k: v.to(index.device)[index].to(dtype) for k, v in self.embeddings.items()}
         if self.architecture == "sd":
             return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"], **extra).sample
         if self.architecture == "sdxl":
@@ -191,7 +193,7 @@ def load_teacher(source: str = "digits", resolution: int = 512, allow_pickle: bo
     """The teacher named by ``source``: ``"digits"`` (the embedded digits teacher), or a folder or Hub id of a
     diffusers pipeline with a UNet (SD 1.5 / SDXL, epsilon or v) or a transformer (SD3 / Flux, flow)."""
     if source == "digits":
-        return Teacher(load_digits_teacher(), "onestep-pipelines/digits-teacher")
+        return Teacher(load_digits_teacher(), "digits")  # the embedded teacher (load_digits_teacher())
     if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
         raise ValueError(f"teacher {source} is not a diffusers pipeline folder (it has no model_index.json).")
     if not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") != 1):

@@ -1,8 +1,10 @@
 """The embedded digits benchmark: data, the FD-digits metric and the shipped assets.
 
-Data are scikit-learn's bundled handwritten digits (``load_digits``: 1,797 real 8x8 images with 17
-grey levels, 10 classes; no download). Images are used at their native 8x8 resolution, scaled to
-``[-1, 1]``: upsampling adds no information and would only make every model and metric slower.
+Data are scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``: 1,797 real 8x8 images
+with 17 grey levels, 10 classes), shipped with this package as ``assets/digits/digits.npz`` (45 KB, the same
+arrays as uint8), so neither scikit-learn nor a download is needed. Images are used at their native 8x8
+resolution, scaled to ``[-1, 1]``: upsampling adds no information and would only make every model and metric
+slower.
 
 FD-digits is the Fréchet distance (Heusel et al. 2017) between Gaussian fits of generated and real
 images in the penultimate-layer features of a small digit classifier that we train and ship, plus
@@ -24,17 +26,16 @@ from torch import nn
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
 TEACHER_DIR = os.path.join(ASSETS, "teacher")
 CLASSIFIER_DIR = os.path.join(ASSETS, "classifier")
+DATA_FILE = os.path.join(ASSETS, "digits.npz")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEED = 0
 
 
 def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as float32 ``(N, 1, 8, 8)`` in ``[-1, 1]`` and their int64 labels."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.from_numpy(data.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
-    return images, torch.from_numpy(data.target.astype(np.int64))
+    """All 1,797 digits as float32 ``(N, 1, 8, 8)`` in ``[-1, 1]`` and their int64 labels (from the shipped copy)."""
+    with np.load(DATA_FILE) as data:
+        images = torch.from_numpy(data["images"].astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
+        return images, torch.from_numpy(data["labels"].astype(np.int64))
 
 
 def real_halves() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -118,19 +119,28 @@ class Score:
 
 
 class DigitsMetric:
-    """FD-digits and class accuracy against the fixed real reference half (see module docstring)."""
+    """FD-digits and class accuracy against the fixed real reference half (see module docstring).
 
-    def __init__(self, classifier: DigitsClassifier | None = None):
+    The classifier runs on ``device`` (default: the CPU); images may come from any device and dtype.
+    """
+
+    def __init__(self, classifier: DigitsClassifier | None = None, device: str | torch.device | None = None):
         self.classifier = (classifier or DigitsClassifier.from_pretrained(CLASSIFIER_DIR)).eval()
+        if device is not None:
+            self.classifier.to(device)
         (self.images_a, self.labels_a), (self.images_b, self.labels_b) = real_halves()
         self.ref_stats = gaussian_stats(self.features(self.images_b))
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> np.ndarray:
-        return self.classifier.features(self._check(images)).double().numpy()
+        return self.classifier.features(self._check(images)).double().cpu().numpy()
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
-        images = torch.as_tensor(images, dtype=torch.float32)
+        images = torch.as_tensor(images).detach().to(self.device, torch.float32)
         if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
             raise ValueError(f"digit images must have shape (N, 1, 8, 8) in [-1, 1], got {tuple(images.shape)}.")
         if len(images) < 2:
@@ -143,7 +153,7 @@ class DigitsMetric:
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         pred = self.classifier(self._check(images)).argmax(dim=1)
-        return float((pred == torch.as_tensor(labels)).float().mean())
+        return float((pred == torch.as_tensor(labels).to(pred.device)).float().mean())
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> Score:
         return Score(fd=self.fd(images), acc=self.accuracy(images, labels))

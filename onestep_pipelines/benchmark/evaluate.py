@@ -66,11 +66,24 @@ def sample_digits(
     return torch.cat(chunks), labels
 
 
+def score_digits(pipe, steps: list[int], metric, name: str = "student", euler_grid: bool = False, grid_steps: int | None = None, **call_kwargs):
+    """FD-digits and accuracy of ``pipe`` at each step count: ``(rows, grid)`` with rows
+    ``{"model", "NFE", "FD-digits", "accuracy"}`` and the first 100 samples at ``grid_steps`` (default: the first)."""
+    rows, grid = [], None
+    for nfe in steps:
+        images, labels = sample_digits(pipe, nfe, euler_grid=euler_grid, **call_kwargs)
+        score = metric.score(images, labels)
+        rows.append({"model": name, "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc})
+        if nfe == (grid_steps or steps[0]):
+            grid = images[:100]
+    return rows, grid
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4) -> None:
     """Save ``(N, C, H, W)`` images in [-1, 1] (C = 1 or 3) as one PNG grid (nearest-neighbour upscaled)."""
     from PIL import Image
 
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
     n, h, w, c = images.shape
     rows = (n + nrow - 1) // nrow
     grid = torch.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 64, dtype=torch.uint8)

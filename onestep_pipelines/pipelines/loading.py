@@ -7,9 +7,9 @@ carries a two-line ``pipeline.py`` that imports the class from this package. Thr
   the class name itself).
 - ``DiffusionPipeline.from_pretrained(folder)`` after ``import onestep_pipelines``: diffusers would
   treat ``pipeline.py`` as remote code and demand ``trust_remote_code=True``. Importing this package
-  therefore wraps ``DiffusionPipeline.from_pretrained`` once: when the config names one of *our*
-  classes it calls ``<Class>.from_pretrained`` (our installed code; the folder's ``pipeline.py`` is not
-  run), and in every other case it is diffusers' own function, unchanged.
+  therefore wraps ``DiffusionPipeline.from_pretrained`` once (in ``onestep_pipelines/__init__.py``): when
+  the config names one of *our* classes it calls ``<Class>.from_pretrained`` (our installed code; the
+  folder's ``pipeline.py`` is not run), and in every other case it is diffusers' own function, unchanged.
 - ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` in an interpreter that never
   imported the package: diffusers runs the shim, which imports the installed package.
 
@@ -20,22 +20,13 @@ is never set by this package.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 
-from diffusers import DiffusionPipeline
+from ..hub import HUB_KWARGS  # noqa: F401  (mixin.py reads it from here)
 
 SHIM_NAME = "pipeline"
-PIPELINE_CLASSES: dict[str, type] = {}
-HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack")
-
-
-def register_pipeline(cls: type) -> type:
-    """Class decorator: make ``cls`` loadable through the paths above."""
-    PIPELINE_CLASSES[cls.__name__] = cls
-    return cls
 
 
 def shim_source(class_name: str) -> str:
@@ -44,14 +35,6 @@ def shim_source(class_name: str) -> str:
         "# student in an interpreter that has not imported the package. Requires `pip install onestep-pipelines`.\n"
         f"from onestep_pipelines.pipelines import {class_name}  # noqa: F401\n"
     )
-
-
-def own_class_name(config: dict) -> str | None:
-    """The name of our pipeline class that a ``model_index.json`` config names, if any."""
-    name = config.get("_class_name")
-    if isinstance(name, (list, tuple)) and len(name) == 2 and name[0] == SHIM_NAME:
-        name = name[1]
-    return name if isinstance(name, str) and name in PIPELINE_CLASSES else None
 
 
 @contextlib.contextmanager
@@ -93,26 +76,3 @@ def safetensors_kwargs(kwargs: dict, allow_pickle: bool) -> dict:
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     return kwargs
-
-
-def _install_diffusers_hook() -> None:
-    original = DiffusionPipeline.from_pretrained.__func__
-    if getattr(original, "_onestep_hook", False):
-        return
-
-    @functools.wraps(original)
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        if cls is DiffusionPipeline and kwargs.get("custom_pipeline") is None:
-            try:
-                config = DiffusionPipeline.load_config(
-                    pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-                )
-            except Exception:  # not a pipeline, offline, ...: diffusers reports it in its own words
-                config = {}
-            name = own_class_name(config)
-            if name is not None:
-                return PIPELINE_CLASSES[name].from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return original(cls, pretrained_model_name_or_path, **kwargs)
-
-    from_pretrained._onestep_hook = True
-    DiffusionPipeline.from_pretrained = classmethod(from_pretrained)

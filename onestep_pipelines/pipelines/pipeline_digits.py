@@ -13,8 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..benchmark.digits import parse_class_labels
 from ..models.digits_transformer import DigitsTransformer2DModel
 from ..sampling import check_num_steps
-from .few_step import FewStepPipelineMixin
-from .loading import register_pipeline
+from .mixin import FewStepPipelineMixin
 
 
 class _DigitsGeneration(DiffusionPipeline):
@@ -121,7 +120,6 @@ class _DigitsGeneration(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
-@register_pipeline
 class DigitsPipeline(FewStepPipelineMixin, _DigitsGeneration):
     r"""Class-conditional generation of 8x8 digits with a :class:`DigitsTransformer2DModel`.
 

@@ -183,10 +183,11 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             return flow_coefficients(times.to(dtype))
         return trigflow_coefficients(times.to(dtype), self.config.sigma_data)
 
-    def coefficients_at(self, times) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha, sigma)`` in float32 at native times (VP timesteps with -1 = clean, flow sigmas, TrigFlow
-        angles): the forward process this scheduler samples, for trainers that noise data the same way."""
-        return tuple(c.float() for c in self._coefficients(torch.as_tensor(times)))
+    def coefficients_at(self, times, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, sigma)`` at native times (VP timesteps with -1 = clean, flow sigmas, TrigFlow angles), on the
+        device of ``times`` (no host round trip): the forward process this scheduler samples, for trainers that noise
+        data the same way."""
+        return self._coefficients(torch.as_tensor(times), dtype=dtype)
 
     def native_times(self, timesteps) -> torch.Tensor:
         """Native times of model ``timesteps`` (the inverse of the units of ``self.timesteps``)."""
@@ -196,9 +197,15 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         return timesteps.double() if self.config.time_type == "trigflow" else timesteps.long()
 
     def _abar(self, times: torch.Tensor) -> torch.Tensor:
-        """float32 ``alphas_cumprod`` at VP timesteps, 1 at the clean end (-1)."""
+        """float32 ``alphas_cumprod`` at VP timesteps, 1 at the clean end (-1), on the device of ``times``."""
         idx = torch.as_tensor(times).long()
-        abar = self.alphas_cumprod.to(idx.device)[idx.clamp(min=0)]
+        if self.alphas_cumprod.device != idx.device:  # copied to that device once, not per call
+            cached = getattr(self, "_alphas_cumprod_on", None)
+            if cached is None or cached.device != idx.device:
+                self._alphas_cumprod_on = cached = self.alphas_cumprod.to(idx.device)
+        else:
+            cached = self.alphas_cumprod
+        abar = cached[idx.clamp(min=0)]
         return torch.where(idx < 0, torch.ones_like(abar), abar)
 
     def _model_timesteps(self, times: np.ndarray, device) -> torch.Tensor:

@@ -8,13 +8,15 @@ import shutil
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..pipelines.few_step import PIPELINES_BY_ARCHITECTURE
+from ..pipelines import PIPELINE_NAMES
 from ..pipelines.loading import write_atomically
 from ..metadata import StudentMetadata
 
-TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+try:  # installed (wheel or editable): model_cards/ is the data package onestep_pipelines.model_cards
+    from ..model_cards import TEMPLATES_DIR
+except ImportError:  # a checkout on sys.path without installation (a clone in ComfyUI/custom_nodes)
+    TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "model_cards")
 KINDS = {"lora": "student_lora.md", "full": "student_full.md"}
-_PIPELINE_CLASS = {arch: cls.__name__ for arch, cls in PIPELINES_BY_ARCHITECTURE.items()} | {"digits": "DigitsPipeline"}
 
 
 def _guidance_text(m: StudentMetadata) -> str:
@@ -43,6 +45,11 @@ def _comfyui_sampler(m: StudentMetadata) -> str:
     if gamma == 0.0:
         return "the built-in `euler` sampler" if cfg.time_type == "flow" else "the built-in `ddim` sampler"
     return f"the onestep consistency sampler with gamma {gamma:g}"
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``org/name`` that is not a local path (a Hub repository the card can link to)."""
+    return name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
 
 
 def numbers_table(rows: list[dict]) -> str:
@@ -96,33 +103,48 @@ def write_model_card(
         else:
             grid.save(os.path.join(folder, grid_name))
     digits = m.architecture == "digits"
-    base = m.base_model or ("onestep-pipelines digits teacher" if digits else "the base model")
+    on_hub = m.base_model is not None and not digits and _looks_like_hub_id(m.base_model)
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation" if digits else "text-to-image",
-        base_model=None if digits or m.base_model is None or os.path.isdir(m.base_model) else m.base_model,
+        base_model=m.base_model if on_hub else None,
         tags=["few-step", m.method, "onestep-pipelines", *(["lora"] if kind == "lora" else [])],
         license=license,
     )
     if card_data.base_model:
         card_data.base_model_relation = "adapter" if kind == "lora" else "finetune"
+    shipped = digits and m.base_model in (None, "digits")
+    if shipped:
+        base_ref = "the onestep-pipelines digits teacher (shipped with the package: `onestep_pipelines.load_digits_teacher()`)"
+    elif on_hub:
+        base_ref = f"[{m.base_model}](https://huggingface.co/{m.base_model})"
+    else:
+        base_ref = f"`{m.base_model}`" if m.base_model else "its base model"
+    pipeline_class = PIPELINE_NAMES[m.architecture]
+    device = 'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+    dtype = "torch_dtype=torch.float16 if device == \"cuda\" else torch.float32"
     comfyui_file = next((n for n in sorted(os.listdir(folder)) if n.endswith("_comfyui.safetensors")), None)
     card = ModelCard.from_template(
         card_data,
-        template_path=os.path.join(TEMPLATES, KINDS[kind]),
+        template_path=os.path.join(TEMPLATES_DIR, KINDS[kind]),
         title=title or f"{m.method} few-step student ({m.architecture})",
         method=m.method,
-        base_model_name=base,
-        base_model_link=f"https://huggingface.co/{m.base_model}" if card_data.base_model else "#",
+        base_ref=base_ref,
+        base_model_name=m.base_model if on_hub else ("the digits teacher" if digits else "the base model"),
         load_base=(
             "from onestep_pipelines import load_digits_teacher, load_student_lora\n\npipe = load_digits_teacher()"
+            if shipped
+            else f'from onestep_pipelines import DigitsPipeline, load_student_lora\n\npipe = DigitsPipeline.from_pretrained("{m.base_model}")'
             if digits
-            else f"import torch\nfrom onestep_pipelines import {_PIPELINE_CLASS[m.architecture]}, load_student_lora\n\n"
-            f'pipe = {_PIPELINE_CLASS[m.architecture]}.from_pretrained("{m.base_model or "<base model id>"}", torch_dtype=torch.float16)'
+            else f"import torch\nfrom onestep_pipelines import {pipeline_class}, load_student_lora\n\n{device}"
+            f'pipe = {pipeline_class}.from_pretrained("{m.base_model or "<base model id>"}", {dtype}).to(device)'
         ),
+        imports="import onestep_pipelines  # lets DiffusionPipeline load this student's classes" if digits
+        else "import torch\nimport onestep_pipelines  # lets DiffusionPipeline load this student's classes",
+        device_line="" if digits else device,
+        load_args="" if digits else f", {dtype}).to(device",
         repo_id=repo_id,
-        pipeline_class=_PIPELINE_CLASS[m.architecture],
-        dtype_arg="" if digits else ", torch_dtype=torch.float16",
+        pipeline_class=pipeline_class,
         call_args='class_labels=["seven", 3]' if digits else '"a photo of a red fox in the snow"',
         num_inference_steps=m.num_inference_steps,
         recommended_steps=", ".join(str(n) for n in m.recommended_steps),

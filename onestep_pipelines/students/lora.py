@@ -32,13 +32,12 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..hub import DIFFUSERS_WEIGHT_NAME, R_EMBEDDER_WEIGHT_NAME
 from ..models.r_conditioning import add_r_conditioning, takes_r_timestep
-from ..pipelines.few_step import FewStepPipelineMixin, architecture_of
+from ..pipelines.mixin import FewStepPipelineMixin, architecture_of
 from ..pipelines.loading import PICKLE_SUFFIXES, atomic_path, write_atomically
 from ..metadata import METADATA_KEY, StudentMetadata
 
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-R_EMBEDDER_WEIGHT_NAME = "r_embedder.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig
 
 

@@ -17,11 +17,10 @@ import copy
 
 import torch
 
-from ...sampling import consistency_step
-from . import Method, register_method
+from onestep_pipelines.sampling import consistency_step
+from .base import Method
 
 
-@register_method
 class ConsistencyDistillation(Method):
     name = "consistency"
     needs_data = True
@@ -29,10 +28,6 @@ class ConsistencyDistillation(Method):
     def __init__(self, teacher, student, scheduler, config):
         super().__init__(teacher, student, scheduler, config)
         self.phases = config.phases or 1
-        if config.ode_steps % self.phases:
-            raise ValueError(f"ode_steps={config.ode_steps} must be a multiple of phases={self.phases}.")
-        if config.loss not in ("huber", "l2"):
-            raise ValueError(f"loss {config.loss!r} is unknown; choose 'huber' or 'l2'.")
         self.target = copy.deepcopy(student).eval().requires_grad_(False)
 
     @staticmethod
@@ -45,24 +40,26 @@ class ConsistencyDistillation(Method):
         alpha, sigma = self.teacher.coefficients(edge)
         return consistency_step(x0, eps, alpha, sigma)
 
-    def train_step(self, step, batch, generator, optimizer) -> dict:
-        device = self.accelerator.device
-        x0 = batch["images"].to(device)
+    def checkpoint_modules(self) -> dict:
+        return {"target": (self.target, self.student_trainable_names)}
+
+    def train_step(self, batch, rng) -> dict:
+        x0 = batch["images"]
         conditions = batch["conditions"]
-        n, N = len(x0), self.config.ode_steps
-        index = torch.randint(1, N + 1, (n,), generator=generator)  # t at grid fraction index / N
+        N = self.config.ode_steps
+        index = rng.integers(N) + 1  # t at grid fraction index / N
         per_phase = N // self.phases
-        edge_index = ((index - 1) // per_phase) * per_phase
-        t, s, edge = (self.teacher.native_time(i / N).to(device) for i in (index, index - 1, edge_index))
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        edge_index = torch.div(index - 1, per_phase, rounding_mode="floor") * per_phase
+        t, s, edge = (self.teacher.native_time(i / N) for i in (index, index - 1, edge_index))
+        noise = rng.normal_like(x0)
         x_t = self.teacher.add_noise(x0, t, noise)
         with torch.no_grad():
             x0_teacher, eps_teacher = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
             alpha_s, sigma_s = self.teacher.coefficients(s)
             x_s = consistency_step(x0_teacher, eps_teacher, alpha_s, sigma_s)  # one Euler / DDIM step of the teacher
-            at_edge = (index - 1 == edge_index).to(device).view(-1, 1, 1, 1)  # s is the phase edge: the target is x_s
+            at_edge = (index - 1 == edge_index).view(-1, 1, 1, 1)  # s is the phase edge: the target is x_s
             s_model = torch.where(index - 1 == edge_index, index, index - 1)  # (a valid time where the target is unused)
-            mapped = self._to_edge(self.target, x_s, self.teacher.native_time(s_model / N).to(device), edge, conditions)
+            mapped = self._to_edge(self.target, x_s, self.teacher.native_time(s_model / N), edge, conditions)
             target = torch.where(at_edge, x_s, mapped)
         pred = self._to_edge(self.student, x_t, t, edge, conditions)
         diff = ((pred - target) ** 2).flatten(1).sum(dim=1)
@@ -71,14 +68,6 @@ class ConsistencyDistillation(Method):
             loss = ((diff + c**2).sqrt() - c).mean()
         else:
             loss = diff.mean()
-        self.update(loss, optimizer, "consistency")
-        with torch.no_grad():  # the target network follows the student (LCM's EMA target)
-            for p_target, p in zip(self.target.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
-                p_target.lerp_(p, 1.0 - self.config.target_ema)
-        return {"consistency": float(loss.detach())}
-
-    def state_dict(self) -> dict:
-        return {"target": self.target.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.target.load_state_dict(state["target"])
+        self.update(loss, self.optimizer, "consistency")
+        self.ema_(self.target, self.accelerator.unwrap_model(self.student), self.config.target_ema)  # LCM's EMA target
+        return {"consistency": loss.detach()}

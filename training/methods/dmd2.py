@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Method, register_method
+from .base import Method
 
-DIVERGENCES = ("reverse-kl", "forward-kl", "js")
 
 
 class FeatureHead(nn.Module):
@@ -58,45 +57,46 @@ def f_divergence_weights(logits: torch.Tensor, divergence: str, clip: float = 10
     return h / h.mean().clamp_min(1e-8)
 
 
-@register_method
 class DMD2(Method):
     name = "dmd2"
 
     def __init__(self, teacher, student, scheduler, config):
         super().__init__(teacher, student, scheduler, config)
-        if config.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence {config.divergence!r} is unknown; choose one of {DIVERGENCES}.")
-        if config.divergence != "reverse-kl" and config.gan_weight <= 0:
-            raise ValueError(f"divergence {config.divergence!r} takes the density ratio from the GAN head: set gan_weight > 0.")
         self.needs_data = config.gan_weight > 0
-        self.fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
+        self.fake = copy.deepcopy(teacher.model).float().train().requires_grad_(True)
         if hasattr(self.fake, "r_embed"):
             self.fake.r_embed.requires_grad_(False)
-        params = self._fake_params = [p for p in self.fake.parameters() if p.requires_grad]
+        params = [p for p in self.fake.parameters() if p.requires_grad]
         self.head = None
         if config.gan_weight > 0:
             block, width = feature_block(self.fake)
             self.head = FeatureHead(width)
             block.register_forward_hook(lambda m, i, o: setattr(self, "_features", o[-1] if isinstance(o, tuple) else o))
             params = params + list(self.head.parameters())
+        self._fake_params = params  # the fake score's and the head's: frozen while the generator's loss is computed
         self.fake_optimizer = torch.optim.AdamW(params, lr=config.fake_learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
 
     def auxiliary(self) -> dict:
         return {"fake": self.fake, "fake_optimizer": self.fake_optimizer} | ({"head": self.head} if self.head is not None else {})
 
-    def _noised(self, x, generator):
-        t = self.teacher.sample_times(len(x), generator).to(x.device)
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
+    def checkpoint_modules(self) -> dict:
+        return {"fake": (self.fake, None)} | ({"head": (self.head, None)} if self.head is not None else {})
+
+    def checkpoint_optimizers(self) -> dict:
+        return {"fake_optimizer": (self.fake_optimizer, {"fake": self.fake} | ({"head": self.head} if self.head is not None else {}))}
+
+    def _noised(self, x, rng):
+        t = self.teacher.sample_times(rng.uniform())
+        noise = rng.normal_like(x)
         return self.teacher.add_noise(x, t, noise), t, noise
 
-    def _generate(self, conditions, generator, device):
+    def _generate(self, conditions, rng):
         """A student sample: the x0 prediction at step k of its roll-out (k random for multi-step students:
         backward simulation), with gradients; k is kept in ``self.segment``."""
-        n = len(next(iter(conditions.values())))
-        noise = torch.randn((n, *self.teacher.sample_shape), generator=generator).to(device)
-        self.segment = k = int(torch.randint(0, len(self.times), (1,), generator=generator))
-        x_k = self.rollout(noise, conditions, k, generator)
-        return self.teacher.predict(self.student, x_k, self.times[k].expand(n), conditions)[0]
+        noise = rng.normal(*self.teacher.sample_shape)
+        self.segment = k = rng.host_integer(0, len(self.times))
+        x_k = self.rollout(noise, conditions, k, rng)
+        return self.teacher.predict(self.student, x_k, self.time_at(k, len(noise), noise.device), conditions)[0]
 
     def fake_loss_weight(self, t):
         """Per-sample weight of the fake score's x0 error: its usual denoising loss (velocity / epsilon error)."""
@@ -106,31 +106,31 @@ class DMD2(Method):
         """``0.5 ||x - sg(x - h g)||^2`` per sample, averaged (DMD eq. 7 with the f-divergence weight h)."""
         return 0.5 * (weights.view(-1, 1, 1, 1) * (x - (x - grad).detach()) ** 2).sum(dim=(1, 2, 3)).mean()
 
-    def _fake_update(self, conditions, batch, generator, device) -> dict:
+    def _fake_update(self, conditions, batch, rng) -> dict:
         with torch.no_grad():
-            x = self._generate(conditions, generator, device)
-        x_t, t, noise = self._noised(x, generator)
+            x = self._generate(conditions, rng)
+        x_t, t, noise = self._noised(x, rng)
         x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
         losses = {"fake": (((x0_fake - x) * self.fake_loss_weight(t)) ** 2).mean()}  # denoising loss on student samples
         if self.head is not None:
             fake_logits = self.head(self._features)
-            real = batch["images"].to(device)
-            real_t = self.teacher.add_noise(real, t[: len(real)], torch.randn(real.shape, generator=generator).to(device))
+            real = batch["images"]
+            real_t = self.teacher.add_noise(real, t[: len(real)], rng.normal_like(real))
             self.teacher.predict(self.fake, real_t, t[: len(real)], {k: v[: len(real)] for k, v in batch["conditions"].items()})
             real_logits = self.head(self._features)
             losses["discriminator"] = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
         self.update(losses["fake"] + self.config.gan_weight * losses.get("discriminator", 0.0), self.fake_optimizer, "fake-score")
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
-    def train_step(self, step, batch, generator, optimizer) -> dict:
-        device = self.accelerator.device
+    def train_step(self, batch, rng) -> dict:
         conditions = batch["conditions"]
         logs = {}
         self.fake.train()
         for _ in range(self.config.fake_updates):
-            logs = self._fake_update(conditions, batch, generator, device)
-        x = self._generate(conditions, generator, device)
-        x_t, t, _ = self._noised(x, generator)
+            logs = self._fake_update(conditions, batch, rng)
+        x = self._generate(conditions, rng)
+        device = x.device
+        x_t, t, _ = self._noised(x, rng)
         with torch.no_grad():
             x0_real, _ = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
             x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
@@ -147,5 +147,5 @@ class DMD2(Method):
             gan = F.softplus(-logits).mean()
             weights = f_divergence_weights(logits, self.config.divergence)
         dmd = self.generator_loss(x, grad, weights)
-        self.update(dmd + self.config.gan_weight * gan, optimizer, "generator")
-        return {"generator": float(dmd.detach()), **({"gan": float(gan.detach())} if self.head is not None else {}), **logs}
+        self.update(dmd + self.config.gan_weight * gan, self.optimizer, "generator")
+        return {"generator": dmd.detach(), **({"gan": gan.detach()} if self.head is not None else {}), **logs}

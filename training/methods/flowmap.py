@@ -31,15 +31,11 @@ import math
 
 import torch
 
-from . import register_method
 from .meanflow import MeanFlow
 
 
-@register_method
 class FlowMap(MeanFlow):
     name = "flowmap"
-    targets = ("euler", "jvp")
-    source_options = ("teacher",)
 
     def prediction_and_target(self, z, r, t, x, e, conditions):
         tt, rr = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
@@ -50,7 +46,8 @@ class FlowMap(MeanFlow):
             r_mid = torch.minimum(r + torch.clamp_min(self.config.jump_fraction * (t - r), d), t)
             mid = r_mid.view(-1, 1, 1, 1)
             u_ema = self.u(self.target_net, z, r_mid, t, conditions)
-            substeps = max(1, math.ceil(float((r_mid - r).max()) / d - 1e-6))  # teacher Euler steps of at most d
+            # teacher Euler steps of at most d for the longest teacher interval possible, max(d, f): known on the host
+            substeps = max(1, math.ceil(max(d, self.config.jump_fraction) / d - 1e-6))
             h = ((r_mid - r) / substeps).view(-1, 1, 1, 1)
             z_s, s, v_sum = z - (tt - mid) * u_ema, mid, 0.0
             for k in range(substeps):

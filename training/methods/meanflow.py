@@ -23,36 +23,26 @@ import copy
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...models.r_conditioning import takes_r_timestep
-from . import Method, register_method
+from onestep_pipelines.models.r_conditioning import takes_r_timestep
+
+from . import METHODS
+from .base import Method
 
 
-@register_method
 class MeanFlow(Method):
     name = "meanflow"
     needs_data = True
     uses_r = True
     scheduler_class = "FlowMapScheduler"
     adam_betas = (0.9, 0.99)
-    targets = ("split", "jvp")  # ways to form the target; the first needs no JVP and is the default
-    source_options = ("teacher", "data")
 
     @staticmethod
     def sampler_gamma(config) -> float:
         return 0.0
 
-    @classmethod
-    def check_teacher(cls, teacher) -> None:
-        if teacher.time_type != "flow":
-            raise ValueError(f"{cls.name} needs a flow teacher (time 1 = noise, velocity prediction); this one is {teacher.time_type}.")
-
     def __init__(self, teacher, student, scheduler, config):
         super().__init__(teacher, student, scheduler, config)
-        self.target = config.target or self.targets[0]
-        if self.target not in self.targets:
-            raise ValueError(f"--target {self.target!r} is unknown for {self.name}; choose one of {list(self.targets)}.")
-        if config.source not in self.source_options:
-            raise ValueError(f"--source {config.source!r} is unknown for {self.name}; choose one of {list(self.source_options)}.")
+        self.target = config.target or METHODS[self.name].targets[0]  # the first target needs no JVP and is the default
         if not takes_r_timestep(student):
             raise ValueError(f"{self.name} trains a flow map u(x, r, t): the student must take a second time r (add_r_conditioning); "
                              f"{type(student).__name__} does not.")
@@ -73,18 +63,18 @@ class MeanFlow(Method):
         except (RuntimeError, NotImplementedError) as error:
             raise ValueError(
                 f"--target jvp: {type(self.accelerator.unwrap_model(model)).__name__} cannot do forward-mode AD here ({error}); "
-                f"use --target {self.targets[0]} (no JVP)."
+                f"use --target {METHODS[self.name].targets[0]} (no JVP)."
             ) from None
 
-    def sample_pairs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_pairs(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """Times ``t`` (logit-normal, a fraction at 1) and ``r`` (uniform in ``[0, t]``, a fraction at 0, a fraction
-        equal to ``t``)."""
+        equal to ``t``), one pair per sample."""
         cfg = self.config
-        t = torch.sigmoid(torch.randn(n, generator=generator) * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
-        t = torch.where(torch.rand(n, generator=generator) < cfg.endpoint_fraction, torch.ones(n), t)  # start at pure noise
-        r = t * torch.rand(n, generator=generator)
-        r = torch.where(torch.rand(n, generator=generator) < cfg.endpoint_fraction, torch.zeros(n), r)  # jump to data
-        r = torch.where(torch.rand(n, generator=generator) < cfg.equal_fraction, t, r)
+        t = torch.sigmoid(rng.normal() * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
+        t = torch.where(rng.uniform() < cfg.endpoint_fraction, 1.0, t)  # start at pure noise
+        r = t * rng.uniform()
+        r = torch.where(rng.uniform() < cfg.endpoint_fraction, 0.0, r)  # jump to data
+        r = torch.where(rng.uniform() < cfg.equal_fraction, t, r)
         return t, r
 
     def prediction_and_target(self, z, r, t, x, e, conditions):
@@ -104,22 +94,22 @@ class MeanFlow(Method):
             target = torch.where((t == r).view(-1, 1, 1, 1), v, split)
         return self.u(self.student, z, r, t, conditions), target
 
-    def train_step(self, step, batch, generator, optimizer) -> dict:
-        device = self.accelerator.device
-        x = batch["images"].to(device)
+    def checkpoint_modules(self) -> dict:
+        return {"target": (self.target_net, self.student_trainable_names)}
+
+    def train_step(self, batch, rng) -> dict:
+        x = batch["images"]
         conditions = batch["conditions"]
-        t, r = (a.to(device) for a in self.sample_pairs(len(x), generator))
-        e = torch.randn(x.shape, generator=generator).to(device)
+        t, r = self.sample_pairs(rng)
+        e = rng.normal_like(x)
         tt = t.view(-1, 1, 1, 1)
         z = (1 - tt) * x + tt * e
         pred, target = self.prediction_and_target(z, r, t, x, e, conditions)
         error = ((pred - target) ** 2).flatten(1).mean(dim=1)
         loss = (error / (error.detach() + 1e-3) ** 0.5).mean()
-        self.update(loss, optimizer, self.name)
-        with torch.no_grad():
-            for p_target, p in zip(self.target_net.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
-                p_target.lerp_(p, 1.0 - self.config.target_ema)
-        return {self.name: float(loss.detach())}
+        self.update(loss, self.optimizer, self.name)
+        self.ema_(self.target_net, self.accelerator.unwrap_model(self.student), self.config.target_ema)
+        return {self.name: loss.detach()}
 
     def teacher_velocity(self, z, t, conditions):
         """The teacher's guided velocity ``eps - x0`` (flow time, 1 = noise; defined at ``t = 0`` too)."""
@@ -136,9 +126,3 @@ class MeanFlow(Method):
             return v
         uncond = self.u(self.target_net, z, t, t, self.teacher.null_conditions(conditions))
         return w * v + (1 - w) * uncond
-
-    def state_dict(self) -> dict:
-        return {"target": self.target_net.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.target_net.load_state_dict(state["target"])

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from . import register_method
 from .dmd2 import DMD2
 
 
-@register_method
 class TDM(DMD2):
     name = "tdm"
     scheduler_class = "TDMScheduler"
@@ -28,14 +26,14 @@ class TDM(DMD2):
     def sampler_gamma(config) -> None:
         return None  # TDMScheduler: deterministic moves, no gamma
 
-    def _noised(self, x, generator):
+    def _noised(self, x, rng):
         """Noise the student's x0 to a uniform time inside the current segment ``(t_{k+1}, t_k]``."""
         k = self.segment
         high = self.teacher.fraction(self.times[k])
         low = self.teacher.fraction(self.times[k + 1]) if k + 1 < len(self.times) else 0.0
-        u = low + (high - low) * (1 - torch.rand(len(x), generator=generator, dtype=torch.float64))  # in (low, high]
-        t = self.teacher.native_time(u.clamp(min=0.02, max=0.98)).to(x.device)
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        u = low + (high - low) * (1 - rng.uniform())  # in (low, high]
+        t = self.teacher.native_time(u.clamp(min=0.02, max=0.98))
+        noise = rng.normal_like(x)
         return self.teacher.add_noise(x, t, noise), t, noise
 
     def fake_loss_weight(self, t):

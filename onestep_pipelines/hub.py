@@ -1,4 +1,6 @@
-"""Upload a saved student to the Hugging Face Hub."""
+"""Upload a saved student to the Hugging Face Hub, and the names of the files a student folder holds.
+
+A bottom layer (huggingface_hub only): pipelines and the LoRA writer import it, it imports neither."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import os
 
 from huggingface_hub import HfApi
 
-from .lora import DIFFUSERS_WEIGHT_NAME
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # a LoRA student in diffusers / peft layout
+R_EMBEDDER_WEIGHT_NAME = "r_embedder.safetensors"  # the second-time embedding of an r-conditioned LoRA student
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")  # download options
 
 
 def push_student(

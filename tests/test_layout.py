@@ -1,0 +1,202 @@
+"""The repository's layout: no symbolic links, every folder installed where pyproject maps it, no import reaching
+above its folder, no import circle, and a checkout made without symlink support (Git on Windows) loads the node
+pack both as a plain clone in ComfyUI/custom_nodes and from a built wheel."""
+
+import ast
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAPPED = {"onestep_pipelines.training": "training", "onestep_pipelines.comfy_nodes": "comfy_nodes", "onestep_pipelines.model_cards": "model_cards"}
+
+
+def pyproject() -> dict:
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def git_files() -> list[tuple[str, str]]:
+    """``(mode, path)`` of every tracked file, or skip outside a git checkout."""
+    if not os.path.isdir(os.path.join(REPO, ".git")) or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [(line.split()[0], line.split("\t", 1)[1]) for line in out.splitlines()]
+
+
+def test_no_symbolic_links_are_tracked():
+    links = [path for mode, path in git_files() if mode == "120000"]
+    assert links == [], f"symbolic links break checkouts with core.symlinks=false (Git on Windows): {links}"
+
+
+def package_folders() -> dict[str, str]:
+    """Every importable package under the mapped top-level folders: ``{dotted name: folder}``."""
+    roots = {"onestep_pipelines": "onestep_pipelines", **MAPPED}
+    found = {}
+    for package, folder in roots.items():
+        for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, folder)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            if "__init__.py" in filenames:
+                rel = os.path.relpath(dirpath, os.path.join(REPO, folder))
+                found[package if rel == "." else f"{package}.{rel.replace(os.sep, '.')}"] = dirpath
+    return found
+
+
+def test_pyproject_installs_every_package_from_its_folder():
+    setuptools = pyproject()["tool"]["setuptools"]
+    assert sorted(setuptools["packages"]) == sorted(package_folders())
+    for package, folder in MAPPED.items():
+        assert setuptools["package-dir"][package] == folder
+
+
+def modules() -> dict[str, str]:
+    """``{dotted module name: path}`` of every Python module of the installed package."""
+    out = {}
+    for package, folder in package_folders().items():
+        for path in glob.glob(os.path.join(folder, "*.py")):
+            name = os.path.basename(path)[:-3]
+            out[package if name == "__init__" else f"{package}.{name}"] = path
+    return out
+
+
+def imports_of(name: str, path: str, known: dict) -> set[str]:
+    """Modules of the package that ``name`` imports (relative imports resolved), at any depth of its code."""
+    base = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = base.split(".")
+                target = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in known else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in known and m != name}
+
+
+@pytest.mark.parametrize("folder", ["training", "comfy_nodes"])
+def test_mapped_folders_import_nothing_above_themselves(folder):
+    """training/ and comfy_nodes/ are packages of their own: relative imports stay inside the folder (the library is
+    imported by its absolute name), so they read the same in the repository and installed."""
+    for path in glob.glob(os.path.join(REPO, folder, "**", "*.py"), recursive=True):
+        depth = os.path.relpath(os.path.dirname(path), os.path.join(REPO, folder)).count(os.sep) + (os.path.dirname(path) != os.path.join(REPO, folder))
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level - 1 <= depth, f"{os.path.relpath(path, REPO)}:{node.lineno} imports above {folder}/"
+
+
+def test_no_import_circles():
+    """A lower layer never imports a higher one: the module import graph has no cycle (lazy imports included)."""
+    known = modules()
+    graph = {name: imports_of(name, path, known) for name, path in known.items()}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+@pytest.fixture(scope="module")
+def windows_style_clone(tmp_path_factory):
+    """The repository cloned the way Git on Windows does by default (no symbolic links), with uncommitted changes."""
+    git_files()
+    clone = tmp_path_factory.mktemp("clone") / "onestep-pipelines"
+    subprocess.run(["git", "-c", "core.symlinks=false", "clone", "-q", "--no-hardlinks", REPO, str(clone)], check=True)
+    for mode, path in git_files():  # the working tree as it is now, so the test checks this change, not the last commit
+        source = os.path.join(REPO, path)
+        if os.path.isfile(source) and not os.path.islink(source):
+            os.makedirs(os.path.dirname(clone / path), exist_ok=True)
+            shutil.copyfile(source, clone / path)
+    for path in subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True).stdout.split():
+        os.makedirs(os.path.dirname(clone / path), exist_ok=True)
+        shutil.copyfile(os.path.join(REPO, path), clone / path)
+    return clone
+
+
+STRIP_INSTALLED = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")]  # (a class or an instance)
+sys.path[:] = [p for p in sys.path if not __import__("os").path.isdir(__import__("os").path.join(p, "onestep_pipelines"))]
+"""
+
+
+def test_plain_clone_loads_as_a_custom_node(windows_style_clone):
+    """ComfyUI imports ``custom_nodes/<folder>/__init__.py`` as a package named after the folder; without the package
+    installed, the node pack and the library come from the clone."""
+    code = STRIP_INSTALLED + f"""
+import asyncio, importlib.util, os
+clone = {str(windows_style_clone)!r}
+assert importlib.util.find_spec("onestep_pipelines") is None, "installed"
+spec = importlib.util.spec_from_file_location("onestep-pipelines", os.path.join(clone, "__init__.py"), submodule_search_locations=[clone])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+import onestep_pipelines, onestep_pipelines.sampling, onestep_pipelines.students
+assert onestep_pipelines.__file__.startswith(clone), onestep_pipelines.__file__
+assert module.comfy_entrypoint.__module__ == "onestep-pipelines.comfy_nodes"
+try:
+    asyncio.run(module.comfy_entrypoint())
+except ImportError as error:  # no ComfyUI here: the nodes' own import of comfy_api is what fails
+    assert "comfy" in str(error) or "folder_paths" in str(error), error
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(windows_style_clone.parent))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_wheel_from_the_clone_holds_every_part(windows_style_clone, tmp_path):
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(windows_style_clone)],
+                   check=True, capture_output=True)
+    (wheel,) = glob.glob(str(wheel_dir / "*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in ("onestep_pipelines/training/cli.py", "onestep_pipelines/training/methods/dmd2.py", "onestep_pipelines/comfy_nodes/nodes.py",
+                     "onestep_pipelines/model_cards/student_full.md", "onestep_pipelines/assets/digits/teacher/model_index.json",
+                     "onestep_pipelines/comfy_nodes/workflows/consistency_sampler.api.json"):
+        assert expected in names, expected
+    assert not any(name.startswith(("training/", "comfy_nodes/", "tests/")) for name in names)
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    code = STRIP_INSTALLED + f"""
+sys.path.insert(0, {str(target)!r})
+import onestep_pipelines.training.cli, onestep_pipelines.comfy_nodes, onestep_pipelines.students.cards as cards
+for module in (onestep_pipelines.training.cli, onestep_pipelines.comfy_nodes, cards):
+    assert module.__file__.startswith({str(target)!r}), module.__file__
+assert cards.TEMPLATES_DIR.startswith({str(target)!r})
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -1,0 +1,198 @@
+"""The trainer as a user meets it: a plain install runs the main job, bad options are refused before anything heavy
+loads, nothing printed is noise, checkpoints hold no pickle, summaries and model cards tell the truth, and the config
+file, validation reports and the evaluate command work."""
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from onestep_pipelines.training.cli import main
+from onestep_pipelines.training.config import DistillConfig, read_config_file
+from onestep_pipelines.training.methods import METHODS
+from onestep_pipelines.training.trainer import distill
+
+from test_training import tiny, tiny_teacher  # noqa: F401  (the module-scoped tiny digits teacher)
+
+BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # not installed\n"
+
+
+def run_python(code: str, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # what a user sees: transformers' default verbosity
+    env.pop("DIFFUSERS_VERBOSITY", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def test_digits_ship_with_the_package_and_equal_scikit_learns():
+    from onestep_pipelines.benchmark.digits import load_digits_images
+
+    images, labels = load_digits_images()
+    assert images.shape == (1797, 1, 8, 8) and labels.shape == (1797,) and images.min() == -1 and images.max() == 1
+    sklearn = pytest.importorskip("sklearn.datasets")
+    data = sklearn.load_digits()
+    np.testing.assert_array_equal(images.squeeze(1).numpy(), data.images.astype(np.float32) / 8 - 1)
+    np.testing.assert_array_equal(labels.numpy(), data.target)
+
+
+def test_main_job_runs_without_the_optional_packages_and_prints_no_noise(tiny_teacher, tmp_path):  # noqa: F811
+    """A plain install has no scikit-learn, matplotlib, tensorboard or torchvision: the job runs, scores and prints
+    no warning about any of them."""
+    out = tmp_path / "run"
+    code = BLOCK.format(names=["sklearn", "matplotlib", "tensorboard", "tensorboardX", "torchvision"]) + (
+        "from onestep_pipelines.training.cli import main\n"
+        f"code = main(['distill', '--teacher', {tiny_teacher!r}, '--output-dir', {str(out)!r}, '--max-train-steps', '2', '--batch-size', '8'])\n"
+        "assert 'sklearn' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "sys.exit(code)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FD-digits" in result.stdout and "student (dmd2)" in result.stdout
+    printed = result.stdout + result.stderr
+    for noise in ("torchvision", "Warning", "warning", "deprecated"):
+        assert noise not in printed, printed[-3000:]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--help"], None),
+    (["distill", "--help"], None),
+    (["distill", "--output-dir", "{file}"], "--output-dir {file} is a file"),
+    (["distill", "--num-steps", "9"], "--num-steps must be 1 to 4, got 9"),
+    (["distill", "--method", "magic"], "invalid choice: 'magic'"),
+    (["distill", "--config", "{missing}"], "--config {missing}: no such file"),
+    (["distill", "--prompts", "{missing}"], "--prompts {missing}: no such file"),
+    (["distill", "--teacher", "{file}"], "--teacher {file} is not a diffusers pipeline folder"),
+    (["distill", "--resume", "latest", "--output-dir", "{empty}"], "holds no run to continue"),
+    (["evaluate", "{missing}"], "no such folder"),
+])
+def test_help_and_bad_options_answer_before_torch_loads(tmp_path, argv, message):
+    paths = {"file": str(tmp_path / "afile"), "missing": str(tmp_path / "missing.yaml"), "empty": str(tmp_path / "empty")}
+    (tmp_path / "afile").write_text("x")
+    argv = [a.format(**paths) for a in argv]
+    code = (
+        "import sys\nfrom onestep_pipelines.training.cli import main\n"
+        f"try:\n    code = main({argv!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules)\n"
+        "print('HEAVY', heavy, file=sys.stderr)\nsys.exit(code)\n"
+    )
+    result = run_python(code, cwd=str(tmp_path))
+    assert "HEAVY []" in result.stderr, result.stderr[-2000:]
+    if message is None:
+        assert result.returncode == 0 and "usage: onestep-train" in result.stdout
+    else:
+        assert result.returncode == 2 and message.format(**paths) in result.stderr
+
+
+def test_help_lists_every_registered_method(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, spec in METHODS.items():
+        assert f"{name}: {' '.join(spec.summary.split())}" in text
+
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+
+
+@pytest.mark.parametrize("overrides", [{"gan_weight": 0.1}, {"method": "consistency", "num_steps": 2, "lora_rank": 2}])
+def test_checkpoints_hold_no_pickle_and_resume_without_unpickling(tiny_teacher, tmp_path, monkeypatch, overrides):  # noqa: F811
+    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4, **overrides))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2, **overrides))
+    files = _files(tmp_path / "split" / "checkpoints")
+    assert files and all(f.endswith((".safetensors", ".json")) for f in files), files
+    (tmp_path / "split" / "checkpoints" / "step-2" / "evil.pkl").write_bytes(pickle.dumps({"x": 1}))  # never read
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    result = distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest", **overrides))
+    monkeypatch.undo()
+    from test_training import student_weights
+
+    a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the summary reports the whole run and, separately, the resumed part
+    assert result["steps"] == 4 and result["this_part"] == {"steps": 2, "seconds": result["parts"][1]["seconds"], "resumed_from": 2}
+    assert [(p["from"], p["to"]) for p in result["parts"]] == [(0, 2), (2, 4)]
+    assert result["seconds"] == pytest.approx(sum(p["seconds"] for p in result["parts"]))
+    saved = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert saved["steps"] == 4 and saved["this_part"]["steps"] == 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_teacher, tmp_path):  # noqa: F811
+    distill(tiny(tiny_teacher, tmp_path / "dmd2", max_train_steps=2))
+    distill(tiny(tiny_teacher, tmp_path / "other", max_train_steps=2, method="consistency"))
+    with pytest.raises(ValueError, match="made with other options"):
+        distill(tiny(tiny_teacher, tmp_path / "dmd2", max_train_steps=3, resume=str(tmp_path / "other" / "checkpoints" / "step-2")))
+
+
+def test_config_file_with_flags_on_top(tiny_teacher, tmp_path):  # noqa: F811
+    (tmp_path / "run.yaml").write_text(f"teacher: {tiny_teacher}\nmethod: consistency\nnum-steps: 2\nbatch_size: 8\nlearning_rate: 1e-3\n"
+                                       "max_train_steps: 2\nevaluate: false\npreview_every: 0\n")
+    out = tmp_path / "out"
+    assert main(["distill", "--config", str(tmp_path / "run.yaml"), "--num-steps", "4", "--output-dir", str(out)]) == 0
+    saved = read_config_file(str(out / "config.yaml"))
+    assert saved["method"] == "consistency" and saved["num_steps"] == 4 and saved["learning_rate"] == 1e-3  # the flag won
+    assert DistillConfig(**saved).to_dict() == saved  # the saved file is a complete, valid config
+    (tmp_path / "run.json").write_text(json.dumps({"teacher": tiny_teacher, "max_train_steps": 1}))
+    assert read_config_file(str(tmp_path / "run.json")) == {"teacher": tiny_teacher, "max_train_steps": 1}
+    for text, message in (("numsteps: 2\n", "unknown option 'numsteps'"), ("num_steps: two\n", "num_steps must be an integer, got 'two'"), ("num_steps: 2.5\n", "must be an integer"),
+                          ("- a\n- b\n", "must hold a mapping"), ("a: [\n", "is not valid YAML")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_config_file(str(tmp_path / "bad.yaml"))
+
+
+def test_validation_reports_estimate_and_evaluate_command(tiny_teacher, tmp_path, capsys):  # noqa: F811
+    result = distill(tiny(tiny_teacher, tmp_path / "run", max_train_steps=6, validation_every=3, log_every=2, method="meanflow"))
+    printed = capsys.readouterr().out
+    assert "estimate:" in printed and "for the remaining 1 updates" in printed and "peak memory" in printed
+    assert "validation at update 3: FD-digits" in printed
+    for update in (3, 6):
+        report = json.loads((tmp_path / "run" / "validation" / f"step-{update}.json").read_text())
+        assert report["update"] == update and [r["NFE"] for r in report["rows"]] == [1, 2, 4, 8]
+        assert all(np.isfinite(r["FD-digits"]) and 0 <= r["accuracy"] <= 1 for r in report["rows"])
+        assert (tmp_path / "run" / "validation" / f"step-{update}.png").is_file()
+    assert main(["evaluate", result["student_dir"], "--steps", "1,2", "--json", str(tmp_path / "scores.json")]) == 0
+    table = capsys.readouterr().out
+    assert "FD-digits" in table and len(json.loads((tmp_path / "scores.json").read_text())["rows"]) == 2
+    assert main(["evaluate", result["student_dir"]]) == 0  # the student's recommended steps: 1, 2, 4, 8
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5
+    assert main(["evaluate", str(tmp_path), "--steps", "1"]) == 2
+    assert "neither a pipeline folder" in capsys.readouterr().err
+    assert main(["evaluate", result["student_dir"], "--steps", "0"]) == 2
+
+
+def python_blocks(card: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card, flags=re.S)
+
+
+def links(card: str) -> list[str]:
+    return re.findall(r"\]\(([^)]*)\)", card)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_model_cards_link_what_exists_and_their_snippets_run(tiny_teacher, tmp_path, lora_rank):  # noqa: F811
+    result = distill(tiny(tiny_teacher, tmp_path / "run", max_train_steps=1, lora_rank=lora_rank))
+    folder = result.get("lora_dir") or result["student_dir"]
+    card = open(os.path.join(folder, "README.md")).read()
+    for target in links(card):
+        assert target.startswith("https://") or os.path.isfile(os.path.join(folder, target)), target
+    blocks = python_blocks(card)
+    assert blocks
+    for block in blocks:
+        if "import torch" in block:
+            assert re.search(r"\btorch\.", block.replace("import torch", "")), "imports torch without using it"
+        # the card's repo id is the folder's name: run the snippet next to the folder, as a user who downloaded it
+        result = run_python(block, cwd=os.path.dirname(folder))
+        assert result.returncode == 0, f"{block}\n{result.stderr[-3000:]}"

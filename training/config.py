@@ -1,0 +1,292 @@
+"""Options of ``onestep-train distill`` and their validation, before anything heavy loads.
+
+This module imports neither torch nor diffusers: ``onestep-train --help``, a bad flag, a bad config file or a bad
+path are answered in well under a second. :func:`resolve` merges defaults, a config file (YAML or JSON) and flags,
+in that order; :meth:`DistillConfig.check_paths` checks the file system (output folder, teacher, prompts, data,
+resume) with the same care, so that a run that starts is a run that can finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from .methods import METHODS, check_method_name
+
+RUN_FILE = "run.json"  # the options a resumed run must share with the run it continues
+CONFIG_FILE = "config.yaml"  # the resolved options of a run, written in its folder
+DIVERGENCES = ("reverse-kl", "forward-kl", "js")
+LOSSES = ("huber", "l2")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def flag(name: str) -> str:
+    """``num_steps`` -> ``--num-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def option(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class DistillConfig:
+    """Every option of ``onestep-train distill`` (the CLI flags and their help are built from these fields)."""
+
+    method: str = option("dmd2", "distillation method", tuple(METHODS))
+    teacher: str = option("digits", "'digits' (the embedded teacher), or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)")
+    prompts: str = option("", "text-to-image teachers: a text file with one prompt per line (data-free methods)")
+    data: str = option("", "text-to-image teachers: an image folder with a .txt caption per image")
+    resolution: int = option(512, "text-to-image teachers: image size of training samples")
+    output_dir: str = option("onestep-digits-student", "run folder: checkpoints, previews, validation reports, the student")
+    num_steps: int = option(1, "student steps (NFE), 1 to 4")
+    max_train_steps: int = option(1000, "generator updates")
+    batch_size: int = option(128, "samples per micro-batch and process")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (all optimizers)")
+    learning_rate: float = option(1e-4, "student learning rate (AdamW)")
+    fake_learning_rate: float = option(1e-4, "dmd2, tdm: fake-score learning rate")
+    fake_updates: int = option(1, "dmd2, tdm: fake-score updates per generator update")
+    guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
+    divergence: str = option("reverse-kl", "dmd2, tdm: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
+    gan_weight: float = option(0.0, "dmd2, tdm: weight of the GAN head on fake-score features (0 = off)")
+    phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)")
+    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps)")
+    loss: str = option("huber", "consistency: pseudo-Huber or squared L2 distance", LOSSES)
+    target_ema: float = option(0.95, "consistency, meanflow, flowmap: EMA decay of the target network")
+    target: str = option("", "meanflow: split (no JVP, default) or jvp; flowmap: euler (no JVP, default) or jvp")
+    source: str = option("teacher", "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)")
+    jump_fraction: float = option(0.5, "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps)")
+    equal_fraction: float = option(0.25, "meanflow, flowmap: fraction of pairs with r = t")
+    endpoint_fraction: float = option(0.3, "meanflow, flowmap: fraction of t set to 1 and, independently, of r set to 0")
+    logit_mean: float = option(0.0, "meanflow, flowmap: mean of the logit-normal t")
+    logit_std: float = option(1.0, "meanflow, flowmap: standard deviation of the logit-normal t")
+    lora_rank: int = option(0, "LoRA rank of the student; 0 trains all weights")
+    lora_alpha: float = option(0.0, "LoRA alpha (0 = the rank)")
+    lora_targets: str = option("", "comma-separated module names the LoRA adapts (default: attention projections)")
+    ema_decay: float = option(0.99, "EMA decay of the student weights (0 = no EMA)")
+    seed: int = option(0, "seed of the whole run")
+    device: str = option("auto", "auto (the accelerator accelerate finds: CUDA, MPS, XPU..., else the CPU) or cpu")
+    mixed_precision: str = option("auto", "auto (bf16 for text-to-image teachers on an accelerator that has it, else no), no, fp16 or bf16", PRECISIONS)
+    checkpoint_every: int = option(200, "save a resumable checkpoint every N updates")
+    checkpoints_to_keep: int = option(2, "checkpoints kept on disk")
+    preview_every: int = option(200, "write a preview grid every N updates (0 = never)")
+    validation_every: int = option(0, "write a validation report (digits: FD-digits and accuracy; samples) every N updates (0 = never)")
+    log_every: int = option(10, "read the losses (progress bar, trackers) and the NaN / inf guard every N updates")
+    resume: str = option("", "'latest' or a checkpoint folder to continue from")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    log_with: str = option("auto", "tracker for the losses: auto (tensorboard when installed), none, or an accelerate tracker name")
+    evaluate: bool = option(True, "print teacher-vs-student FD-digits at the end (digits teacher)")
+    push_to_hub: str = option("", "Hub repo id to upload the student to (token from HF_TOKEN / `hf auth login`)")
+
+    def __post_init__(self):
+        spec = check_method_name(self.method)
+        checks = [
+            (1 <= self.num_steps <= 4, "num_steps", "must be 1 to 4"),
+            (self.max_train_steps > 0, "max_train_steps", "must be positive"),
+            (self.batch_size > 0, "batch_size", "must be positive"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1"),
+            (self.learning_rate > 0, "learning_rate", "must be positive"),
+            (self.fake_learning_rate > 0, "fake_learning_rate", "must be positive"),
+            (self.fake_updates >= 1, "fake_updates", "must be at least 1"),
+            (self.guidance_scale > 0, "guidance_scale", "must be positive (1 = no guidance)"),
+            (self.gan_weight >= 0, "gan_weight", "must be 0 (off) or positive"),
+            (self.phases >= 0, "phases", "must be 0 or positive"),
+            (self.ode_steps >= 1, "ode_steps", "must be at least 1"),
+            (self.phases <= 1 or self.ode_steps % self.phases == 0, "ode_steps", f"must be a multiple of --phases {self.phases}"),
+            (self.resolution > 0 and self.resolution % 16 == 0, "resolution", "must be a positive multiple of 16"),
+            (0 <= self.target_ema < 1, "target_ema", "must lie in [0, 1)"),
+            (0 <= self.equal_fraction <= 1, "equal_fraction", "must lie in [0, 1]"),
+            (0 <= self.endpoint_fraction <= 1, "endpoint_fraction", "must lie in [0, 1]"),
+            (0 <= self.jump_fraction < 1, "jump_fraction", "must lie in [0, 1)"),
+            (self.logit_std > 0, "logit_std", "must be positive"),
+            (self.lora_rank >= 0, "lora_rank", "must be 0 (train all weights) or positive"),
+            (self.lora_alpha >= 0, "lora_alpha", "must be 0 (the rank) or positive"),
+            (0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1)"),
+            (self.checkpoint_every > 0, "checkpoint_every", "must be positive"),
+            (self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be at least 1"),
+            (self.preview_every >= 0, "preview_every", "must be 0 (never) or positive"),
+            (self.validation_every >= 0, "validation_every", "must be 0 (never) or positive"),
+            (self.log_every >= 1, "log_every", "must be at least 1"),
+            (self.device == "auto" or self.device == "cpu", "device", "must be auto or cpu"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(f"{flag(name)} {message}, got {getattr(self, name)!r}.")
+        for f in dataclasses.fields(self):
+            if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{flag(f.name)} {getattr(self, f.name)!r} is unknown; choose one of {', '.join(f.metadata['choices'])}.")
+        if self.divergence != "reverse-kl" and self.gan_weight <= 0:
+            raise ValueError(f"--divergence {self.divergence} takes the density ratio from the GAN head: set --gan-weight > 0.")
+        if self.target and self.target not in spec.targets:
+            allowed = f"choose one of {', '.join(spec.targets)}" if spec.targets else "it takes no --target"
+            raise ValueError(f"--target {self.target!r} does not apply to --method {self.method}; {allowed}.")
+        if spec.sources and self.source not in spec.sources:
+            raise ValueError(f"--source {self.source!r} does not apply to --method {self.method}; choose one of {', '.join(spec.sources)}.")
+        if not spec.sources and self.source != "teacher":
+            raise ValueError(f"--source applies to meanflow; --method {self.method} learns from the teacher.")
+        if self.prompts and self.data:
+            raise ValueError("pass --prompts FILE or --data FOLDER, not both.")
+
+    def comparable(self) -> dict:
+        """The options a resumed run must share with the run it continues."""
+        keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
+                "lora_targets", "seed", "divergence", "gan_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
+        return {k: getattr(self, k) for k in keep}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------------------------------ file system
+    @property
+    def digits_teacher(self) -> bool:
+        if self.teacher == "digits":
+            return True
+        index = os.path.join(self.teacher, "model_index.json")
+        return os.path.isfile(index) and "DigitsPipeline" in json.dumps(_read_json(index, "--teacher").get("_class_name"))
+
+    def check_paths(self) -> None:
+        """Refuse, with the flag's name, anything on disk that would stop the run later (nothing is written)."""
+        self._check_output_dir()
+        self._check_teacher()
+        if self.prompts and not os.path.isfile(self.prompts):
+            raise ValueError(f"--prompts {self.prompts}: no such file.")
+        if self.prompts:
+            with open(self.prompts, encoding="utf-8") as f:
+                if not any(line.strip() for line in f):
+                    raise ValueError(f"--prompts {self.prompts} holds no prompt.")
+        if self.data:
+            if not os.path.isdir(self.data):
+                raise ValueError(f"--data {self.data}: no such folder.")
+            if not captioned_images(self.data):
+                raise ValueError(f"--data {self.data} holds no image with a caption (name.png + name.txt).")
+        if self.digits_teacher and (self.prompts or self.data):
+            raise ValueError("the digits teacher trains on the embedded digits; --prompts and --data are for text-to-image teachers.")
+        if not self.digits_teacher:
+            needs_images = self.method in ("consistency", "meanflow", "flowmap") or self.gan_weight > 0
+            if needs_images and not self.data:
+                raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions).")
+            if not self.prompts and not self.data:
+                raise ValueError("a text-to-image teacher needs --prompts FILE (one prompt per line) or --data FOLDER.")
+
+    def _check_output_dir(self) -> None:
+        out = self.output_dir
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--output-dir {out} is a file; choose a folder (new or empty) for the run.")
+        run_file = os.path.join(out, RUN_FILE)
+        if os.path.isfile(run_file):
+            previous = _read_json(run_file, "--output-dir")
+            if not self.resume:
+                raise ValueError(f"--output-dir {out} holds another run; pass --resume latest to continue it, or choose a new --output-dir.")
+            if previous != self.comparable():
+                diff = ", ".join(f"{flag(k)} {previous.get(k)!r} -> {v!r}" for k, v in self.comparable().items() if previous.get(k) != v)
+                raise ValueError(f"--resume: the run in {out} was started with other options ({diff}).")
+            if self.resume != "latest" and not os.path.isfile(os.path.join(self.resume, "trainer_state.json")):
+                raise ValueError(f"--resume {self.resume}: not a checkpoint folder of this trainer (no trainer_state.json).")
+        elif self.resume:
+            raise ValueError(f"--resume {self.resume}: --output-dir {out} holds no run to continue.")
+        elif os.path.isdir(out) and os.listdir(out):
+            raise ValueError(f"--output-dir {out} is not empty and holds no run of this trainer; choose a new or empty folder.")
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.access(parent if not os.path.isdir(out) else out, os.W_OK):
+            raise ValueError(f"--output-dir {out}: cannot write there.")
+
+    def _check_teacher(self) -> None:
+        source = self.teacher
+        if source == "digits":
+            return
+        if os.path.exists(source):
+            if not os.path.isfile(os.path.join(source, "model_index.json")):
+                raise ValueError(f"--teacher {source} is not a diffusers pipeline folder (it has no model_index.json).")
+            scheduler = os.path.join(source, "scheduler", "scheduler_config.json")
+            if METHODS[self.method].flow_teacher and os.path.isfile(scheduler) and _is_vp_config(_read_json(scheduler, "--teacher")):
+                raise ValueError(f"--method {self.method} needs a flow teacher (time 1 = noise, velocity prediction); {source} is a VP (DDPM-family) model.")
+        elif os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") != 1:
+            raise ValueError(f"--teacher {source!r} is neither 'digits', a pipeline folder, nor a Hub id 'org/name'.")
+
+
+def _is_vp_config(config: dict) -> bool:
+    """A stock scheduler config of a VP (DDPM-family) model: it has a beta schedule and is not TrigFlow."""
+    return any(k in config for k in ("beta_schedule", "trained_betas")) and config.get("prediction_type") != "trigflow"
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what}: cannot read {path} ({error}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: {path} does not hold a JSON object.")
+    return data
+
+
+def captioned_images(folder: str) -> list[str]:
+    """Image files of ``folder`` that have a ``.txt`` caption beside them, sorted."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+    return [n for n in names if os.path.isfile(os.path.join(folder, os.path.splitext(n)[0] + ".txt"))]
+
+
+# ---------------------------------------------------------------------------------------------- config files
+def read_config_file(path: str) -> dict:
+    """Options from a YAML or JSON file (keys as field names or flags: ``num_steps``, ``num-steps``, ``--num-steps``)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as error:  # yaml.YAMLError or json.JSONDecodeError: say where
+        raise ValueError(f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}".split("\n")[0]) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of options (e.g. `method: dmd2`), not {type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"--config {path}: unknown option {key!r} (see onestep-train distill --help).")
+        out[name] = _typed(value, fields[name].type, f"--config {path}: {key}")
+    return out
+
+
+def _typed(value, kind: str, what: str):
+    """``value`` as the field's type; numbers may be written as strings (YAML 1.1 reads ``1e-4`` as text)."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    elif not isinstance(value, bool):
+        try:
+            number = float(value) if kind == "float" else int(value)
+            if kind == "float" or float(value) == number:
+                return number
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{what} must be {'a number' if kind == 'float' else 'an integer' if kind == 'int' else kind}, got {value!r}.")
+
+
+def resolve(flags: dict, config_file: str | None = None) -> DistillConfig:
+    """Defaults, then the config file, then the flags given on the command line (``flags`` holds only those)."""
+    values = read_config_file(config_file) if config_file else {}
+    values.update(flags)
+    return DistillConfig(**values)
+
+
+def config_yaml(config: DistillConfig) -> str:
+    """The resolved options as YAML, in field order (written as ``config.yaml`` in the run folder)."""
+    import yaml
+
+    return "# onestep-train distill --config config.yaml reproduces this run\n" + yaml.safe_dump(config.to_dict(), sort_keys=False)

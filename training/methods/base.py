@@ -1,0 +1,145 @@
+"""What every distillation method shares: the teacher, the student, the student's sampling times, roll-outs and the
+optimizer step with its NaN / inf guard."""
+
+from __future__ import annotations
+
+import torch
+
+from onestep_pipelines.sampling import consistency_step
+
+from . import METHODS, TrainingDiverged
+
+
+class FiniteGuard:
+    """Stops a run whose loss or gradient becomes NaN / inf, naming the first bad update.
+
+    On the CPU a value is checked when it is watched, so the bad update is never applied. On an accelerator the check
+    stays on the device (one flag, no synchronisation per update) and :meth:`check` reads it: the trainer calls it
+    with the logs (every ``--log-every`` updates), before every checkpoint and at the end, so no checkpoint or student
+    is ever written from diverged weights.
+    """
+
+    def __init__(self, device):
+        self.immediate = torch.device(device).type == "cpu"
+        self._names: dict[str, int] = {}
+        self._first = None  # device int64: update * 64 + name id of the first non-finite value, -1 if none
+
+    def watch(self, value: torch.Tensor, what: str, update: int) -> None:
+        if self.immediate:
+            if not bool(torch.isfinite(value).all()):
+                shown = f" ({value.item()})" if value.numel() == 1 else ""
+                raise TrainingDiverged(f"update {update + 1}: the {what} is not finite{shown}; the update was not applied")
+            return
+        code = update * 64 + self._names.setdefault(what, len(self._names))
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=value.device)
+        bad = ~torch.isfinite(value).all()
+        self._first = torch.where(bad & (self._first < 0), code, self._first)
+
+    def check(self) -> None:
+        """Raise :class:`TrainingDiverged` if a watched value was not finite (reads the device flag once)."""
+        if self._first is None:
+            return
+        first = int(self._first)
+        if first >= 0:
+            names = {i: n for n, i in self._names.items()}
+            raise TrainingDiverged(f"update {first // 64 + 1}: the {names[first % 64]} became non-finite")
+
+
+class Method:
+    """Base class: holds the teacher, the student, the student's sampling times and the run config.
+
+    Subclasses set ``name`` (their key in :data:`METHODS`) and implement :meth:`train_step`. ``auxiliary`` lists the
+    networks and optimizers the trainer prepares (devices, DDP / FSDP) and checkpoints.
+    """
+
+    name = ""
+    needs_data = False
+    uses_r = False  # the student takes a second time r (flow maps)
+    scheduler_class = "ConsistencyScheduler"  # how students of this method sample (a class of onestep_pipelines.schedulers)
+    timestep_preset = "trailing"
+    adam_betas = (0.0, 0.99)  # the student's AdamW betas (DMD2's choice; regression objectives use momentum)
+
+    @classmethod
+    def check_teacher(cls, teacher) -> None:
+        """Raise a clear error when the method cannot distil this teacher (before anything is built)."""
+        if METHODS[cls.name].flow_teacher and teacher.time_type != "flow":
+            raise ValueError(f"--method {cls.name} needs a flow teacher (time 1 = noise, velocity prediction); this one is {teacher.time_type}.")
+
+    @staticmethod
+    def sampler_gamma(config) -> float | None:
+        """The sampler's gamma (None for schedulers without one): 1 = re-noise fully between steps."""
+        return 1.0
+
+    accumulation_steps = 1  # set by the trainer: micro-batches per optimizer step
+    last_micro_step = True
+    accelerator = None
+    guard: FiniteGuard | None = None
+    update_index = 0  # the update being computed (set by the trainer), for the guard's messages
+
+    def __init__(self, teacher, student, scheduler, config):
+        self.teacher, self.student, self.config = teacher, student, config
+        self.scheduler = scheduler  # the student's sampler; its times drive the roll-outs
+        scheduler.set_timesteps(config.num_steps, mu=teacher.shift_mu())
+        self.times = scheduler.native_times(scheduler.timesteps).cpu()  # native times (host), one per student step
+        self.student_trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
+
+    def auxiliary(self) -> dict:
+        """``{attribute: module or optimizer}`` of the method's trainable networks and their optimizers; the trainer
+        prepares each with accelerate and sets it back on the method."""
+        return {}
+
+    def checkpoint_modules(self) -> dict[str, tuple[torch.nn.Module, list[str] | None]]:
+        """Networks whose state a checkpoint must hold besides the student's: ``{name: (module, parameter names or
+        None for all)}`` (target networks of LoRA students hold only the student's trainable names)."""
+        return {}
+
+    def checkpoint_optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, dict[str, torch.nn.Module]]]:
+        """The method's optimizers and the modules they train: ``{name: (optimizer, {prefix: module})}``."""
+        return {}
+
+    def time_at(self, i: int, n: int, device) -> torch.Tensor:
+        """Student step ``i``'s native time for a batch of ``n``, on ``device`` (the table is copied there once)."""
+        if getattr(self, "_device_times", None) is None or self._device_times.device != torch.device(device):
+            self._device_times = self.times.to(device)
+        return self._device_times[i].expand(n)
+
+    def rollout(self, noise: torch.Tensor, conditions: dict, steps: int, rng) -> torch.Tensor:
+        """Sample the student for ``steps`` of its own schedule without gradients (backward simulation, DMD2 / TDM)
+        and return ``x_t`` at step ``steps``. Each step is the consistency rule of the sampling core: predict
+        ``(x0, eps)``, then move to the next time with fresh noise (gamma 1) or with ``eps`` itself (gamma 0, the
+        deterministic DDIM / Euler move of TDM students)."""
+        x = noise
+        deterministic = self.sampler_gamma(self.config) in (0.0, None)
+        with torch.no_grad():
+            for i in range(steps):
+                x0, eps = self.teacher.predict(self.student, x, self.time_at(i, len(x), x.device), conditions)
+                alpha, sigma = self.teacher.coefficients(self.time_at(i + 1, len(x), x.device))
+                x = consistency_step(x0, eps if deterministic else rng.normal_like(x), alpha, sigma)
+        return x
+
+    def update(self, loss: torch.Tensor, optimizer, name: str) -> None:
+        """Backward ``loss`` and, on the last micro-batch of an update, step ``optimizer`` (gradient accumulation).
+        The loss and the gradient norm are watched by the NaN / inf guard."""
+        self.guard.watch(loss.detach(), f"{name} loss", self.update_index)
+        with torch.autocast(loss.device.type, enabled=False):  # the backward pass runs outside autocast
+            self.accelerator.backward(loss / self.accumulation_steps)
+        if not self.last_micro_step:
+            return
+        if self.accelerator.scaler is None:  # (fp16 loss scaling skips steps with inf gradients by itself)
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.guard.watch(torch.nn.utils.get_total_norm(grads), f"{name} gradient", self.update_index)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, batch: dict, rng) -> dict[str, torch.Tensor]:
+        """One update of the student (and of the method's auxiliary networks) from ``batch`` with the random numbers
+        of ``rng`` (:class:`~onestep_pipelines.training.draws.Draws`); returns the losses to log (detached tensors)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def ema_(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+        """``target <- decay * target + (1 - decay) * source`` over matching parameters (a target network)."""
+        with torch.no_grad():
+            targets = list(target.parameters())
+            torch._foreach_lerp_(targets, [p.detach() for p in source.parameters()], 1.0 - decay)
