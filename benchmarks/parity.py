@@ -3,7 +3,9 @@
 For every row: fresh random sample and model outputs (seeded), the same ``torch.Generator`` seed for
 both schedulers' noise, 1, 2 and 4 steps where the diffusers scheduler supports that count; each
 scheduler runs its own trajectory and the maximum absolute difference of ``prev_sample`` over all
-steps is reported. A row passes at <= 1e-5.
+steps is reported, relative to the largest value of the stock trajectory (at least 1): a row passes at <= 1e-6,
+a few float32 rounding steps (our schedulers apply each step as per-step constants worked out in float64, so the
+last bits differ from the stock schedulers' own order of operations).
 
     python benchmarks/parity.py
 """
@@ -32,7 +34,7 @@ try:  # not in every diffusers release
 except ImportError:  # pragma: no cover - depends on the installed diffusers
     FlowMapEulerDiscreteScheduler = None
 
-TOLERANCE = 1e-5
+TOLERANCE = 1e-6
 STEPS = (1, 2, 4)
 SHAPE = (2, 4, 8, 8)
 
@@ -49,7 +51,8 @@ class Row:
 
 
 def _run(stock, ours, stock_timesteps, seed: int, stock_step_kwargs=None, start_scale: float = 1.0) -> float:
-    """Run both schedulers on the same model outputs and noise seed; max |prev_a - prev_b| over steps."""
+    """Run both schedulers on the same model outputs and noise seed; max |prev_a - prev_b| / max(1, |prev_a|) over
+    steps."""
     g = torch.Generator().manual_seed(seed)
     x_a = torch.randn(SHAPE, generator=g) * start_scale
     x_b = x_a.clone()
@@ -62,7 +65,7 @@ def _run(stock, ours, stock_timesteps, seed: int, stock_step_kwargs=None, start_
     for t_a, t_b, out in zip(stock_timesteps, ours.timesteps, outputs):
         x_a = stock.step(out, t_a, x_a, **kwargs).prev_sample
         x_b = ours.step(out, t_b, x_b, generator=gen_b).prev_sample
-        worst = max(worst, (x_a - x_b).abs().max().item())
+        worst = max(worst, (x_a - x_b).abs().max().item() / max(1.0, x_a.abs().max().item()))
     return worst
 
 
@@ -87,10 +90,10 @@ def parity_rows(seed: int = 0) -> list[Row]:
 
     for n in STEPS:
         stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        ours = ConsistencyScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, gamma=0)
+        ours = ConsistencyScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, gamma=0, timestep_preset="linspace")
         stock.set_timesteps(n)
-        ours.set_timesteps(timesteps=stock.timesteps)  # stock's own grid, used as given
-        rows.append(Row("FlowMatchEuler(shift=3) vs Consistency(gamma=0), stock grid", n, _run(stock, ours, stock.timesteps, seed)))
+        ours.set_timesteps(n)  # the "linspace" preset is the stock default grid
+        rows.append(Row("FlowMatchEuler(shift=3) vs Consistency(gamma=0, linspace preset)", n, _run(stock, ours, stock.timesteps, seed)))
         stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
         sigmas = np.linspace(1.0, 1.0 / n, n).tolist()  # what the Flux pipeline passes; both shift it
         stock.set_timesteps(sigmas=sigmas)
@@ -99,10 +102,10 @@ def parity_rows(seed: int = 0) -> list[Row]:
 
     for n in STEPS:
         stock = FlowMatchLCMScheduler(shift=3.0)
-        ours = ConsistencyScheduler.from_config(FlowMatchLCMScheduler(shift=3.0).config, gamma=1)
+        ours = ConsistencyScheduler.from_config(FlowMatchLCMScheduler(shift=3.0).config, gamma=1, timestep_preset="linspace")
         stock.set_timesteps(n)
-        ours.set_timesteps(timesteps=stock.timesteps)
-        rows.append(Row("FlowMatchLCM(shift=3) vs Consistency(flow, gamma=1)", n, _run(stock, ours, stock.timesteps, seed)))
+        ours.set_timesteps(n)
+        rows.append(Row("FlowMatchLCM(shift=3) vs Consistency(flow, gamma=1, linspace preset)", n, _run(stock, ours, stock.timesteps, seed)))
 
     for n in STEPS:
         stock = SCMScheduler()
@@ -144,9 +147,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = parity_rows(args.seed)
     width = max(len(r.name) for r in rows)
-    print(f"{'comparison':<{width}}  steps  max |diff|   pass (<= {TOLERANCE:g})")
+    print(f"{'comparison':<{width}}  steps  max |diff| / max(1, |x|)   pass (<= {TOLERANCE:g})")
     for r in rows:
-        print(f"{r.name:<{width}}  {r.steps:>5}  {r.max_abs_diff:.3e}   {'yes' if r.passed else 'NO'}")
+        print(f"{r.name:<{width}}  {r.steps:>5}  {r.max_abs_diff:.2e}                  {'yes' if r.passed else 'NO'}")
     failed = [r for r in rows if not r.passed]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

@@ -97,7 +97,7 @@ class HostReads(torch.overrides.TorchFunctionMode):
     """Counts the calls that read a tensor's value on the host (a device synchronisation on an accelerator)."""
 
     READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
-             torch.Tensor.__index__, torch.Tensor.nonzero, torch.Tensor.numpy}
+             torch.Tensor.__index__, torch.Tensor.nonzero, torch.Tensor.numpy, torch.Tensor.cpu}
 
     def __init__(self):
         super().__init__()
@@ -116,10 +116,18 @@ def test_scheduler_steps_read_nothing_on_the_host_until_the_last_step(name):
     scheduler.set_timesteps(4)
     x, out = torch.randn(SHAPE), torch.randn(SHAPE)
     reads = []
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps):  # the timestep is an element of scheduler.timesteps: found without a read
         with HostReads() as counter:
             x = scheduler.step(out, t, x, return_dict=False)[0]
         reads.append(counter.reads)
-    assert "nonzero" in reads[0]  # step 1 looks its timestep up once, as diffusers' schedulers do (set_begin_index avoids it)
-    assert reads[1:-1] == [[], []], reads  # steps 2 and 3
-    assert reads[-1] == ["__int__"]  # the last step reads the NaN / inf flag once
+    assert reads[:-1] == [[], [], []], reads
+    assert reads[-1] == ["cpu", "numpy"]  # the last step reads the step sums of the NaN / inf check once
+    scheduler.set_timesteps(4)
+    scheduler.defer_finite_check = True  # what the few-step pipelines do: read after the call
+    with HostReads() as counter:
+        for t in scheduler.timesteps:
+            x = scheduler.step(out, t, x, return_dict=False)[0]
+    assert counter.reads == []
+    with HostReads() as counter:
+        scheduler.raise_if_nonfinite()
+    assert counter.reads == ["cpu", "numpy"]

@@ -71,7 +71,7 @@ def test_from_config_reads_class_name_of_saved_configs(tmp_path):
     TCDScheduler().save_pretrained(tmp_path / "tcd")
     LCMScheduler().save_pretrained(tmp_path / "lcm")
     tcd = ConsistencyScheduler.from_pretrained(tmp_path / "tcd")
-    assert (tcd.config.gamma, tcd.config.set_alpha_to_one, tcd.config.timestep_preset) == (0.3, False, "tcd")
+    assert (tcd.config.gamma, tcd.config.set_alpha_to_one, tcd.config.timestep_preset, tcd.config.gamma_from_eta) == (0.3, False, "tcd", True)
     lcm = ConsistencyScheduler.from_pretrained(tmp_path / "lcm")
     assert lcm.config.lcm_boundary_condition and lcm.config.gamma == 1.0
     # ... and then LCM matches step for step, with the boundary condition, to float32 precision
@@ -86,7 +86,7 @@ def test_from_config_reads_class_name_of_saved_configs(tmp_path):
         out = torch.randn(SHAPE, generator=g)
         xa = stock.step(out, t, xa, generator=ga).prev_sample
         xb = lcm.step(out, t, xb, generator=gb).prev_sample
-    assert (xa - xb).abs().max() <= TOLERANCE
+    assert (xa - xb).abs().max() <= TOLERANCE * xa.abs().max()
 
 
 def test_flow_map_from_vp_config_is_refused():
@@ -287,7 +287,7 @@ def test_more_steps_than_the_preset_allows():
         ({"timesteps": [999, 10], "sigmas": [1.0, 0.5]}, "not both"),
         ({"sigmas": [1.0, 0.5]}, "flow"),
         ({}, "needs"),
-        ({"num_inference_steps": 3, "timesteps": [999, 10]}, "does not match"),
+        ({"num_inference_steps": 2, "timesteps": [999, 10]}, "not both"),
     ],
 )
 def test_bad_vp_schedules(kwargs, match):

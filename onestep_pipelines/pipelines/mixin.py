@@ -75,8 +75,19 @@ class FewStepPipelineMixin:
                     "This student has guidance %.3g baked in; %s=%s applies classifier-free guidance on top of it.",
                     metadata.guidance_scale, self._guidance_argument, bound[self._guidance_argument],
                 )
-        with self._passing_r(metadata):
-            return super().__call__(*args, **kwargs)
+        scheduler = self.scheduler
+        deferring = hasattr(scheduler, "raise_if_nonfinite")
+        if deferring:  # our schedulers: the NaN / inf check is read after the call, not inside the denoising loop
+            scheduler.defer_finite_check = True
+        try:
+            with self._passing_r(metadata):
+                output = super().__call__(*args, **kwargs)
+        finally:
+            if deferring:
+                scheduler.defer_finite_check = False
+        if deferring:
+            scheduler.raise_if_nonfinite()
+        return output
 
     @contextlib.contextmanager
     def _passing_r(self, metadata: StudentMetadata | None):

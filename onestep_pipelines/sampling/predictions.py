@@ -63,3 +63,16 @@ def to_x0_eps(
         sin_t = sigma / sigma_data
         return alpha * sample - sin_t * model_output, (sin_t * sample + alpha * model_output) / sigma_data
     raise ValueError(f"prediction_type={prediction_type!r} is unknown; choose one of {list(PREDICTION_TYPES)}.")
+
+
+def clip_x0(x0: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """Clip the clean-sample estimate to ``[-clip_range, clip_range]`` (DDPM's ``clip_sample``)."""
+    return x0.clamp(-clip_range, clip_range)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per sample, ``s`` is the ``ratio`` quantile of
+    ``|x0|`` clamped to ``[1, max_value]``; ``x0`` is clipped to ``[-s, s]`` and divided by ``s``."""
+    flat = x0.float().reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape).to(x0.dtype)

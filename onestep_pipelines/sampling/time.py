@@ -126,6 +126,41 @@ def dynamic_shift_sigmas(sigmas: torch.Tensor, mu: float, exponent: float = 1.0,
     raise ValueError(f"time_shift_type={shift_type!r} is not supported; choose 'exponential' or 'linear'.")
 
 
+def stretch_to_terminal(sigmas, terminal: float):
+    """Stretch a shifted flow schedule so that its last sigma equals ``terminal`` (LTX-Video's ``shift_terminal``):
+    ``1 - (1 - s) (1 - terminal) / (1 - s_last)``."""
+    if not 0.0 < terminal < 1.0:
+        raise ValueError(f"shift_terminal must lie in (0, 1), got {terminal}.")
+    one_minus = 1 - sigmas
+    return 1 - one_minus * ((1 - terminal) / one_minus[-1])
+
+
+SPACINGS = ("karras", "exponential", "beta")
+
+
+def respace_sigmas(sigmas, spacing: str):
+    """``len(sigmas)`` sigmas between the first and the last of ``sigmas`` with another spacing: ``"karras"`` (Karras
+    et al. 2022, eq. 5, rho 7), ``"exponential"`` (log-uniform) or ``"beta"`` (Lee et al. 2024, "Beta Sampling is All
+    You Need": quantiles of Beta(0.6, 0.6); needs scipy)."""
+    import numpy as np
+
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    hi, lo, n = float(sigmas[0]), float(sigmas[-1]), len(sigmas)
+    if spacing == "karras":
+        rho = 7.0
+        ramp = np.linspace(0, 1, n)
+        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    if spacing == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    if spacing == "beta":
+        try:
+            from scipy.stats import beta as beta_distribution
+        except ImportError:
+            raise ImportError("use_beta_sigmas needs scipy: pip install scipy") from None
+        return lo + beta_distribution.ppf(1 - np.linspace(0, 1, n), 0.6, 0.6) * (hi - lo)
+    raise ValueError(f"sigma spacing {spacing!r} is unknown; choose one of {list(SPACINGS)}.")
+
+
 def calculate_shift(
     image_seq_len: int,
     base_seq_len: int = 256,

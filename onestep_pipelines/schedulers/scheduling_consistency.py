@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base up here)
 
 from ..sampling import consistency_step, to_x0_eps
-from .scheduling_utils import FewStepSchedulerMixin, FewStepSchedulerOutput
+from ..sampling.predictions import clip_x0, dynamic_threshold
+from .scheduling_utils import FewStepSchedulerMixin, FewStepSchedulerOutput, linear_in_input, step_arguments
 
 
 class ConsistencyScheduler(FewStepSchedulerMixin):
@@ -23,7 +25,9 @@ class ConsistencyScheduler(FewStepSchedulerMixin):
     * ``gamma = 1``: LCM / DMD2 / sCM style: predict ``x0``, re-noise it fully to ``t_next``.
 
     Works for VP (epsilon, v, sample), rectified-flow (velocity, sample) and TrigFlow (F, sample)
-    models, so it drops into stock SD, SDXL, SD3, Flux and DiT pipelines via ``from_config``.
+    models, so it drops into stock SD, SDXL, SD3, Flux and DiT pipelines via ``from_config``. The rule is linear in
+    ``(sample, model_output)``, so each step applies per-step constants worked out once per schedule from the sampling
+    core (a few fused multiply-adds, no host read).
 
     Args:
         num_train_timesteps (`int`, defaults to 1000): ``T``, length of the training grid.
@@ -32,26 +36,39 @@ class ConsistencyScheduler(FewStepSchedulerMixin):
             (flow); `"trigflow"`, `"sample"` (TrigFlow). Defaults to epsilon / flow / trigflow.
         gamma (`float`, defaults to 1.0): stochasticity in ``[0, 1]`` (see above).
         timestep_preset (`str`, *optional*): `"lcm"`, `"tcd"`, `"dmd2"`, `"tdm"`, `"trailing"` (= `"uniform"`),
-            `"rcm"` or `"scm"` (see :mod:`onestep_pipelines.sampling.presets`). Defaults to `"trailing"`
-            (`"scm"` for TrigFlow); `from_config` of an LCM/TCD config picks `"lcm"`/`"tcd"`.
+            `"linspace"`, `"rcm"` or `"scm"` (see :mod:`onestep_pipelines.sampling.presets`). Defaults to `"trailing"`
+            (`"scm"` for TrigFlow); `from_config` of an LCM/TCD config picks `"lcm"`/`"tcd"`. `"linspace"` is the stock
+            FlowMatchEuler / FlowMatchLCM default grid.
         original_inference_steps (`int`, defaults to 50): grid size of the `"lcm"`/`"tcd"` presets.
         beta_schedule (`str`, defaults to `"scaled_linear"`), beta_start (`float`, defaults to 0.00085),
-        beta_end (`float`, defaults to 0.012), trained_betas (*optional*), rescale_betas_zero_snr (`bool`,
-            defaults to False): the VP noise schedule, as in diffusers' DDPM-family schedulers.
+        beta_end (`float`, defaults to 0.012), trained_betas (*optional*, one per training timestep),
+            rescale_betas_zero_snr (`bool`, defaults to False): the VP noise schedule, as in diffusers' DDPM family.
         set_alpha_to_one (`bool`, defaults to True): VP only: trajectories end at the clean sample (LCM, DDIM);
             with False they end at ``alphas_cumprod[0]`` (TCD's convention, DDIM with ``set_alpha_to_one=False``).
         shift (`float`, defaults to 1.0), use_dynamic_shifting (`bool`, defaults to False), base_shift (`float`,
             defaults to 0.5), max_shift (`float`, defaults to 1.15), base_image_seq_len (`int`, defaults to 256),
             max_image_seq_len (`int`, defaults to 4096), time_shift_type (`str`, defaults to `"exponential"`):
             flow only: static (SD3) or ``mu``-dependent (Flux) shift of the preset's sigmas.
+        shift_terminal (`float`, *optional*): flow only: stretch the shifted sigmas to end at this value (LTX-Video).
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas (`bool`, default False): flow only: re-space the
+            shifted sigmas as FlowMatchEulerDiscreteScheduler does (beta needs scipy).
+        invert_sigmas (`bool`, defaults to False): kept for FlowMatchEuler configs; True (Mochi) is refused.
         sigma_data (`float`, defaults to 0.5): TrigFlow data standard deviation.
         lcm_boundary_condition (`bool`, defaults to False): apply LCM's ``x0 = c_skip x + c_out x0_hat`` with
             ``c_skip = 0.25 / ((s t)^2 + 0.25)``, ``c_out = s t / sqrt((s t)^2 + 0.25)``, ``s = timestep_scaling``.
         timestep_scaling (`float`, defaults to 10.0): LCM's timestep scaling for the boundary condition.
-        check_finite (`bool`, defaults to True): raise a `ValueError` naming the step when the model output has
-            NaN or inf. On the CPU at that step; on an accelerator at the last step (the flag stays on the device,
-            so there is no synchronisation per step). Skipped inside ``torch.compile``.
+        clip_sample (`bool`, defaults to False), clip_sample_range (`float`, defaults to 1.0): clip ``x0_hat``.
+        thresholding (`bool`, defaults to False), dynamic_thresholding_ratio (`float`, defaults to 0.995),
+            sample_max_value (`float`, defaults to 1.0): Imagen's dynamic thresholding of ``x0_hat`` (before clipping).
+        gamma_from_eta (`bool`, defaults to False): TCD's convention: the ``eta`` passed to ``step`` (stock pipelines
+            pass 0 unless told otherwise) is each step's gamma. Without it a per-call ``eta > 0`` replaces ``gamma`` for
+            that call and ``eta = 0`` (the stock pipelines' default) keeps it. Set by ``from_config`` of a TCD config.
+        check_finite (`bool`, defaults to True): raise a `ValueError` naming the step when the model output has NaN or
+            inf. On the CPU at that step; on an accelerator the step sums stay on the device and are read once, after
+            the last step (after the whole call in the few-step pipelines). Skipped inside ``torch.compile``.
     """
+
+    _table_names = ("x0_x", "x0_out", "prev_x", "prev_out", "std", "eps_x", "eps_out", "alpha_s", "sigma_s", "scale")
 
     @register_to_config
     def __init__(
@@ -75,52 +92,88 @@ class ConsistencyScheduler(FewStepSchedulerMixin):
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        invert_sigmas: bool = False,
         sigma_data: float = 0.5,
         lcm_boundary_condition: bool = False,
         timestep_scaling: float = 10.0,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        gamma_from_eta: bool = False,
         check_finite: bool = True,
     ):
         self._setup()
 
-    @property
-    def _boundary_condition(self) -> bool:
-        return bool(self.config.get("lcm_boundary_condition", False))
+    def _call_gamma(self, eta) -> float:
+        """This call's gamma: the config's, or the ``eta`` passed to ``step`` (see ``gamma_from_eta``)."""
+        if eta is None:
+            return self._gamma
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta (TCD's name for gamma) must be in [0, 1], got {eta!r}.")
+        return float(eta) if (self.config.get("gamma_from_eta") or eta > 0) else self._gamma
 
-    def _on_set_timesteps(self, device) -> None:
-        if self._boundary_condition:
-            scaled = self.timesteps.double() * self.config.timestep_scaling
-            self._c_skip = (0.25 / (scaled**2 + 0.25)).float()
-            self._c_out = (scaled / (scaled**2 + 0.25).sqrt()).float()
+    def _x0_transform(self):
+        """Clipping or dynamic thresholding of ``x0_hat`` (LCM / TCD / DDIM's options), or None."""
+        cfg = self.config
+        if cfg.get("thresholding"):
+            return lambda x0: dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        if cfg.get("clip_sample"):
+            return lambda x0: clip_x0(x0, cfg.clip_sample_range)
+        return None
+
+    def _columns(self, times: np.ndarray, gamma: float) -> dict:
+        cfg = self.config
+        c = self._transition(times, gamma)
+        if cfg.get("lcm_boundary_condition"):
+            scaled = torch.from_numpy(self._model_timesteps(times).astype(np.float64)) * cfg.timestep_scaling
+            c["c_skip"], c["c_out"] = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25).sqrt()
+
+        def rule(x, out, c):
+            x0, eps = to_x0_eps(out, x, c["alpha_t"], c["sigma_t"], cfg.prediction_type, cfg.sigma_data)
+            if "c_skip" in c:
+                x0 = c["c_out"] * x0 + c["c_skip"] * x
+            return {"x0": x0, "eps": eps, "prev": c["scale"] * consistency_step(x0, eps, c["alpha_s"], c["sigma_s"])}
+
+        return linear_in_input(rule, c) | {k: c[k] for k in ("std", "alpha_s", "sigma_s", "scale")}
 
     def step(
         self,
         model_output: torch.Tensor,
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
+        *args,
+        eta: float | None = None,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> FewStepSchedulerOutput | tuple:
         """Advance ``sample`` from ``timestep`` to the next time of the schedule.
 
-        Returns ``prev_sample`` (next model input, or the final sample after the last step) and
-        ``denoised`` (this step's ``x0_hat``); a tuple of both when ``return_dict`` is False.
+        Positional arguments after ``sample`` follow LCM (``generator, return_dict``) or TCD (``eta, generator,
+        return_dict``; a number there is ``eta``). ``eta`` is TCD's name for gamma (see ``gamma_from_eta``).
+        Returns ``prev_sample`` (next model input, or the final sample after the last step) and ``denoised`` (this
+        step's ``x0_hat``); a tuple of both when ``return_dict`` is False.
         """
+        eta, generator, return_dict = step_arguments(args, eta, generator, return_dict)
         i = self._begin_step(model_output, timestep, sample)
+        gamma = self._call_gamma(eta)
         dtype = self._compute_dtype(sample)
         x, out = sample.to(dtype), model_output.to(dtype)
-        x0, eps = to_x0_eps(
-            out, x, self._coef("_alpha_t", i, x), self._coef("_sigma_t", i, x), self.config.prediction_type, self.config.sigma_data
-        )
-        if self._boundary_condition:
-            x0 = self._coef("_c_out", i, x) * x0 + self._coef("_c_skip", i, x) * x
-        noise = self._draw_noise(i, x, generator)
-        prev = consistency_step(
-            x0,
-            eps,
-            self._coef("_alpha_s", i, x),
-            self._coef("_sigma_s", i, x),
-            self._coef("_renoise_scale", i, x),
-            self._coef("_renoise_std", i, x),
-            noise,
-        )
-        return self._finish(prev, x0, model_output.dtype, return_dict)
+        x0_x, x0_out, prev_x, prev_out, std, eps_x, eps_out, alpha_s, sigma_s, scale = self._constants(i, gamma, x)
+        denoised = torch.addcmul(x0_x * x, x0_out, out)
+        noise = self._draw_noise(i, x, generator, gamma)
+        transform = self._x0_transform()
+        if transform is None:  # the rule as per-step constants: prev = a x + b out (+ std noise)
+            prev = torch.addcmul(prev_x * x, prev_out, out)
+            if noise is not None:
+                prev = torch.addcmul(prev, std, noise)
+        else:  # x0_hat is changed in between: the rule itself
+            denoised = transform(denoised)
+            eps = torch.addcmul(eps_x * x, eps_out, out)
+            prev = consistency_step(denoised, eps, alpha_s, sigma_s, scale, std, noise)
+        return self._finish(prev, denoised, model_output.dtype, return_dict)

@@ -26,7 +26,10 @@ class TDMScheduler(ConsistencyScheduler):
         timestep_preset (`str`, defaults to `"tdm"`): any preset of :mod:`onestep_pipelines.sampling.presets`.
         original_inference_steps, beta_schedule, beta_start, beta_end, trained_betas, rescale_betas_zero_snr,
         set_alpha_to_one, shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
-        max_image_seq_len, time_shift_type, check_finite: as in :class:`ConsistencyScheduler`.
+        max_image_seq_len, time_shift_type, shift_terminal, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas,
+        invert_sigmas, sigma_data, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+        sample_max_value, check_finite: as in :class:`ConsistencyScheduler`. A per-call ``eta`` is ignored (TDM
+        students sample deterministically).
     """
 
     _allowed_time_types = ("vp", "flow")
@@ -53,11 +56,24 @@ class TDMScheduler(ConsistencyScheduler):
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        invert_sigmas: bool = False,
         sigma_data: float = 0.5,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
         check_finite: bool = True,
     ):
         self._setup()
 
     @property
     def _gamma(self) -> float:
+        return 0.0
+
+    def _call_gamma(self, eta) -> float:
         return 0.0

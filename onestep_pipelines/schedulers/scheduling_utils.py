@@ -1,13 +1,13 @@
-"""Conventions shared by the few-step schedulers: time types, schedules, step bookkeeping.
+"""What the few-step schedulers share: the diffusers scheduler conventions around the sampling core.
 
-The math lives in :mod:`onestep_pipelines.sampling`; this module only turns diffusers' conventions
-(``set_timesteps`` arguments, model timesteps, ``from_config`` of stock schedulers) into the
-per-step coefficients that the core functions consume.
+The math lives in :mod:`onestep_pipelines.sampling`; stock configs are read in :mod:`.stock_configs` and schedules
+built in :mod:`.schedule`. This module keeps the bookkeeping of a generation: set_timesteps' device tensors (cached
+per schedule), the step index (found without a host read when the timestep is one of ``scheduler.timesteps``), the
+per-step constants, fresh noise, the NaN / inf check, ``add_noise`` and the step output.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,44 +15,21 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..sampling import (
     DEFAULT_PREDICTION,
     TIME_TYPES,
-    check_decreasing,
-    check_num_steps,
     check_prediction_type,
     check_time_type,
     consistency_target_time,
-    dynamic_shift_sigmas,
     flow_coefficients,
     forward_noise_coefficients,
-    flow_sigma_from_trigflow,
-    preset_times,
-    shift_sigmas,
     trigflow_coefficients,
     vp_alphas_cumprod,
     vp_forward_noise_coefficients,
-    vp_timestep_from_coefficients,
 )
-
-# Stock schedulers whose configs ``from_config`` understands (diffusers lists compatibles by name).
-STOCK_COMPATIBLES = [
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "LCMScheduler",
-    "TCDScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "FlowMatchEulerDiscreteScheduler",
-    "FlowMatchLCMScheduler",
-    "FlowMapEulerDiscreteScheduler",
-    "SCMScheduler",
-]
-_VP_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas")
-_FLOW_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift")
+from .schedule import LRU, StepTables, native_times, to_device
+from .stock_configs import ALL_COMPATIBLES, SPACING_FLAGS, compatible_names, infer_source_config
 
 
 @dataclass
@@ -68,60 +45,44 @@ class FewStepSchedulerOutput(BaseOutput):
     denoised: torch.Tensor | None = None
 
 
-def infer_source_config(config: dict, infer_preset: bool = True) -> dict:
-    """Translate a stock diffusers scheduler config into our keys (time type, prediction type, preset).
-
-    Stock LCM and TCD configs are identical, so their differences (TCD's ``gamma`` 0.3, its trajectories
-    ending at timestep 0; LCM's boundary condition) are applied only when the config names its class
-    (``_class_name``, present in configs loaded from JSON).
-    """
-    src = dict(config)
-    if "time_type" in src:  # already ours
-        return src
-    # diffusers drops the keys listed in `_use_default_values` when another class reads a config; the
-    # source scheduler's defaults (e.g. DDPM's linear betas) are real values for us, so keep them all.
-    out = {k: v for k, v in src.items() if k != "_use_default_values"}
-    name = src.get("_class_name")
-    if src.get("prediction_type") == "trigflow":
-        out["time_type"] = "trigflow"
-        if infer_preset:
-            out["timestep_preset"] = "scm"
-    elif any(k in src for k in _VP_KEYS):
-        out["time_type"] = "vp"
-        if infer_preset and "original_inference_steps" in src:
-            out["timestep_preset"] = "tcd" if name == "TCDScheduler" else "lcm"
-    elif any(k in src for k in _FLOW_KEYS):
-        out["time_type"] = "flow"
-        out["prediction_type"] = "flow"
-    if name == "TCDScheduler":
-        out.setdefault("gamma", 0.3)
-        out["set_alpha_to_one"] = False
-    elif name == "LCMScheduler":
-        out["lcm_boundary_condition"] = True
-    return out
-
-
 class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
     """Base of :class:`ConsistencyScheduler`, :class:`FlowMapScheduler` and :class:`TDMScheduler`.
 
-    Subclasses register their config in ``__init__`` and call :meth:`_setup`. Subclass hooks:
-    ``_allowed_time_types``, ``_infer_preset`` and the ``_gamma`` property.
+    Subclasses register their config in ``__init__``, call :meth:`_setup`, and implement :meth:`_columns` (the per-step
+    constants of their rule, from the sampling core). Class hooks: ``_allowed_time_types``, ``_infer_preset``,
+    ``_shift_custom_timesteps``.
     """
 
-    _compatibles = STOCK_COMPATIBLES
+    _compatibles = ALL_COMPATIBLES
     order = 1
     _allowed_time_types = TIME_TYPES
     _infer_preset = True
+    _shift_custom_timesteps = False
+    _immediate_check_devices = ("cpu",)  # where reading a tensor on the host costs no device synchronisation
+    _table_names: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------------------------- config
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """Build from our own config or from a stock scheduler's config (DDPM, DDIM, LCM, TCD, Euler,
-        FlowMatchEuler, FlowMatchLCM, FlowMapEuler, SCM), keeping its time parametrisation and
-        prediction type. Keyword arguments override the config."""
+        """Build from our own config or from a stock scheduler's config (DDPM, DDIM, LCM, TCD, Euler, DPM-Solver,
+        FlowMatchEuler, FlowMatchLCM, FlowMapEuler, SCM), keeping its time parametrisation, prediction type and schedule
+        options (see :mod:`.stock_configs`). Keyword arguments override the config."""
         if isinstance(config, dict):
             config = infer_source_config(config, infer_preset=cls._infer_preset)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def compatibles(self):
+        """Scheduler classes that convert to and from this one's config: those of its time parametrisation only."""
+        import diffusers
+
+        ours, stack = {}, [FewStepSchedulerMixin]
+        while stack:  # our scheduler classes are this mixin's subclasses
+            for cls in stack.pop().__subclasses__():
+                ours[cls.__name__] = cls
+                stack.append(cls)
+        names = compatible_names(type(self).__name__, self.config.time_type)
+        return [ours.get(n) or getattr(diffusers, n) for n in names if n in ours or hasattr(diffusers, n)]
 
     @property
     def _gamma(self) -> float:
@@ -148,6 +109,16 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             )
         if cfg.shift <= 0:
             raise ValueError(f"shift must be > 0, got {cfg.shift}.")
+        if cfg.get("invert_sigmas"):
+            raise ValueError("invert_sigmas=True (Mochi's reversed time) is not supported by the few-step schedulers; "
+                             "use FlowMatchEulerDiscreteScheduler for such models.")
+        spacing = [flag for flag in SPACING_FLAGS if cfg.get(flag)]
+        if len(spacing) > 1:
+            raise ValueError(f"only one of {sorted(SPACING_FLAGS)} can be True, got {spacing}.")
+        if spacing and cfg.time_type != "flow":
+            raise ValueError(f"{spacing[0]}=True applies to time_type='flow' here, not {cfg.time_type!r}.")
+        if cfg.get("shift_terminal") and not 0.0 < cfg.shift_terminal < 1.0:
+            raise ValueError(f"shift_terminal must lie in (0, 1), got {cfg.shift_terminal}.")
         if cfg.time_type == "trigflow" and cfg.sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {cfg.sigma_data}.")
         T = cfg.num_train_timesteps
@@ -155,16 +126,24 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             self.alphas_cumprod = vp_alphas_cumprod(
                 T, cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.trained_betas, cfg.rescale_betas_zero_snr
             )
+            self.alphas = torch.cat([self.alphas_cumprod[:1], self.alphas_cumprod[1:] / self.alphas_cumprod[:-1]])
+            self.betas = 1.0 - self.alphas
             self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.long)
         else:
-            self.alphas_cumprod = None
+            self.alphas_cumprod = self.alphas = self.betas = None
             self.timesteps = torch.linspace(T, 1, T, dtype=torch.float32)
         self.init_noise_sigma = float(cfg.sigma_data) if cfg.time_type == "trigflow" else 1.0
         self.num_inference_steps = None
         self.sigmas = None
+        self.custom_timesteps = False
+        self._native = None
+        self._host_timesteps = None
         self._step_index = None
         self._begin_index = None
-        self._first_nonfinite = None
+        self._schedules = LRU(8)  # schedule -> device tensors and step tables
+        self._schedule = None
+        self._finite = None  # device state of the NaN / inf check of the current generation
+        self.defer_finite_check = False  # set by the few-step pipelines: the check is read after the call
 
     # ------------------------------------------------------------------------------- time math
     @property
@@ -176,7 +155,7 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def _coefficients(self, times: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha, sigma)`` at native times: VP timesteps (-1 = clean), flow sigmas, TrigFlow angles."""
-        if self.config.time_type == "vp":  # from float32 abar like diffusers' VP schedulers, for step-exact parity
+        if self.config.time_type == "vp":  # from float32 abar, as diffusers' VP schedulers compute it
             abar = self._abar(times)
             return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
         if self.config.time_type == "flow":
@@ -199,83 +178,46 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
     def _abar(self, times: torch.Tensor) -> torch.Tensor:
         """float32 ``alphas_cumprod`` at VP timesteps, 1 at the clean end (-1), on the device of ``times``."""
         idx = torch.as_tensor(times).long()
-        if self.alphas_cumprod.device != idx.device:  # copied to that device once, not per call
+        table = self.alphas_cumprod
+        if table.device != idx.device:  # copied to that device once, not per call
             cached = getattr(self, "_alphas_cumprod_on", None)
             if cached is None or cached.device != idx.device:
-                self._alphas_cumprod_on = cached = self.alphas_cumprod.to(idx.device)
-        else:
-            cached = self.alphas_cumprod
-        abar = cached[idx.clamp(min=0)]
+                self._alphas_cumprod_on = cached = table.to(idx.device)
+            table = cached
+        abar = table[idx.clamp(min=0)]
         return torch.where(idx < 0, torch.ones_like(abar), abar)
 
-    def _model_timesteps(self, times: np.ndarray, device) -> torch.Tensor:
-        if self.config.time_type == "vp":
-            return torch.from_numpy(np.asarray(times).astype(np.int64)).to(device)
+    def _model_timesteps(self, times: np.ndarray) -> np.ndarray:
+        """Model timesteps (host) of native times: VP integers, flow ``sigma * T``, TrigFlow angles."""
         if self.config.time_type == "flow":
-            return torch.from_numpy(np.asarray(times) * self.config.num_train_timesteps).to(device=device, dtype=torch.float32)
-        return torch.from_numpy(np.asarray(times)).to(device=device, dtype=torch.float32)
+            return (np.asarray(times) * self.config.num_train_timesteps).astype(np.float32)
+        return np.asarray(times).astype(np.int64 if self.config.time_type == "vp" else np.float32)
 
-    def _shift(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
-        cfg = self.config
-        if cfg.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True.")
-            return dynamic_shift_sigmas(sigmas, mu, 1.0, cfg.time_shift_type)
-        return shift_sigmas(sigmas, cfg.shift) if cfg.shift != 1.0 else sigmas
-
-    def _native_times(self, num_inference_steps, timesteps, sigmas, mu) -> np.ndarray:
-        """Native times of the model evaluations from ``timesteps``, ``sigmas`` or the preset."""
-        cfg = self.config
-        T = cfg.num_train_timesteps
-        if timesteps is not None and sigmas is not None:
-            raise ValueError("Pass either `timesteps` or `sigmas` to set_timesteps, not both.")
-        if num_inference_steps is None and timesteps is None and sigmas is None:
-            raise ValueError("set_timesteps needs `num_inference_steps`, `timesteps` or `sigmas`.")
-        custom = timesteps if timesteps is not None else sigmas
-        if custom is not None:
-            if isinstance(custom, torch.Tensor):
-                custom = custom.detach().cpu().double().numpy()
-            if num_inference_steps is not None and len(custom) != num_inference_steps:
-                raise ValueError(f"num_inference_steps={num_inference_steps} does not match the {len(custom)} custom values given.")
-        if timesteps is not None:
-            if cfg.time_type == "vp":
-                arr = check_decreasing(custom, "timesteps", 0, T - 1)
-                if not np.all(arr == np.round(arr)):
-                    raise ValueError(f"VP timesteps must be integers, got {arr.tolist()}.")
-                return arr
-            if cfg.time_type == "flow":
-                return check_decreasing(custom, "timesteps", 0, T, low_inclusive=False) / T
-            return check_decreasing(custom, "timesteps", 0, math.pi / 2 + 1e-4, low_inclusive=False)
-        if sigmas is not None:
-            if cfg.time_type != "flow":
-                raise ValueError(f"`sigmas` are accepted for time_type='flow' only (got {cfg.time_type!r}); pass `timesteps`.")
-            return self._shift(check_decreasing(custom, "sigmas", 0, 1, low_inclusive=False), mu)
-        preset = cfg.timestep_preset or ("scm" if cfg.time_type == "trigflow" else "trailing")
-        points = preset_times(
-            preset, num_inference_steps, num_train_timesteps=T, original_inference_steps=cfg.original_inference_steps
-        )
-        if points.domain == "trigflow":
-            t = torch.from_numpy(points.values)
-            if cfg.time_type == "vp":
-                times = vp_timestep_from_coefficients(self.alphas_cumprod, torch.cos(t), torch.sin(t)).double().numpy()
-            elif cfg.time_type == "flow":
-                times = flow_sigma_from_trigflow(t).numpy()
-            else:
-                times = points.values
+    def _transition(self, times: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
+        """Per step: ``(alpha, sigma)`` at the step's time and at its intermediate time ``s`` (TCD's strategic
+        stochastic sampling, :func:`consistency_target_time`), and the re-noising from ``s`` to the next time."""
+        discrete = self.config.time_type == "vp"
+        t_end = self._t_end
+        next_times = np.append(times[1:], t_end)
+        s_times = np.array([consistency_target_time(t, t_end, gamma, discrete) for t in next_times], dtype=np.float64)
+        t, s, nxt = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (times, s_times, next_times))
+        alpha_t, sigma_t = self._coefficients(t)
+        alpha_s, sigma_s = self._coefficients(s)
+        if discrete:  # in VP form, evaluated as TCD does
+            scale, std = vp_forward_noise_coefficients(self._abar(s).double(), self._abar(nxt).double())
         else:
-            u = points.values
-            if cfg.time_type == "vp":
-                times = np.round(u * T) - 1
-            elif cfg.time_type == "flow":
-                times = self._shift(u, mu)
-            else:
-                times = u * (math.pi / 2)
-        if times.size > 1 and not np.all(np.diff(times) < 0):
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} is more than the {preset!r} preset allows on this "
-                f"{cfg.time_type} grid: the timesteps {times.tolist()} are not strictly decreasing."
-            )
-        return times
+            scale, std = forward_noise_coefficients(alpha_s, sigma_s, *self._coefficients(nxt))
+        renoise = torch.from_numpy((s_times < next_times).astype(np.float64))
+        last = torch.zeros(len(times), dtype=torch.float64)
+        last[-1] = 1.0
+        std = torch.where((renoise > 0) & (last == 0), std, torch.zeros_like(std))  # no fresh noise at the last step
+        scale = torch.where(std > 0, scale, torch.ones_like(scale))
+        return {"times": t, "s_times": torch.from_numpy(s_times), "alpha_t": alpha_t, "sigma_t": sigma_t,
+                "alpha_s": alpha_s, "sigma_s": sigma_s, "scale": scale, "std": std}
+
+    def _columns(self, times: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
+        """The per-step constants of the subclass's rule (named as ``_table_names``)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------- schedule
     def set_timesteps(
@@ -285,53 +227,65 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
         mu: float | None = None,
+        original_inference_steps: int | None = None,
+        strength: float = 1.0,
     ) -> None:
         """Set the schedule of model evaluations (run before inference).
 
         Args:
             num_inference_steps (`int`, *optional*): number of model evaluations, using ``timestep_preset``.
-            device (`str` or `torch.device`, *optional*): device of ``timesteps`` and of the step coefficients.
-            timesteps (`list`, *optional*): custom model timesteps, strictly decreasing: integers in ``[0, T)``
-                (VP), values in ``(0, T]`` equal to ``sigma * T`` (flow, used as given, no shift), angles in
-                ``(0, pi/2]`` (TrigFlow).
-            sigmas (`list`, *optional*): flow only: sigmas in ``(0, 1]``, strictly decreasing, shifted like
-                the preset's (this is what the Flux pipeline passes).
+            device (`str` or `torch.device`, *optional*): device of ``timesteps`` and of the step constants (copied
+                once per schedule and device; a later call with the same schedule copies nothing).
+            timesteps (`list`, *optional*): custom model timesteps, strictly decreasing: integers in ``[0, T)`` (VP);
+                values in ``(0, T]`` equal to ``sigma * T`` (flow; :class:`ConsistencyScheduler` uses them as given,
+                :class:`FlowMapScheduler` shifts them as FlowMapEulerDiscreteScheduler does); angles in ``(0, pi/2]``
+                (TrigFlow). Not together with ``num_inference_steps``.
+            sigmas (`list`, *optional*): flow only: sigmas in ``(0, 1]``, strictly decreasing, shifted like the
+                preset's (this is what the Flux pipeline passes).
             mu (`float`, *optional*): resolution shift ``mu`` when ``use_dynamic_shifting``.
+            original_inference_steps (`int`, *optional*): grid of the ``lcm`` / ``tcd`` presets for this call (the LCM
+                pipelines pass it); defaults to the config's.
+            strength (`float`, defaults to 1.0): image-to-image: start lower (LCM / TCD's rule for their grids, the
+                preset's fractions scaled by ``strength`` otherwise, the first custom timesteps dropped).
         """
-        times = self._native_times(num_inference_steps, timesteps, sigmas, mu)
-        n = len(times)
-        discrete = self.config.time_type == "vp"
-        t_end = self._t_end
-        next_times = np.append(times[1:], t_end)
-        gamma = self._gamma
-        s_times = np.array([consistency_target_time(t, t_end, gamma, discrete) for t in next_times], dtype=np.float64)
-
-        def f32(a):
-            return torch.as_tensor(a).to(device=device, dtype=torch.float32)
-
-        times_t, s_t, next_t = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (times, s_times, next_times))
-        alpha_t, sigma_t = self._coefficients(times_t)
-        alpha_s, sigma_s = self._coefficients(s_t)
-        if self.config.time_type == "vp":
-            scale, std = vp_forward_noise_coefficients(self._abar(s_t), self._abar(next_t))
-        else:
-            scale, std = forward_noise_coefficients(alpha_s, sigma_s, *self._coefficients(next_t))
-        self._alpha_t, self._sigma_t = f32(alpha_t), f32(sigma_t)
-        self._alpha_s, self._sigma_s = f32(alpha_s), f32(sigma_s)
-        self._renoise_scale, self._renoise_std = f32(scale), f32(std)
+        times = native_times(
+            self.config, self.alphas_cumprod, num_inference_steps, timesteps, sigmas, mu, strength, original_inference_steps,
+            shift_custom_timesteps=self._shift_custom_timesteps,
+        )
+        key = (times.tobytes(), str(torch.device(device) if device is not None else "cpu"))
+        self._schedule = self._schedules.get_or_make(key, lambda: {"tables": {}, "device": {}})
+        host = self._model_timesteps(times)
+        self.timesteps = self._on_device("timesteps", host, device, torch.long if self.config.time_type == "vp" else torch.float32)
+        self.sigmas = self._on_device("sigmas", np.append(times, 0.0), device, torch.float32) if self.config.time_type == "flow" else None
         self._native = times
-        self._native_s = s_times
-        self.timesteps = self._model_timesteps(times, device)
-        self.sigmas = f32(np.append(times, 0.0)) if self.config.time_type == "flow" else None
-        self.num_inference_steps = n
+        self._host_timesteps = host
+        self.num_inference_steps = len(times)
+        self.custom_timesteps = timesteps is not None
         self._step_index = None
         self._begin_index = None
-        self._first_nonfinite = None
+        self._finite = None
+        self._constants_for(self._gamma).rows(device if device is not None else "cpu", torch.float32)  # made here, not in a step
         self._on_set_timesteps(device)
-        self._moved = {}
+
+    def _on_device(self, name: str, array, device, dtype) -> torch.Tensor:
+        """``array`` of the current schedule on ``device`` (made once per schedule and device)."""
+        cache = self._schedule["device"]
+        if name not in cache:
+            cache[name] = to_device(array, device, dtype)
+        return cache[name]
 
     def _on_set_timesteps(self, device) -> None:
-        """Hook for subclasses that precompute more per-step values."""
+        """Hook for subclasses that expose more per-step values."""
+
+    def _constants_for(self, gamma: float) -> StepTables:
+        tables = self._schedule["tables"]
+        if gamma not in tables:
+            tables[gamma] = StepTables(self._table_names, {k: v.numpy() for k, v in self._columns(self._native, gamma).items()})
+        return tables[gamma]
+
+    def _constants(self, i: int, gamma: float, ref: torch.Tensor) -> tuple:
+        """Step ``i``'s constants (``_table_names`` order) as 0-d tensors on ``ref``'s device and dtype."""
+        return self._constants_for(gamma).rows(ref.device, ref.dtype)[i]
 
     # ---------------------------------------------------------------------------- bookkeeping
     @property
@@ -347,71 +301,127 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         """Start at ``begin_index`` (image-to-image pipelines call this before the loop)."""
         self._begin_index = begin_index
 
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        t = timestep.to(schedule.device) if isinstance(timestep, torch.Tensor) else timestep
-        indices = (schedule == t).nonzero()
+    def _index_of_view(self, timestep) -> int | None:
+        """The index of ``timestep`` when it is an element of ``self.timesteps`` (what pipelines iterate over), found
+        from its storage offset: no host read of a device value."""
+        base = getattr(timestep, "_base", None)
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and base is not None and base is self.timesteps:
+            offset = timestep.storage_offset() - base.storage_offset()
+            stride = base.stride(0) if base.ndim else 1
+            if stride and offset % stride == 0 and 0 <= offset // stride < len(base):
+                return offset // stride
+        return None
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int | None:
+        """Index of ``timestep`` on the schedule (the second of two equal entries, as diffusers' schedulers do).
+        Raises when it is not on the schedule."""
+        if schedule_timesteps is None:
+            found = self._index_of_view(timestep)
+            if found is not None:
+                return found
+            schedule = self._host_timesteps if self._host_timesteps is not None else self.timesteps.cpu().numpy()
+        else:
+            schedule = schedule_timesteps.detach().cpu().numpy()
+        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        indices = np.flatnonzero(np.isclose(np.asarray(schedule, dtype=np.float64), value, rtol=1e-6, atol=1e-4))
         if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not on the current schedule {schedule.tolist()}.")
-        return int(indices[1 if len(indices) > 1 else 0].item())
+            raise ValueError(f"timestep {value:g} is not on the current schedule {np.round(np.asarray(schedule, dtype=np.float64), 3).tolist()[:16]}.")
+        return int(indices[1 if len(indices) > 1 else 0])
 
-    def _init_step_index(self, timestep) -> None:
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+    def previous_timestep(self, timestep) -> torch.Tensor:
+        """The timestep after ``timestep`` on the schedule (LCM / TCD's name): ``-1`` (VP) or ``0`` after the last."""
+        i = self.index_for_timestep(timestep)
+        if i == self.num_inference_steps - 1:
+            return torch.tensor(-1 if self.config.time_type == "vp" else 0)
+        return self.timesteps[i + 1]
 
-    def _begin_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> int:
+    def _begin_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, off_schedule: bool = False) -> int:
         """Checks shared by every ``step``; returns the index of this step."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}.step() was called before set_timesteps().")
         if self._step_index is None:
-            self._init_step_index(timestep)
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            elif off_schedule:  # any-step sampling (FlowMapScheduler with r_timestep): the counter starts at 0
+                try:
+                    self._step_index = self.index_for_timestep(timestep)
+                except ValueError:
+                    self._step_index = 0
+            else:
+                self._step_index = self.index_for_timestep(timestep)
         i = self._step_index
-        if i >= self.num_inference_steps:
+        if i >= self.num_inference_steps and not off_schedule:
             raise ValueError(
                 f"{type(self).__name__}.step() was called {i + 1} times for a schedule of {self.num_inference_steps} "
                 "steps; call set_timesteps() again for a new generation."
             )
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}.")
-        if self.config.check_finite and not torch.compiler.is_compiling():
-            self._check_finite(model_output, i)
+        if self.config.check_finite and not torch.compiler.is_compiling() and i < self.num_inference_steps:
+            self._watch_finite(model_output, i)
         return i
 
-    _immediate_check_devices = ("cpu",)  # where reading a tensor on the host costs no device synchronisation
-
-    def _check_finite(self, model_output: torch.Tensor, i: int) -> None:
-        """Raise a ValueError naming the first step whose model output has NaN / inf. On the CPU at once; on an
-        accelerator the flag stays on the device and is read once, at the last step (no synchronisation per step)."""
-        total = model_output.sum(dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32)
-        bad = ~torch.isfinite(total)  # NaN / inf anywhere make the sum NaN / inf (one reduction, no full-size mask)
+    # ------------------------------------------------------------------------ NaN / inf check
+    def _watch_finite(self, model_output: torch.Tensor, i: int) -> None:
+        """One reduction per step. On the CPU it is read at once; on an accelerator each step's sum goes into a device
+        buffer, read once at the last step, or after the pipeline call when ``defer_finite_check`` is set (our
+        few-step pipelines), so the denoising loop never waits for the device."""
         if model_output.device.type in self._immediate_check_devices:
-            first = i if bool(bad) else -1
+            total = model_output.sum(dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32)
+            if not bool(torch.isfinite(total)):
+                self._raise_nonfinite(i)
+            return
+        if self._finite is None or self._finite.device != model_output.device:
+            self._finite = torch.zeros(self.num_inference_steps, dtype=torch.float32, device=model_output.device)
+        torch.sum(model_output, dim=tuple(range(model_output.ndim)), dtype=torch.float32, out=self._finite[i])
+        if i == self.num_inference_steps - 1:
+            if not self.defer_finite_check:
+                self.raise_if_nonfinite()
+            elif self._finite.device.type == "cuda":  # start the copy now; raise_if_nonfinite waits for this point only
+                self._finite_host = torch.empty(self._finite.shape, dtype=self._finite.dtype, pin_memory=True)
+                self._finite_host.copy_(self._finite, non_blocking=True)
+                self._finite_event = torch.cuda.Event()
+                self._finite_event.record()
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise a ValueError naming the first step of the last generation whose model output had NaN / inf (reads
+        the device buffer of step sums once; nothing to do on the CPU, where each step is checked at once)."""
+        sums, self._finite = self._finite, None
+        host, self._finite_host = getattr(self, "_finite_host", None), None
+        if sums is None or sums.device.type == "meta":
+            return
+        if host is not None:
+            self._finite_event.synchronize()  # the end of the denoising loop, not of what the pipeline queued after it
+            values = host.numpy()
         else:
-            if self._first_nonfinite is None:
-                self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=model_output.device)
-            self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), i, self._first_nonfinite)
-            first = int(self._first_nonfinite) if i == self.num_inference_steps - 1 else -1
-        if first >= 0:
-            raise ValueError(
-                f"model_output at step {first + 1}/{self.num_inference_steps} (timestep {self.timesteps[first].item()}) "
-                "contains NaN or inf values."
-            )
+            values = sums.cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            self._raise_nonfinite(int(bad[0]))
 
-    def _coef(self, name: str, i: int, ref: torch.Tensor) -> torch.Tensor:
-        """Step ``i``'s coefficient ``name`` on ``ref``'s device and dtype (each table is moved once per schedule)."""
-        key = (name, ref.device, ref.dtype)
-        if key not in self._moved:
-            self._moved[key] = getattr(self, name).to(device=ref.device, dtype=ref.dtype)
-        return self._moved[key][i]
+    def _raise_nonfinite(self, i: int) -> None:
+        raise ValueError(
+            f"model_output at step {i + 1}/{self.num_inference_steps} (timestep {float(self._host_timesteps[i]):g}) "
+            "contains NaN or inf values."
+        )
 
+    # ---------------------------------------------------------------------------- step helpers
     @staticmethod
     def _compute_dtype(t: torch.Tensor) -> torch.dtype:
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
-    def _draw_noise(self, i: int, like: torch.Tensor, generator) -> torch.Tensor | None:
-        """Fresh noise for re-noising steps (``gamma > 0`` and not the last step), drawn like diffusers."""
-        if self._gamma == 0 or i == self.num_inference_steps - 1:
+    def _draw_noise(self, i: int, like: torch.Tensor, generator, gamma: float) -> torch.Tensor | None:
+        """Fresh noise for re-noising steps (``gamma > 0`` and not the last step), drawn like diffusers' ``randn_tensor``
+        (a CPU generator draws on the CPU, so results repeat across devices) but copied without stopping the host."""
+        if gamma == 0 or i >= self.num_inference_steps - 1:
             return None
-        return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        gen = generator[0] if isinstance(generator, list) else generator
+        if gen is not None and gen.device.type != like.device.type:
+            noise = torch.randn(like.shape, generator=gen, dtype=like.dtype)
+            if like.device.type == "cuda":
+                return noise.pin_memory().to(like.device, non_blocking=True)
+            return noise.to(like.device)
+        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
     def _finish(self, prev_sample, denoised, dtype, return_dict):
         self._step_index += 1
@@ -436,7 +446,7 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         return alpha * original_samples + sigma * noise
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
-        """Flow pipelines' name for :meth:`add_noise` (image-to-image in SD3/Flux)."""
+        """Flow pipelines' name for :meth:`add_noise` (image-to-image in SD3 / Flux)."""
         return self.add_noise(sample, noise, timestep)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -445,3 +455,28 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def step_arguments(args: tuple, eta, generator, return_dict):
+    """Positional arguments of ``step`` after ``sample``: LCM's order ``(generator, return_dict)`` or TCD's
+    ``(eta, generator, return_dict)``; a number in the first place is TCD's ``eta``."""
+    args = list(args)
+    if args and isinstance(args[0], (int, float)) and not isinstance(args[0], bool):
+        eta = args.pop(0)
+    if args:
+        generator = args.pop(0)
+    if args:
+        return_dict = args.pop(0)
+    if args:
+        raise TypeError(f"step() got {len(args)} positional arguments too many after (eta,) generator, return_dict.")
+    return eta, generator, return_dict
+
+
+def linear_in_input(rule, columns: dict) -> dict[str, torch.Tensor]:
+    """Constants of an update ``rule(x, model_output, columns) -> {name: value}`` that is linear in ``(x, output)``:
+    ``value = name_x * x + name_out * output``, read off by evaluating the rule (the sampling core's functions) on
+    the inputs ``(1, 0)`` and ``(0, 1)`` of every step at once. No rule is written a second time."""
+    n = len(next(iter(columns.values())))
+    one, zero = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    by_x, by_out = rule(one, zero, columns), rule(zero, one, columns)
+    return {f"{k}_x": by_x[k] for k in by_x} | {f"{k}_out": by_out[k] for k in by_out}
