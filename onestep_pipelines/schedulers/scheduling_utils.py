@@ -68,7 +68,7 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         FlowMatchEuler, FlowMatchLCM, FlowMapEuler, SCM), keeping its time parametrisation, prediction type and schedule
         options (see :mod:`.stock_configs`). Keyword arguments override the config."""
         if isinstance(config, dict):
-            config = infer_source_config(config, infer_preset=cls._infer_preset)
+            config = infer_source_config(config, infer_preset=cls._infer_preset, init_keys=cls._get_init_keys(cls) - {"self"})
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @property

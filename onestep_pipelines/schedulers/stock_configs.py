@@ -41,13 +41,17 @@ def compatible_names(own: str, time_type: str) -> list[str]:
     return STOCK_BY_TIME_TYPE[time_type] + ours + [own]
 
 
-def infer_source_config(config: dict, infer_preset: bool = True) -> dict:
+def infer_source_config(config: dict, infer_preset: bool = True, init_keys: set | None = None) -> dict:
     """Translate a stock diffusers scheduler config into our keys (time type, prediction type, preset, stock options).
 
-    A config that already has ``time_type`` is ours and is returned unchanged.
+    A config that already has ``time_type`` is ours; from another of our classes (other keys than ``init_keys``) its
+    time parametrisation carries over even where it was that class's default (diffusers drops defaults it reads).
     """
     src = dict(config)
-    if "time_type" in src:  # already ours
+    if "time_type" in src:
+        own_keys = {k for k in src if not k.startswith("_")}
+        if init_keys is not None and own_keys != init_keys and "_use_default_values" in src:
+            src["_use_default_values"] = [k for k in src["_use_default_values"] if k not in ("time_type", "prediction_type")]
         return src
     # diffusers drops the keys listed in `_use_default_values` when another class reads a config; the source
     # scheduler's defaults (e.g. DDPM's linear betas) are real values for us, so keep them all.
