@@ -25,3 +25,19 @@ def hub(monkeypatch):
     with fake_hub() as hub:
         hub.patch_env(monkeypatch)
         yield hub
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A tiny random digits teacher folder (a DigitsPipeline with a 1-block DiT), for trainer tests."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from onestep_pipelines import DigitsPipeline, DigitsTransformer2DModel
+
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    model = DigitsTransformer2DModel(patch_size=2, hidden_size=32, depth=1, num_heads=2)
+    for p in model.parameters():  # a random but not degenerate velocity field
+        torch.nn.init.normal_(p, std=0.05)
+    DigitsPipeline(model, FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    return str(folder)

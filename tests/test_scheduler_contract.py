@@ -1,7 +1,6 @@
 """What a diffusers user may expect of our schedulers as stand-ins for the stock ones (one test per point of the
 drop-in contract; diffusers' own test files run against them in test_diffusers_contract.py)."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import (

@@ -18,7 +18,7 @@ from onestep_pipelines.training.config import DistillConfig, read_config_file
 from onestep_pipelines.training.methods import METHODS
 from onestep_pipelines.training.trainer import distill
 
-from test_training import tiny, tiny_teacher  # noqa: F401  (the module-scoped tiny digits teacher)
+from test_training import tiny
 
 BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # not installed\n"
 
@@ -41,7 +41,7 @@ def test_digits_ship_with_the_package_and_equal_scikit_learns():
     np.testing.assert_array_equal(labels.numpy(), data.target)
 
 
-def test_main_job_runs_without_the_optional_packages_and_prints_no_noise(tiny_teacher, tmp_path):  # noqa: F811
+def test_main_job_runs_without_the_optional_packages_and_prints_no_noise(tiny_teacher, tmp_path):
     """A plain install has no scikit-learn, matplotlib, tensorboard or torchvision: the job runs, scores and prints
     no warning about any of them."""
     out = tmp_path / "run"
@@ -102,7 +102,7 @@ def _files(folder):
 
 
 @pytest.mark.parametrize("overrides", [{"gan_weight": 0.1}, {"method": "consistency", "num_steps": 2, "lora_rank": 2}])
-def test_checkpoints_hold_no_pickle_and_resume_without_unpickling(tiny_teacher, tmp_path, monkeypatch, overrides):  # noqa: F811
+def test_checkpoints_hold_no_pickle_and_resume_without_unpickling(tiny_teacher, tmp_path, monkeypatch, overrides):
     distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4, **overrides))
     distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2, **overrides))
     files = _files(tmp_path / "split" / "checkpoints")
@@ -129,14 +129,14 @@ def test_checkpoints_hold_no_pickle_and_resume_without_unpickling(tiny_teacher, 
     assert saved["steps"] == 4 and saved["this_part"]["steps"] == 2
 
 
-def test_resume_refuses_a_checkpoint_of_another_run(tiny_teacher, tmp_path):  # noqa: F811
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_teacher, tmp_path):
     distill(tiny(tiny_teacher, tmp_path / "dmd2", max_train_steps=2))
     distill(tiny(tiny_teacher, tmp_path / "other", max_train_steps=2, method="consistency"))
     with pytest.raises(ValueError, match="made with other options"):
         distill(tiny(tiny_teacher, tmp_path / "dmd2", max_train_steps=3, resume=str(tmp_path / "other" / "checkpoints" / "step-2")))
 
 
-def test_config_file_with_flags_on_top(tiny_teacher, tmp_path):  # noqa: F811
+def test_config_file_with_flags_on_top(tiny_teacher, tmp_path):
     (tmp_path / "run.yaml").write_text(f"teacher: {tiny_teacher}\nmethod: consistency\nnum-steps: 2\nbatch_size: 8\nlearning_rate: 1e-3\n"
                                        "max_train_steps: 2\nevaluate: false\npreview_every: 0\n")
     out = tmp_path / "out"
@@ -153,7 +153,7 @@ def test_config_file_with_flags_on_top(tiny_teacher, tmp_path):  # noqa: F811
             read_config_file(str(tmp_path / "bad.yaml"))
 
 
-def test_validation_reports_estimate_and_evaluate_command(tiny_teacher, tmp_path, capsys):  # noqa: F811
+def test_validation_reports_estimate_and_evaluate_command(tiny_teacher, tmp_path, capsys):
     result = distill(tiny(tiny_teacher, tmp_path / "run", max_train_steps=6, validation_every=3, log_every=2, method="meanflow"))
     printed = capsys.readouterr().out
     assert "estimate:" in printed and "for the remaining 1 updates" in printed and "peak memory" in printed
@@ -182,7 +182,7 @@ def links(card: str) -> list[str]:
 
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
-def test_model_cards_link_what_exists_and_their_snippets_run(tiny_teacher, tmp_path, lora_rank):  # noqa: F811
+def test_model_cards_link_what_exists_and_their_snippets_run(tiny_teacher, tmp_path, lora_rank):
     result = distill(tiny(tiny_teacher, tmp_path / "run", max_train_steps=1, lora_rank=lora_rank))
     folder = result.get("lora_dir") or result["student_dir"]
     card = open(os.path.join(folder, "README.md")).read()

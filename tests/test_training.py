@@ -19,19 +19,6 @@ from onestep_pipelines.training.methods import TrainingDiverged
 from onestep_pipelines.training.trainer import DistillConfig, distill
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    model = DigitsTransformer2DModel(patch_size=2, hidden_size=32, depth=1, num_heads=2)
-    for p in model.parameters():  # a random but not degenerate velocity field
-        torch.nn.init.normal_(p, std=0.05)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    DigitsPipeline(model, FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
-    return str(folder)
-
-
 def tiny(tiny_teacher, out, **overrides):
     values = dict(teacher=tiny_teacher, output_dir=str(out), max_train_steps=3, batch_size=8, evaluate=False, checkpoint_every=2, preview_every=2)
     return DistillConfig(**{**values, **overrides})

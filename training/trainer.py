@@ -10,6 +10,7 @@ updates, so accelerators are never kept waiting.
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import json
 import os
@@ -246,7 +247,12 @@ def distill(config: DistillConfig) -> dict:
         result.update(_export(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config, device))
         write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
     accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # a clean exit for gloo / NCCL workers
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # a clean exit for gloo / NCCL workers:
+        for attribute in ("student", *method.auxiliary()):  # DDP wrappers go first, while every process is still here
+            setattr(method, attribute, None)
+        student = optimizer = None  # noqa: F841
+        accelerator.free_memory()
+        gc.collect()
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
     return result

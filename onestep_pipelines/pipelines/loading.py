@@ -23,8 +23,6 @@ import contextlib
 import json
 import os
 
-from ..hub import HUB_KWARGS  # noqa: F401  (mixin.py reads it from here)
-
 SHIM_NAME = "pipeline"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack")
 

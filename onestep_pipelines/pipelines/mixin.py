@@ -20,12 +20,12 @@ import os
 
 from huggingface_hub import snapshot_download
 
-from ..hub import push_student
+from ..hub import HUB_KWARGS, push_student
 from ..models.digits_transformer import DigitsTransformer2DModel
 from ..models.r_conditioning import takes_r_timestep
 from ..schedulers import FlowMapScheduler
 from ..metadata import StudentMetadata
-from .loading import HUB_KWARGS, PICKLE_SUFFIXES, safetensors_kwargs, write_loading_files
+from .loading import PICKLE_SUFFIXES, safetensors_kwargs, write_loading_files
 
 logger = logging.getLogger(__name__)
 

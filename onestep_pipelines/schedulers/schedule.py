@@ -177,3 +177,13 @@ class LRU(OrderedDict):
         while len(self) > self.size:
             self.popitem(last=False)
         return value
+
+
+def linear_in_input(rule, columns: dict) -> dict[str, torch.Tensor]:
+    """Constants of an update ``rule(x, model_output, columns) -> {name: value}`` that is linear in ``(x, output)``:
+    ``value = name_x * x + name_out * output``, read off by evaluating the rule (the sampling core's functions) on
+    the inputs ``(1, 0)`` and ``(0, 1)`` of every step at once. No rule is written a second time."""
+    n = len(next(iter(columns.values())))
+    one, zero = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    by_x, by_out = rule(one, zero, columns), rule(zero, one, columns)
+    return {f"{k}_x": by_x[k] for k in by_x} | {f"{k}_out": by_out[k] for k in by_out}

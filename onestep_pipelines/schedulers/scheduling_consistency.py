@@ -9,7 +9,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 
 from ..sampling import consistency_step, to_x0_eps
 from ..sampling.predictions import clip_x0, dynamic_threshold
-from .scheduling_utils import FewStepSchedulerMixin, FewStepSchedulerOutput, linear_in_input, step_arguments
+from .schedule import linear_in_input
+from .scheduling_utils import FewStepSchedulerMixin, FewStepSchedulerOutput, step_arguments
 
 
 class ConsistencyScheduler(FewStepSchedulerMixin):

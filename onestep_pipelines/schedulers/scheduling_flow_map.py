@@ -10,8 +10,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base up here)
 
 from ..sampling import flow_map_step
-from .schedule import flow_shift
-from .scheduling_utils import FewStepSchedulerMixin, linear_in_input
+from .schedule import flow_shift, linear_in_input
+from .scheduling_utils import FewStepSchedulerMixin
 
 try:  # diffusers >= 0.40: our output is also the stock flow-map scheduler's
     from diffusers.schedulers.scheduling_flow_map_euler_discrete import FlowMapEulerDiscreteSchedulerOutput as _StockOutput

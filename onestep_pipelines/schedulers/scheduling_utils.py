@@ -1,9 +1,11 @@
 """What the few-step schedulers share: the diffusers scheduler conventions around the sampling core.
 
-The math lives in :mod:`onestep_pipelines.sampling`; stock configs are read in :mod:`.stock_configs` and schedules
-built in :mod:`.schedule`. This module keeps the bookkeeping of a generation: set_timesteps' device tensors (cached
-per schedule), the step index (found without a host read when the timestep is one of ``scheduler.timesteps``), the
-per-step constants, fresh noise, the NaN / inf check, ``add_noise`` and the step output.
+The math lives in :mod:`onestep_pipelines.sampling`. Around it, by concept: :mod:`.stock_configs` reads stock
+diffusers configs, :mod:`.noise_levels` is the forward process of a config (``(alpha, sigma)``, transitions,
+``add_noise``), :mod:`.schedule` builds schedules and their per-step constants, :mod:`.finite_check` is the NaN / inf
+check. This module keeps the bookkeeping of a generation: ``set_timesteps``' device tensors (cached per schedule),
+the step index (found without a host read when the timestep is one of ``scheduler.timesteps``), fresh noise and the
+step output.
 """
 
 from __future__ import annotations
@@ -16,18 +18,9 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ..sampling import (
-    DEFAULT_PREDICTION,
-    TIME_TYPES,
-    check_prediction_type,
-    check_time_type,
-    consistency_target_time,
-    flow_coefficients,
-    forward_noise_coefficients,
-    trigflow_coefficients,
-    vp_alphas_cumprod,
-    vp_forward_noise_coefficients,
-)
+from ..sampling import DEFAULT_PREDICTION, TIME_TYPES, check_prediction_type, check_time_type, vp_alphas_cumprod
+from .finite_check import FiniteCheckMixin
+from .noise_levels import NoiseLevelsMixin
 from .schedule import LRU, StepTables, native_times, to_device
 from .stock_configs import ALL_COMPATIBLES, SPACING_FLAGS, compatible_names, infer_source_config
 
@@ -45,7 +38,7 @@ class FewStepSchedulerOutput(BaseOutput):
     denoised: torch.Tensor | None = None
 
 
-class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
+class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, ConfigMixin):
     """Base of :class:`ConsistencyScheduler`, :class:`FlowMapScheduler` and :class:`TDMScheduler`.
 
     Subclasses register their config in ``__init__``, call :meth:`_setup`, and implement :meth:`_columns` (the per-step
@@ -58,7 +51,6 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
     _allowed_time_types = TIME_TYPES
     _infer_preset = True
     _shift_custom_timesteps = False
-    _immediate_check_devices = ("cpu",)  # where reading a tensor on the host costs no device synchronisation
     _table_names: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------------------------- config
@@ -144,76 +136,6 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
         self._schedule = None
         self._finite = None  # device state of the NaN / inf check of the current generation
         self.defer_finite_check = False  # set by the few-step pipelines: the check is read after the call
-
-    # ------------------------------------------------------------------------------- time math
-    @property
-    def _t_end(self) -> float:
-        """End of the trajectory in native time (-1 = clean on the VP grid)."""
-        if self.config.time_type == "vp":
-            return -1.0 if self.config.set_alpha_to_one else 0.0
-        return 0.0
-
-    def _coefficients(self, times: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha, sigma)`` at native times: VP timesteps (-1 = clean), flow sigmas, TrigFlow angles."""
-        if self.config.time_type == "vp":  # from float32 abar, as diffusers' VP schedulers compute it
-            abar = self._abar(times)
-            return abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
-        if self.config.time_type == "flow":
-            return flow_coefficients(times.to(dtype))
-        return trigflow_coefficients(times.to(dtype), self.config.sigma_data)
-
-    def coefficients_at(self, times, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha, sigma)`` at native times (VP timesteps with -1 = clean, flow sigmas, TrigFlow angles), on the
-        device of ``times`` (no host round trip): the forward process this scheduler samples, for trainers that noise
-        data the same way."""
-        return self._coefficients(torch.as_tensor(times), dtype=dtype)
-
-    def native_times(self, timesteps) -> torch.Tensor:
-        """Native times of model ``timesteps`` (the inverse of the units of ``self.timesteps``)."""
-        timesteps = torch.as_tensor(timesteps)
-        if self.config.time_type == "flow":
-            return timesteps.double() / self.config.num_train_timesteps
-        return timesteps.double() if self.config.time_type == "trigflow" else timesteps.long()
-
-    def _abar(self, times: torch.Tensor) -> torch.Tensor:
-        """float32 ``alphas_cumprod`` at VP timesteps, 1 at the clean end (-1), on the device of ``times``."""
-        idx = torch.as_tensor(times).long()
-        table = self.alphas_cumprod
-        if table.device != idx.device:  # copied to that device once, not per call
-            cached = getattr(self, "_alphas_cumprod_on", None)
-            if cached is None or cached.device != idx.device:
-                self._alphas_cumprod_on = cached = table.to(idx.device)
-            table = cached
-        abar = table[idx.clamp(min=0)]
-        return torch.where(idx < 0, torch.ones_like(abar), abar)
-
-    def _model_timesteps(self, times: np.ndarray) -> np.ndarray:
-        """Model timesteps (host) of native times: VP integers, flow ``sigma * T``, TrigFlow angles."""
-        if self.config.time_type == "flow":
-            return (np.asarray(times) * self.config.num_train_timesteps).astype(np.float32)
-        return np.asarray(times).astype(np.int64 if self.config.time_type == "vp" else np.float32)
-
-    def _transition(self, times: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
-        """Per step: ``(alpha, sigma)`` at the step's time and at its intermediate time ``s`` (TCD's strategic
-        stochastic sampling, :func:`consistency_target_time`), and the re-noising from ``s`` to the next time."""
-        discrete = self.config.time_type == "vp"
-        t_end = self._t_end
-        next_times = np.append(times[1:], t_end)
-        s_times = np.array([consistency_target_time(t, t_end, gamma, discrete) for t in next_times], dtype=np.float64)
-        t, s, nxt = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (times, s_times, next_times))
-        alpha_t, sigma_t = self._coefficients(t)
-        alpha_s, sigma_s = self._coefficients(s)
-        if discrete:  # in VP form, evaluated as TCD does
-            scale, std = vp_forward_noise_coefficients(self._abar(s).double(), self._abar(nxt).double())
-        else:
-            scale, std = forward_noise_coefficients(alpha_s, sigma_s, *self._coefficients(nxt))
-        renoise = torch.from_numpy((s_times < next_times).astype(np.float64))
-        last = torch.zeros(len(times), dtype=torch.float64)
-        last[-1] = 1.0
-        std = torch.where((renoise > 0) & (last == 0), std, torch.zeros_like(std))  # no fresh noise at the last step
-        scale = torch.where(std > 0, scale, torch.ones_like(scale))
-        return {"times": t, "s_times": torch.from_numpy(s_times), "alpha_t": alpha_t, "sigma_t": sigma_t,
-                "alpha_s": alpha_s, "sigma_s": sigma_s, "scale": scale, "std": std}
 
     def _columns(self, times: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
         """The per-step constants of the subclass's rule (named as ``_table_names``)."""
@@ -361,50 +283,6 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             self._watch_finite(model_output, i)
         return i
 
-    # ------------------------------------------------------------------------ NaN / inf check
-    def _watch_finite(self, model_output: torch.Tensor, i: int) -> None:
-        """One reduction per step. On the CPU it is read at once; on an accelerator each step's sum goes into a device
-        buffer, read once at the last step, or after the pipeline call when ``defer_finite_check`` is set (our
-        few-step pipelines), so the denoising loop never waits for the device."""
-        if model_output.device.type in self._immediate_check_devices:
-            total = model_output.sum(dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32)
-            if not bool(torch.isfinite(total)):
-                self._raise_nonfinite(i)
-            return
-        if self._finite is None or self._finite.device != model_output.device:
-            self._finite = torch.zeros(self.num_inference_steps, dtype=torch.float32, device=model_output.device)
-        torch.sum(model_output, dim=tuple(range(model_output.ndim)), dtype=torch.float32, out=self._finite[i])
-        if i == self.num_inference_steps - 1:
-            if not self.defer_finite_check:
-                self.raise_if_nonfinite()
-            elif self._finite.device.type == "cuda":  # start the copy now; raise_if_nonfinite waits for this point only
-                self._finite_host = torch.empty(self._finite.shape, dtype=self._finite.dtype, pin_memory=True)
-                self._finite_host.copy_(self._finite, non_blocking=True)
-                self._finite_event = torch.cuda.Event()
-                self._finite_event.record()
-
-    def raise_if_nonfinite(self) -> None:
-        """Raise a ValueError naming the first step of the last generation whose model output had NaN / inf (reads
-        the device buffer of step sums once; nothing to do on the CPU, where each step is checked at once)."""
-        sums, self._finite = self._finite, None
-        host, self._finite_host = getattr(self, "_finite_host", None), None
-        if sums is None or sums.device.type == "meta":
-            return
-        if host is not None:
-            self._finite_event.synchronize()  # the end of the denoising loop, not of what the pipeline queued after it
-            values = host.numpy()
-        else:
-            values = sums.cpu().numpy()
-        bad = np.flatnonzero(~np.isfinite(values))
-        if len(bad):
-            self._raise_nonfinite(int(bad[0]))
-
-    def _raise_nonfinite(self, i: int) -> None:
-        raise ValueError(
-            f"model_output at step {i + 1}/{self.num_inference_steps} (timestep {float(self._host_timesteps[i]):g}) "
-            "contains NaN or inf values."
-        )
-
     # ---------------------------------------------------------------------------- step helpers
     @staticmethod
     def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -430,33 +308,6 @@ class FewStepSchedulerMixin(SchedulerMixin, ConfigMixin):
             return (prev_sample, denoised)
         return FewStepSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
 
-    # ---------------------------------------------------------------------------- noising
-    def _coefficients_at_model_timesteps(self, timesteps, ref: torch.Tensor):
-        """``(alpha, sigma)`` at model timesteps (model units), shaped to broadcast against ``ref``."""
-        native = torch.as_tensor(timesteps, device=ref.device)
-        if self.config.time_type == "flow":
-            native = native / self.config.num_train_timesteps
-        alpha, sigma = self._coefficients(native, dtype=self._compute_dtype(ref))
-        shape = (-1,) + (1,) * (ref.ndim - 1)
-        return alpha.to(ref.dtype).reshape(shape), sigma.to(ref.dtype).reshape(shape)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Forward process ``alpha_t * x0 + sigma_t * noise`` at model timesteps (one per sample or one for all)."""
-        alpha, sigma = self._coefficients_at_model_timesteps(timesteps, original_samples)
-        return alpha * original_samples + sigma * noise
-
-    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
-        """Flow pipelines' name for :meth:`add_noise` (image-to-image in SD3 / Flux)."""
-        return self.add_noise(sample, noise, timestep)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """Identity: these schedulers feed the sample to the model unscaled."""
-        return sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
-
 def step_arguments(args: tuple, eta, generator, return_dict):
     """Positional arguments of ``step`` after ``sample``: LCM's order ``(generator, return_dict)`` or TCD's
     ``(eta, generator, return_dict)``; a number in the first place is TCD's ``eta``."""
@@ -470,13 +321,3 @@ def step_arguments(args: tuple, eta, generator, return_dict):
     if args:
         raise TypeError(f"step() got {len(args)} positional arguments too many after (eta,) generator, return_dict.")
     return eta, generator, return_dict
-
-
-def linear_in_input(rule, columns: dict) -> dict[str, torch.Tensor]:
-    """Constants of an update ``rule(x, model_output, columns) -> {name: value}`` that is linear in ``(x, output)``:
-    ``value = name_x * x + name_out * output``, read off by evaluating the rule (the sampling core's functions) on
-    the inputs ``(1, 0)`` and ``(0, 1)`` of every step at once. No rule is written a second time."""
-    n = len(next(iter(columns.values())))
-    one, zero = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    by_x, by_out = rule(one, zero, columns), rule(zero, one, columns)
-    return {f"{k}_x": by_x[k] for k in by_x} | {f"{k}_out": by_out[k] for k in by_out}

@@ -49,10 +49,10 @@ class FlowMap(MeanFlow):
             # teacher Euler steps of at most d for the longest teacher interval possible, max(d, f): known on the host
             substeps = max(1, math.ceil(max(d, self.config.jump_fraction) / d - 1e-6))
             h = ((r_mid - r) / substeps).view(-1, 1, 1, 1)
-            z_s, s, v_sum = z - (tt - mid) * u_ema, mid, 0.0
-            for k in range(substeps):
+            z_s, s, v_sum, v_first = z - (tt - mid) * u_ema, mid, 0.0, None
+            for _ in range(substeps):
                 v = self.teacher_velocity(z_s, s.flatten(), conditions)
-                v_first = v if k == 0 else v_first  # at (z_t, t) where r' = t
+                v_first = v if v_first is None else v_first  # at (z_t, t) where r' = t
                 v_sum, z_s, s = v_sum + v, z_s - h * v, s - h
             target = ((tt - mid) * u_ema + (mid - rr) * v_sum / substeps) / (tt - rr).clamp_min(1e-6)
             target = torch.where((t > r).view(-1, 1, 1, 1), target, v_first)

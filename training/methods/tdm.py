@@ -12,8 +12,6 @@ Everything else (two time-scale updates, optional GAN head and f-divergence weig
 
 from __future__ import annotations
 
-import torch
-
 from .dmd2 import DMD2
 
 
