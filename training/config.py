@@ -49,6 +49,7 @@ class DistillConfig:
     learning_rate: float = option(1e-4, "student learning rate (AdamW)")
     fake_learning_rate: float = option(1e-4, "dmd2, tdm: fake-score learning rate")
     fake_updates: int = option(1, "dmd2, tdm: fake-score updates per generator update")
+    fake_lora_rank: int = option(0, "dmd2, tdm: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
     guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
     divergence: str = option("reverse-kl", "dmd2, tdm: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm: weight of the GAN head on fake-score features (0 = off)")
@@ -103,6 +104,7 @@ class DistillConfig:
             (0 <= self.jump_fraction < 1, "jump_fraction", "must lie in [0, 1)"),
             (self.logit_std > 0, "logit_std", "must be positive"),
             (self.lora_rank >= 0, "lora_rank", "must be 0 (train all weights) or positive"),
+            (self.fake_lora_rank >= 0, "fake_lora_rank", "must be 0 (a full copy) or positive"),
             (self.lora_alpha >= 0, "lora_alpha", "must be 0 (the rank) or positive"),
             (0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1)"),
             (self.checkpoint_every > 0, "checkpoint_every", "must be positive"),
@@ -133,7 +135,7 @@ class DistillConfig:
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
-                "lora_targets", "seed", "divergence", "gan_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
+                "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
         return {k: getattr(self, k) for k in keep}
 
     def to_dict(self) -> dict:
@@ -147,9 +149,12 @@ class DistillConfig:
         index = os.path.join(self.teacher, "model_index.json")
         return os.path.isfile(index) and "DigitsPipeline" in json.dumps(_read_json(index, "--teacher").get("_class_name"))
 
-    def check_paths(self) -> None:
-        """Refuse, with the flag's name, anything on disk that would stop the run later (nothing is written)."""
+    def check_paths(self, teacher: bool = True) -> None:
+        """Refuse, with the flag's name, anything on disk that would stop the run later (nothing is written);
+        ``teacher=False`` when the teacher is given in memory (benchmarks)."""
         self._check_output_dir()
+        if not teacher:
+            return
         self._check_teacher()
         if self.prompts and not os.path.isfile(self.prompts):
             raise ValueError(f"--prompts {self.prompts}: no such file.")

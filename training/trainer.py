@@ -37,7 +37,7 @@ from .config import CONFIG_FILE, RUN_FILE, DistillConfig, config_yaml
 from .data import make_data
 from .draws import Draws
 from .methods import TrainingDiverged, get_method
-from .methods.base import FiniteGuard
+from .methods.base import FiniteGuard, add_lora
 from .teachers import load_teacher
 
 
@@ -80,9 +80,13 @@ def _count(module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def distill(config: DistillConfig) -> dict:
-    """Run a distillation; returns the run summary (``student_dir``, ``scores``, timings...)."""
-    config.check_paths()
+def distill(config: DistillConfig, teacher=None, data=None, export: bool = True) -> dict:
+    """Run a distillation; returns the run summary (``student_dir``, ``scores``, timings...).
+
+    ``teacher`` (a :class:`~onestep_pipelines.training.teachers.Teacher`) and ``data`` (an object with ``batch(rng)``)
+    replace ``config.teacher`` and the data the config names; ``export=False`` writes no checkpoint and no student
+    (the GPU benchmark's real-size runs of a few updates)."""
+    config.check_paths(teacher=teacher is None)
     cpu = config.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")  # (torchrun with CPU processes sets it)
     state = PartialState(cpu=cpu)
     precision, why = choose_precision(config, state.device)
@@ -96,7 +100,7 @@ def distill(config: DistillConfig) -> dict:
     set_seed(config.seed)
 
     # ------------------------------------------------------------------ teacher, student, method
-    teacher = load_teacher(config.teacher, resolution=config.resolution)
+    teacher = teacher or load_teacher(config.teacher, resolution=config.resolution)
     method_cls = get_method(config.method)
     method_cls.check_teacher(teacher)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -110,11 +114,7 @@ def distill(config: DistillConfig) -> dict:
             raise ValueError(f"--gradient-checkpointing: {type(student).__name__} does not support gradient checkpointing.")
         student.enable_gradient_checkpointing()
     if config.lora_rank > 0:
-        from peft import LoraConfig
-
-        default = "qkv,proj" if teacher.architecture == "digits" else "to_q,to_k,to_v,to_out.0"
-        targets = [t.strip() for t in (config.lora_targets or default).split(",") if t.strip()]
-        student.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, target_modules=targets))
+        add_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets, teacher.architecture)
     else:
         student.requires_grad_(True)
     r_module = getattr(student, "r_embedder", None) or getattr(student, "r_embed", None)
@@ -140,7 +140,7 @@ def distill(config: DistillConfig) -> dict:
     for attribute, value in method.auxiliary().items():  # fake score, discriminator head, their optimizer
         setattr(method, attribute, accelerator.prepare(value))
     ema = EMAModel(params, decay=config.ema_decay, foreach=True) if config.ema_decay > 0 else None
-    data = make_data(teacher, config, device)
+    data = data or make_data(teacher, config, device)
     total, trainable = _count(accelerator.unwrap_model(student))
     aux = sum(_count(accelerator.unwrap_model(m))[1] for m, _ in method.checkpoint_modules().values())
     accelerator.print(
@@ -212,7 +212,7 @@ def distill(config: DistillConfig) -> dict:
                     accelerator.print(f"\nestimate: {_duration(left)} for the remaining {config.max_train_steps - done} updates "
                                       f"({seconds / 5:.3f} s each); peak memory {peak_memory_mb(device):.0f} MB")
             # checkpoint, validation, preview
-            if done % config.checkpoint_every == 0 or done == config.max_train_steps:
+            if export and (done % config.checkpoint_every == 0 or done == config.max_train_steps):
                 save_checkpoint(done)
             if config.validation_every and done % config.validation_every == 0 and accelerator.is_main_process:
                 guard.check()
@@ -243,7 +243,7 @@ def distill(config: DistillConfig) -> dict:
         "peak_memory_mb": peak_memory_mb(device),
         "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process under DDP
     }
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and export:
         result.update(_export(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config, device))
         write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
     accelerator.end_training()

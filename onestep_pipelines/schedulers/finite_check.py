@@ -8,6 +8,8 @@ pinned copy started at the last step, so the host neither waits inside the loop 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -26,8 +28,7 @@ class FiniteCheckMixin:
         buffer, read once at the last step, or after the pipeline call when ``defer_finite_check`` is set (our
         few-step pipelines), so the denoising loop never waits for the device."""
         if model_output.device.type in self._immediate_check_devices:
-            total = model_output.sum(dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32)
-            if not bool(torch.isfinite(total)):
+            if not math.isfinite(model_output.sum(dtype=torch.float64 if model_output.dtype == torch.float64 else torch.float32).item()):
                 self._raise_nonfinite(i)
             return
         if self._finite is None or self._finite.device != model_output.device:

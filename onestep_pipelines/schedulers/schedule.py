@@ -143,23 +143,24 @@ def to_device(array, device, dtype: torch.dtype) -> torch.Tensor:
 
 
 class StepTables:
-    """Per-step constants of one schedule, on each (device, dtype) they are needed (an LRU of a few schedules).
+    """Per-step constants of one schedule, as Python numbers: a step passes them to its kernels as scalars (computed
+    in float32 inside the kernel, also for half-precision tensors), so nothing is copied to the device and nothing is
+    read back.
 
-    ``columns`` is ``{name: float64 array of one value per step}``; :meth:`rows` returns, for one device and dtype, a
-    list (one per step) of tuples of 0-d tensors in the order of ``names``, made once and reused.
+    ``columns`` is ``{name: float64 array of one value per step}``; ``rows[i]`` is step ``i``'s tuple in the order of
+    ``names``. A coefficient of the sample (a name ending in ``_x``) that is 1 at every step is None instead, so the
+    step skips that product (an Euler move is then one fused multiply-add, as in the stock schedulers).
     """
 
     def __init__(self, names: tuple[str, ...], columns: dict[str, np.ndarray]):
-        self.names = names
-        self.table = np.stack([np.asarray(columns[n], dtype=np.float64) for n in names], axis=1)
-        self._rows: dict[tuple, list] = {}
+        table = np.stack([np.asarray(columns[n], dtype=np.float64) for n in names], axis=1)
+        unit = [n.endswith("_x") and bool(np.all(np.abs(table[:, j] - 1.0) < 1e-12)) for j, n in enumerate(names)]
+        self.rows = [tuple(None if u else float(v) for u, v in zip(unit, row)) for row in table]
 
-    def rows(self, device, dtype: torch.dtype) -> list[tuple]:
-        key = (str(device), dtype)
-        if key not in self._rows:
-            on_device = to_device(self.table, device, dtype)
-            self._rows[key] = [tuple(row.unbind(0)) for row in on_device.unbind(0)]
-        return self._rows[key]
+
+def combine(a: float | None, x: torch.Tensor, b: float, out: torch.Tensor) -> torch.Tensor:
+    """``a x + b out`` in one kernel, or two (``a`` None means 1), in the dtype of ``x``."""
+    return torch.add(x if a is None else x * a, out, alpha=b)
 
 
 class LRU(OrderedDict):

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 
 from ..sampling import consistency_step, to_x0_eps
 from ..sampling.predictions import clip_x0, dynamic_threshold
-from .schedule import linear_in_input
+from .schedule import combine, linear_in_input
 from .scheduling_utils import FewStepSchedulerMixin, FewStepSchedulerOutput, step_arguments
 
 
@@ -163,18 +163,21 @@ class ConsistencyScheduler(FewStepSchedulerMixin):
         eta, generator, return_dict = step_arguments(args, eta, generator, return_dict)
         i = self._begin_step(model_output, timestep, sample)
         gamma = self._call_gamma(eta)
-        dtype = self._compute_dtype(sample)
-        x, out = sample.to(dtype), model_output.to(dtype)
-        x0_x, x0_out, prev_x, prev_out, std, eps_x, eps_out, alpha_s, sigma_s, scale = self._constants(i, gamma, x)
-        denoised = torch.addcmul(x0_x * x, x0_out, out)
-        noise = self._draw_noise(i, x, generator, gamma)
         transform = self._x0_transform()
+        if transform is None:
+            x, out = self._step_inputs(sample, model_output)
+        else:  # clipping / thresholding: in float32
+            dtype = self._compute_dtype(sample)
+            x, out = sample.to(dtype), model_output.to(dtype)
+        x0_x, x0_out, prev_x, prev_out, std, eps_x, eps_out, alpha_s, sigma_s, scale = self._constants(i, gamma)
+        denoised = combine(x0_x, x, x0_out, out)
+        noise = self._draw_noise(i, x, generator, gamma)
         if transform is None:  # the rule as per-step constants: prev = a x + b out (+ std noise)
-            prev = torch.addcmul(prev_x * x, prev_out, out)
+            prev = combine(prev_x, x, prev_out, out)
             if noise is not None:
-                prev = torch.addcmul(prev, std, noise)
+                prev = torch.add(prev, noise, alpha=std)
         else:  # x0_hat is changed in between: the rule itself
             denoised = transform(denoised)
-            eps = torch.addcmul(eps_x * x, eps_out, out)
+            eps = combine(eps_x, x, eps_out, out)
             prev = consistency_step(denoised, eps, alpha_s, sigma_s, scale, std, noise)
         return self._finish(prev, denoised, model_output.dtype, return_dict)

@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base up here)
 
 from ..sampling import flow_map_step
-from .schedule import flow_shift, linear_in_input
+from .schedule import combine, flow_shift, linear_in_input
 from .scheduling_utils import FewStepSchedulerMixin
 
 try:  # diffusers >= 0.40: our output is also the stock flow-map scheduler's
@@ -139,19 +139,20 @@ class FlowMapScheduler(FewStepSchedulerMixin):
         or not). ``denoised`` is the one-jump data estimate ``x_t - t * u`` (exact when ``r = 0``). With
         ``return_dict=False`` the result is ``(prev_sample,)``, as FlowMapEulerDiscreteScheduler's."""
         i = self._begin_step(model_output, timestep, sample, off_schedule=r_timestep is not None)
-        dtype = self._compute_dtype(sample)
-        x, u = sample.to(dtype), model_output.to(dtype)
         if r_timestep is not None:
+            dtype = self._compute_dtype(sample)
+            x, u = sample.to(dtype), model_output.to(dtype)
             sigma_t = self._sigma_of(timestep, x)
             prev = flow_map_step(x, u, sigma_t, self._sigma_of(r_timestep, x))
             denoised = flow_map_step(x, u, sigma_t, torch.zeros_like(sigma_t))
         else:
-            x0_x, x0_out, prev_x, prev_out, std = self._constants(i, self._gamma, x)
-            denoised = torch.addcmul(x0_x * x, x0_out, u)
-            prev = torch.addcmul(prev_x * x, prev_out, u)
+            x, u = self._step_inputs(sample, model_output)
+            x0_x, x0_out, prev_x, prev_out, std = self._constants(i, self._gamma)
+            denoised = combine(x0_x, x, x0_out, u)
+            prev = combine(prev_x, x, prev_out, u)
             noise = self._draw_noise(i, x, generator, self._gamma)
             if noise is not None:
-                prev = torch.addcmul(prev, std, noise)
+                prev = torch.add(prev, noise, alpha=std)
         self._step_index += 1
         prev, denoised = prev.to(model_output.dtype), denoised.to(model_output.dtype)
         if not return_dict:

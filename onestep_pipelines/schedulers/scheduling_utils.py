@@ -186,7 +186,7 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         self._step_index = None
         self._begin_index = None
         self._finite = None
-        self._constants_for(self._gamma).rows(device if device is not None else "cpu", torch.float32)  # made here, not in a step
+        self._constants_for(self._gamma)  # made here, not in a step
         self._on_set_timesteps(device)
 
     def _on_device(self, name: str, array, device, dtype) -> torch.Tensor:
@@ -205,9 +205,9 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
             tables[gamma] = StepTables(self._table_names, {k: v.numpy() for k, v in self._columns(self._native, gamma).items()})
         return tables[gamma]
 
-    def _constants(self, i: int, gamma: float, ref: torch.Tensor) -> tuple:
-        """Step ``i``'s constants (``_table_names`` order) as 0-d tensors on ``ref``'s device and dtype."""
-        return self._constants_for(gamma).rows(ref.device, ref.dtype)[i]
+    def _constants(self, i: int, gamma: float) -> tuple:
+        """Step ``i``'s constants (``_table_names`` order) as Python numbers."""
+        return self._constants_for(gamma).rows[i]
 
     # ---------------------------------------------------------------------------- bookkeeping
     @property
@@ -287,6 +287,15 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
     @staticmethod
     def _compute_dtype(t: torch.Tensor) -> torch.dtype:
         return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def _step_inputs(sample: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample and model output a step computes with: float32 (or float64) as given; half-precision tensors stay
+        as they are, since each kernel of the step computes in float32 and rounds once (no casting kernels)."""
+        if sample.dtype in (torch.float16, torch.bfloat16) and model_output.dtype == sample.dtype:
+            return sample, model_output
+        dtype = torch.float64 if torch.float64 in (sample.dtype, model_output.dtype) else torch.float32
+        return sample.to(dtype), model_output.to(dtype)
 
     def _draw_noise(self, i: int, like: torch.Tensor, generator, gamma: float) -> torch.Tensor | None:
         """Fresh noise for re-noising steps (``gamma > 0`` and not the last step), drawn like diffusers' ``randn_tensor``

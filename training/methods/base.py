@@ -46,6 +46,16 @@ class FiniteGuard:
             raise TrainingDiverged(f"update {first // 64 + 1}: the {names[first % 64]} became non-finite")
 
 
+def add_lora(model, rank: int, alpha: float = 0.0, targets: str = "", architecture: str = "") -> None:
+    """A peft LoRA adapter on ``model`` (diffusers' ``add_adapter``): ``targets`` comma-separated module names, by
+    default the attention projections (``qkv``, ``proj`` for the digits DiT)."""
+    from peft import LoraConfig
+
+    default = "qkv,proj" if architecture == "digits" else "to_q,to_k,to_v,to_out.0"
+    modules = [t.strip() for t in (targets or default).split(",") if t.strip()]
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=modules))
+
+
 class Method:
     """Base class: holds the teacher, the student, the student's sampling times and the run config.
 

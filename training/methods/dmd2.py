@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method
+from .base import Method, add_lora
 
 
 
@@ -63,10 +63,19 @@ class DMD2(Method):
     def __init__(self, teacher, student, scheduler, config):
         super().__init__(teacher, student, scheduler, config)
         self.needs_data = config.gan_weight > 0
-        self.fake = copy.deepcopy(teacher.model).float().train().requires_grad_(True)
+        self.fake = copy.deepcopy(teacher.model).train()
+        if config.fake_lora_rank:  # a LoRA on the frozen teacher (kept in the training precision)
+            self.fake.requires_grad_(False)
+            add_lora(self.fake, config.fake_lora_rank, 0.0, config.lora_targets, teacher.architecture)
+        else:  # a full copy, trained in float32
+            self.fake.float().requires_grad_(True)
         if hasattr(self.fake, "r_embed"):
             self.fake.r_embed.requires_grad_(False)
+        for p in self.fake.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         params = [p for p in self.fake.parameters() if p.requires_grad]
+        self._fake_names = [n for n, p in self.fake.named_parameters() if p.requires_grad]
         self.head = None
         if config.gan_weight > 0:
             block, width = feature_block(self.fake)
@@ -80,7 +89,7 @@ class DMD2(Method):
         return {"fake": self.fake, "fake_optimizer": self.fake_optimizer} | ({"head": self.head} if self.head is not None else {})
 
     def checkpoint_modules(self) -> dict:
-        return {"fake": (self.fake, None)} | ({"head": (self.head, None)} if self.head is not None else {})
+        return {"fake": (self.fake, self._fake_names)} | ({"head": (self.head, None)} if self.head is not None else {})
 
     def checkpoint_optimizers(self) -> dict:
         return {"fake_optimizer": (self.fake_optimizer, {"fake": self.fake} | ({"head": self.head} if self.head is not None else {}))}
