@@ -62,12 +62,12 @@ def _plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None = None) -> dict:
+def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None = None, device: str = "cpu") -> dict:
     num_samples = NUM_EVAL_SAMPLES  # same in both modes, so quick numbers compare with full ones
     start = time.time()
-    metric = DigitsMetric()
+    metric = DigitsMetric(device=device)
     floor = metric.real_vs_real()
-    teacher = load_digits_teacher(teacher_dir)
+    teacher = load_digits_teacher(teacher_dir).to(device)
     results = {"real_vs_real_fd": floor.fd, "real_vs_real_acc": floor.acc, "num_samples": num_samples, "teacher": {}, "students": {}}
     rows, grids = [], {}
 
@@ -82,7 +82,7 @@ def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None 
         measure("teacher (Euler)", teacher, nfe, results["teacher"], euler_grid=True)
     for spec in students:
         name, path = _parse_student(spec)
-        pipe = load_digits_pipeline(path)
+        pipe = load_digits_pipeline(path).to(device)
         results["students"][name] = {}
         for nfe in STUDENT_NFE:
             measure(name, pipe, nfe, results["students"][name])
@@ -98,7 +98,7 @@ def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None 
     print(f"{'model':<{width}}  NFE   FD       x floor  acc")
     for name, nfe, score in rows:
         print(f"{name:<{width}}  {nfe:>3}  {score.fd:7.3f}  {score.fd / floor.fd:7.2f}  {score.acc:.3f}")
-    print(f"wrote {os.path.join(out_dir, 'quality.json')} and PNGs in {time.time() - start:.0f} s")
+    print(f"wrote {os.path.join(out_dir, 'quality.json')} and PNGs in {time.time() - start:.0f} s ({device})")
     return results
 
 
@@ -108,10 +108,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="skip the 32-step teacher row (about 30 s on 2 cores)")
     parser.add_argument("--teacher", default=None, help="teacher folder (default: the shipped one)")
     parser.add_argument("--out", default=RESULTS, help="results folder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps... (the initial noise comes from the same CPU generator, so "
+                                                         "numbers compare across devices up to float rounding)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
-        run(args.student, args.quick, args.out, args.teacher)
+        run(args.student, args.quick, args.out, args.teacher, args.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -71,6 +71,8 @@ class DMD2(Method):
             self.fake.float().requires_grad_(True)
         if hasattr(self.fake, "r_embed"):
             self.fake.r_embed.requires_grad_(False)
+        if config.gradient_checkpointing and self.fake._supports_gradient_checkpointing:
+            self.fake.enable_gradient_checkpointing()
         for p in self.fake.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

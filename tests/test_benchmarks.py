@@ -1,0 +1,29 @@
+"""The benchmark scripts run (their numbers are measured by hand and written in README; these check the code)."""
+
+import json
+
+import pytest
+import torch
+
+import gpu
+
+
+def test_gpu_benchmark_runs_end_to_end_on_tiny_models(tmp_path):
+    """benchmarks/gpu.py on the CPU with tiny models: every section but the CUDA-only ones (compiled graphs, syncs)."""
+    assert gpu.main(["--tiny", "--device", "cpu", "--sections", "inference,scheduler,training,memory", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu-tiny.json").read_text())
+    assert {r["steps"] for r in report["inference"]["rows"]} == {1, 4}
+    assert len(report["scheduler"]["rows"]) == 2 and report["training"]["updates"] == 3
+    rows = report["memory"]["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [("sdxl", "dmd2"), ("sdxl", "dmd2"), ("sdxl", "consistency"), ("flux", "dmd2"), ("flux", "consistency")]
+    assert all("error" not in r and r["seconds per update"] > 0 for r in rows), rows
+
+
+def test_gpu_benchmark_refuses_unknown_sections_and_missing_cuda(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu.main(["--sections", "warp", "--out", str(tmp_path)])
+    assert "unknown sections" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu.main(["--out", str(tmp_path)])
+        assert "sees no CUDA device" in capsys.readouterr().err
