@@ -9,6 +9,7 @@ this module only translates ComfyUI's conventions: a model's ``model_sampling`` 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from safetensors import safe_open
@@ -19,7 +20,7 @@ import comfy.samplers
 
 from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
 from onestep_pipelines.sampling import SigmaSpace, few_step_sigmas, sample_consistency, sample_flow_map
-from onestep_pipelines.students.lora import comfyui_ready
+from onestep_pipelines.students.lora import COMFYUI_R_PREFIX, comfyui_ready
 
 R_KEY = "onestep_r_sigma"  # transformer_options entry carrying the flow-map target sigma
 R_PATCH_KEY = "onestep_r_conditioning"  # model_options flag set by the r-conditioning patch
@@ -29,14 +30,20 @@ log = logging.getLogger("onestep_pipelines")
 
 # ------------------------------------------------------------------------------------------ time
 def sigma_space(model_sampling) -> SigmaSpace:
-    """Rectified flow (``CONST``) or a discrete VP model (epsilon / v); anything else is refused."""
+    """Rectified flow (``CONST``) or a discrete VP model (epsilon / v); anything else is refused.
+
+    A VP model's table is its sigma at every training timestep, read through its own ``sigma(timestep)``: the full
+    1000-step table for ModelSamplingDiscrete, and for ModelSamplingDiscrete(sampling=lcm) (a 50-entry table of the
+    LCM grid) the same sigmas on that grid, interpolated between, as ComfyUI does."""
     if isinstance(model_sampling, comfy.model_sampling.CONST):
         return SigmaSpace(flow=True)
     discrete = isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and not isinstance(
         model_sampling, (comfy.model_sampling.ModelSamplingDiscreteEDM, comfy.model_sampling.StableCascadeSampling)
     )
     if discrete and isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(model_sampling, comfy.model_sampling.EDM):
-        return SigmaSpace(flow=False, discrete_sigmas=model_sampling.sigmas.detach().float().cpu())
+        steps = int(getattr(model_sampling, "num_timesteps", len(model_sampling.sigmas)))
+        table = model_sampling.sigma(torch.arange(steps, dtype=torch.float32)).detach().float().cpu()
+        return SigmaSpace(flow=False, discrete_sigmas=table)
     raise ValueError(
         f"onestep samplers support rectified-flow models (SD3, Flux, ...) and discrete VP models (SD 1.5 / SDXL, epsilon or v); "
         f"this model samples with {type(model_sampling).__name__}."
@@ -48,8 +55,11 @@ def model_sigmas(model, steps: int, preset: str, timesteps: list[float] | None, 
     ms = model.get_model_object("model_sampling")
     multiplier = float(getattr(ms, "multiplier", 1.0))
     own_shift = lambda u: ms.sigma(torch.as_tensor(u, dtype=torch.float32) * multiplier).float()  # noqa: E731
+    space = sigma_space(ms)
+    steps_of_grid = 1000 if space.flow else len(space.discrete_sigmas)
     return few_step_sigmas(
-        sigma_space(ms), steps, preset=preset, timesteps=timesteps, shift=shift if shift > 0 else None, denoise=denoise, flow_shift=own_shift
+        space, steps, preset=preset, timesteps=timesteps, shift=shift if shift > 0 else None, denoise=denoise, flow_shift=own_shift,
+        num_train_timesteps=steps_of_grid,
     )
 
 
@@ -117,15 +127,21 @@ class RTimeEmbedding(torch.nn.Module):
 
 def r_embedder_from_file(path: str) -> torch.nn.Module:
     """The second-time embedding saved with an r-conditioned student (``r_embedder.safetensors``)."""
+    tensors, _ = read_safetensors(path, "r_embedder")
+    return r_embedder_from_tensors({k.removeprefix("r_embedder."): v for k, v in tensors.items()}, path)
+
+
+def r_embedder_from_tensors(tensors: dict, source: str) -> torch.nn.Module:
+    """The second-time embedding from its tensors (an r_embedder file, or the ``onestep_r_embedder.*`` keys of a
+    student's ComfyUI LoRA file)."""
     from diffusers.models.embeddings import Timesteps
 
     from onestep_pipelines.models.r_conditioning import IntervalEmbedding
 
-    with safe_open(path, framework="pt") as f:
-        tensors = {k.removeprefix("r_embedder."): f.get_tensor(k) for k in f.keys()}
     expected = {"embedding.linear_1.weight", "embedding.linear_1.bias", "embedding.linear_2.weight", "embedding.linear_2.bias"}
     if set(tensors) != expected:
-        raise ValueError(f"{path} is not an r_embedder file of this package (keys {sorted(tensors)[:6]}, expected {sorted(expected)}).")
+        raise ValueError(f"{os.path.basename(source)} holds no second-time embedding of this package (keys {sorted(tensors)[:4]}); "
+                         "use the r_embedder.safetensors or the _comfyui.safetensors file written with the student.")
     channels, embed_dim = tensors["embedding.linear_1.weight"].shape[1], tensors["embedding.linear_2.weight"].shape[0]
     module = IntervalEmbedding(Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0), embed_dim)
     module.load_state_dict(tensors)
@@ -170,10 +186,22 @@ def _out_features(module: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------ LoRA
+def read_safetensors(path: str, what: str) -> tuple[dict, dict]:
+    """``(tensors, header)`` of a safetensors file, with an error naming the file and the input it came from."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged files
+        raise ValueError(f"{what} {os.path.basename(path)}: not a readable safetensors file ({str(error)[:120]}); "
+                         "download or copy it again.") from None
+
+
 def read_lora(path: str) -> tuple[dict, StudentMetadata | None, dict]:
-    with safe_open(path, framework="pt") as f:
-        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
+    tensors, header = read_safetensors(path, "lora_name")
+    try:
+        metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
+    except ValueError as error:
+        raise ValueError(f"lora_name {os.path.basename(path)}: its onestep sampling metadata is invalid ({str(error)[:200]}).") from None
     return tensors, metadata, header
 
 
@@ -197,22 +225,37 @@ def _target(value):
 
 def load_lora(model, path: str, strength: float, allow_partial: bool):
     """``(patched model, metadata, report)``; refuses a LoRA for another architecture, and a partial load unless
-    ``allow_partial``."""
+    ``allow_partial``. An r-conditioned (flow-map / MeanFlow) student also gets its second-time embedding (from the
+    file's ``onestep_r_embedder.*`` keys, or an ``r_embedder.safetensors`` beside it)."""
+    name = os.path.basename(path)
     tensors, metadata, header = read_lora(path)
+    r_tensors = {k[len(COMFYUI_R_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(COMFYUI_R_PREFIX)]}
     architecture = model_architecture(model)
     if metadata is not None and architecture is not None and metadata.architecture != architecture:
-        raise ValueError(f"{path} is a LoRA for {metadata.architecture!r} models; this MODEL is {architecture!r}.")
+        raise ValueError(f"lora_name {name} is a LoRA for {metadata.architecture!r} models; this MODEL is {architecture!r}: load its base model.")
     patches, n_modules, unmapped = lora_patches(model, tensors, header)
     if n_modules == 0:
-        raise ValueError(f"{path} holds no LoRA pairs (lora_A/lora_B or lora_down/lora_up).")
+        raise ValueError(f"lora_name {name} holds no LoRA pairs (lora_A/lora_B or lora_down/lora_up).")
     if len(unmapped) == n_modules:
-        raise ValueError(f"none of the {n_modules} LoRA modules of {path} exists in this {architecture or 'model'}: a LoRA for another architecture?")
+        raise ValueError(f"lora_name {name}: none of its {n_modules} LoRA modules exists in this {architecture or 'model'}; a LoRA for another base model?")
     if unmapped and not allow_partial:
-        shown = ", ".join(unmapped[:8]) + (" ..." if len(unmapped) > 8 else "")
-        raise ValueError(f"only {n_modules - len(unmapped)} of {n_modules} LoRA modules map onto this model (unmapped: {shown}); enable allow_partial to load them anyway.")
+        shown = ", ".join(unmapped[:3]) + (" ..." if len(unmapped) > 3 else "")
+        raise ValueError(f"lora_name {name}: only {n_modules - len(unmapped)} of {n_modules} LoRA modules map onto this model "
+                         f"(unmapped: {shown}); set allow_partial to load them anyway.")
     patched = model.clone()
     applied = patched.add_patches(patches, strength)
     report = f"{n_modules - len(unmapped)}/{n_modules} LoRA modules mapped, {len(applied)} weights patched"
+    if metadata is not None and metadata.r_conditioning:
+        beside = os.path.join(os.path.dirname(path), "r_embedder.safetensors")
+        if r_tensors:
+            r_embedder = r_embedder_from_tensors(r_tensors, path)
+        elif os.path.isfile(beside):
+            r_embedder = r_embedder_from_file(beside)
+        else:
+            raise ValueError(f"lora_name {name} is a flow-map student (it takes a second time r) but carries no r-embedding and no "
+                             "r_embedder.safetensors lies beside it: use the student's _comfyui.safetensors file.")
+        patched = patch_r_conditioning(patched, r_embedder)
+        report += ", second-time embedding applied"
     log.info("onestep LoRA %s: %s", path, report)
     return patched, metadata, report
 

@@ -21,14 +21,37 @@ def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dt
 
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
-        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json).")
+        raise ValueError(f"student {os.path.basename(path)}: not a diffusers pipeline folder (no model_index.json).")
+    _check_components(path)
     key = (os.path.realpath(path), os.path.getmtime(index), str(device), dtype)
     with _LOCK:
         if key not in _CACHE:
             _CACHE.clear()  # one pipeline at a time: students are small, base models are not
-            pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
+            try:
+                pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
+            except (OSError, ValueError) as error:
+                raise ValueError(f"student {os.path.basename(path)} could not be loaded: {str(error)[:300]}") from None
             _CACHE[key] = pipe.to(device)
         return _CACHE[key]
+
+
+def _check_components(path: str) -> None:
+    """Every component that ``model_index.json`` lists has a folder with its config (else an error naming it)."""
+    import json
+
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+        try:
+            index = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"student {os.path.basename(path)}: model_index.json is not valid JSON ({error}).") from None
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        folder = os.path.join(path, name)
+        configs = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
+        if not os.path.isdir(folder) or not any(os.path.isfile(os.path.join(folder, c)) for c in configs):
+            raise ValueError(f"student {os.path.basename(path)}: component {name!r} has no folder with its config "
+                             f"({name}/config.json); copy the whole student folder again.")
 
 
 def parse_labels(text: str) -> list[int]:
@@ -42,10 +65,17 @@ def parse_labels(text: str) -> list[int]:
 
 
 def generate(pipe, prompt: str = "", class_labels: str = "", seed: int = 0, steps: int = 0, guidance: float = -1.0,
-             width: int = 0, height: int = 0, batch_size: int = 1) -> torch.Tensor:
+             width: int = 0, height: int = 0, batch_size: int = 1, on_step=None) -> torch.Tensor:
     """Images ``(batch, height, width, 3)`` in ``[0, 1]`` (ComfyUI's IMAGE). ``steps=0`` and ``guidance<0`` use the
-    student's recorded defaults; ``width``/``height`` 0 the pipeline's."""
+    student's recorded defaults; ``width``/``height`` 0 the pipeline's. ``on_step(done, total)`` is called before the
+    first step and after each one (progress, and the place to stop an interrupted run by raising)."""
     kwargs = {"generator": torch.Generator("cpu").manual_seed(int(seed)), "output_type": "pt"}
+    if on_step is not None:
+        def after_step(pipeline, i, t, tensors):
+            on_step(i + 1, pipeline.scheduler.num_inference_steps)
+            return {}
+
+        kwargs["callback_on_step_end"] = after_step
     if steps > 0:
         kwargs["num_inference_steps"] = int(steps)
     elif getattr(pipe, "student", None) is None:
@@ -57,6 +87,8 @@ def generate(pipe, prompt: str = "", class_labels: str = "", seed: int = 0, step
     else:
         kwargs.update(prompt=prompt, num_images_per_prompt=int(batch_size))
         kwargs.update({k: v for k, v in (("width", width), ("height", height)) if v > 0})
+    if on_step is not None:
+        on_step(0, max(int(steps), 1))
     images = pipe(**kwargs).images
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)

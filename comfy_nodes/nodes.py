@@ -14,6 +14,13 @@ from . import adapters, bridge
 
 CATEGORY = "sampling/onestep"
 PRESET_OPTIONS = [p for p in PRESETS if p != "uniform"] + ["custom"]
+TIMESTEP_RANGE = "integers in [0, 999] for SD 1.5 / SDXL; values in (0, 1000] (sigma x 1000) for flow models"
+
+
+def fail(where: str, error: Exception, fix: str = "") -> ValueError:
+    """A node error of at most 500 characters: the node input(s), what is wrong, and the fix."""
+    message = (f"{where}: {error}" if where else str(error)) + (f" {fix}" if fix else "")
+    return ValueError(message if len(message) <= 500 else message[:497] + "...")
 
 
 class ConsistencySampler(io.ComfyNode):
@@ -92,7 +99,10 @@ class FlowMapConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, model, r_embedder) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", r_embedder)
-        return io.NodeOutput(adapters.patch_r_conditioning(model, adapters.r_embedder_from_file(path)))
+        try:
+            return io.NodeOutput(adapters.patch_r_conditioning(model, adapters.r_embedder_from_file(path)))
+        except ValueError as error:
+            raise fail(f"r_embedder {r_embedder}", error) from None
 
 
 class FewStepSigmas(io.ComfyNode):
@@ -108,7 +118,7 @@ class FewStepSigmas(io.ComfyNode):
                 io.Combo.Input("preset", options=PRESET_OPTIONS, default="trailing",
                                tooltip="lcm/tcd: 50-step LCM grid; dmd2: 999,749,499,249; tdm: uniform boundaries; rcm/scm: TrigFlow times; trailing: evenly spaced from pure noise; custom: the list below."),
                 io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Model evaluations (ignored for custom)."),
-                io.String.Input("timesteps", default="999,749,499,249", tooltip="custom only: strictly decreasing training timesteps (0-999)."),
+                io.String.Input("timesteps", default="999,749,499,249", tooltip=f"custom only: strictly decreasing training timesteps, {TIMESTEP_RANGE}."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Flow models: 0 keeps the model's own shift; > 0 replaces it (SD3 uses 3)."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip="< 1 keeps the last steps of a longer schedule (img2img)."),
@@ -118,8 +128,12 @@ class FewStepSigmas(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, steps, timesteps, shift, denoise) -> io.NodeOutput:
-        custom = parse_timesteps(timesteps) if preset == "custom" else None
-        return io.NodeOutput(adapters.model_sigmas(model, steps, "trailing" if custom else preset, custom, shift, denoise))
+        try:
+            custom = parse_timesteps(timesteps) if preset == "custom" else None
+            return io.NodeOutput(adapters.model_sigmas(model, steps, "trailing" if custom else preset, custom, shift, denoise))
+        except ValueError as error:
+            where = "timesteps" if preset == "custom" else f"preset {preset!r}, steps {steps}" + (f", denoise {denoise:g}" if denoise != 1 else "")
+            raise fail(where, error) from None
 
 
 class StudentLoraLoader(io.ComfyNode):
@@ -143,8 +157,11 @@ class StudentLoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength, allow_partial, fallback_steps) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        patched, metadata, report = adapters.load_lora(model, path, strength, allow_partial)
-        sampler, sigmas = adapters.student_sampling(patched, metadata, fallback_steps)
+        try:
+            patched, metadata, report = adapters.load_lora(model, path, strength, allow_partial)
+            sampler, sigmas = adapters.student_sampling(patched, metadata, fallback_steps)
+        except ValueError as error:
+            raise fail("", error) from None
         return io.NodeOutput(patched, sampler, sigmas, f"{report}; {adapters.describe(metadata)}")
 
 
@@ -181,9 +198,23 @@ class DiffusersStudent(io.ComfyNode):
     @classmethod
     def execute(cls, student, prompt, class_labels, seed, steps, guidance, width, height, batch_size) -> io.NodeOutput:
         import comfy.model_management
+        import comfy.utils
 
-        pipe = bridge.load_pipeline(_folder(student), comfy.model_management.get_torch_device())
-        return io.NodeOutput(bridge.generate(pipe, prompt, class_labels, seed, steps, guidance, width, height, batch_size))
+        try:
+            pipe = bridge.load_pipeline(_folder(student), comfy.model_management.get_torch_device())
+        except ValueError as error:
+            raise fail("", error) from None
+        progress = comfy.utils.ProgressBar(max(int(steps), 1))
+
+        def on_step(done: int, total: int) -> None:  # ComfyUI's progress bar, and Cancel (/interrupt) between steps
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(done, total)
+
+        try:
+            images = bridge.generate(pipe, prompt, class_labels, seed, steps, guidance, width, height, batch_size, on_step=on_step)
+        except ValueError as error:
+            raise fail("prompt / class_labels / steps", error) from None
+        return io.NodeOutput(images)
 
 
 def _folder(name: str) -> str:
@@ -191,7 +222,7 @@ def _folder(name: str) -> str:
         path = os.path.join(root, name)
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return path
-    raise ValueError(f"no diffusers pipeline folder {name!r} in {folder_paths.get_folder_paths('diffusers')}.")
+    raise ValueError(f"student {name!r}: no such folder with a model_index.json in models/diffusers ({folder_paths.get_folder_paths('diffusers')[:2]}).")
 
 
 NODES = [ConsistencySampler, TDMSampler, FlowMapSampler, FlowMapConditioning, FewStepSigmas, StudentLoraLoader, DiffusersStudent]

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from onestep_pipelines.testing.checkout import wheel_site, windows_style_clone
 from onestep_pipelines.testing.comfyui import ComfyServer, comfyui_dir, execution_error, sd15_unet, write_sd15_checkpoint
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run the server tests")
@@ -48,7 +49,8 @@ def comfy(tmp_path_factory):
     for folder in ("checkpoints", "loras", "diffusers"):
         (base / "models" / folder).mkdir(parents=True)
     (base / "custom_nodes").mkdir()
-    os.symlink(REPO, base / "custom_nodes" / "onestep-pipelines")  # the "cloned into custom_nodes" route
+    # the "cloned into custom_nodes" route, from a checkout without symbolic links (Git on Windows), the package not installed
+    windows_style_clone(REPO, str(base / "custom_nodes" / "onestep-pipelines"))
     unet = sd15_unet(seed=0)
     write_sd15_checkpoint(str(base / "models" / "checkpoints" / "tiny_sd15.safetensors"), unet)
 
@@ -73,12 +75,25 @@ def comfy(tmp_path_factory):
         torch.nn.init.normal_(p, std=0.05)
     save_file({k: v.contiguous() for k, v in r_unet.r_embedder.state_dict().items()}, str(base / "models" / "loras" / "r_embedder.safetensors"))
 
+    r_lora_unet = copy.deepcopy(r_unet)  # a flow-map LoRA student: LoRA on the attention, its own r-embedding
+    r_lora_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    from onestep_pipelines.schedulers import FlowMapScheduler
+
+    r_metadata = StudentMetadata.from_scheduler(FlowMapScheduler(shift=3.0), method="flowmap", architecture="sd", num_inference_steps=2,
+                                                r_conditioning=True)
+    r_files = save_student_lora(str(base / "rlora"), r_lora_unet, r_metadata)
+    os.symlink(r_files["comfyui"], base / "models" / "loras" / "flowmap_student_comfyui.safetensors")
+    (base / "models" / "loras" / "damaged.safetensors").write_bytes(b"\xff" * 64)
+
     digits = DigitsPipeline.from_pretrained(TEACHER_DIR)  # the teacher run as a 4-step "student" (Euler, recorded in its metadata)
     digits.set_student(StudentMetadata.from_scheduler(ConsistencyScheduler.from_config(digits.scheduler.config, gamma=0.0), method="euler",
                                                       architecture="digits", num_inference_steps=4))
     digits.save_pretrained(str(base / "models" / "diffusers" / "digits-dmd2-student"))
-    with ComfyServer(str(base)) as server:
-        yield {"server": server, "unet": unet, "lora_unet": lora_unet, "r_unet": r_unet, "base": base}
+    incomplete = base / "models" / "diffusers" / "incomplete-student"
+    incomplete.mkdir()
+    (incomplete / "model_index.json").write_text((base / "models" / "diffusers" / "digits-dmd2-student" / "model_index.json").read_text())
+    with ComfyServer(str(base), forget_installed=True) as server:
+        yield {"server": server, "unet": unet, "lora_unet": lora_unet, "r_unet": r_unet, "r_lora_dir": str(base / "rlora"), "base": base}
 
 
 def _pipeline(unet, scheduler, cls=None):
@@ -216,8 +231,10 @@ def test_bad_input_gives_node_errors_and_the_server_keeps_serving(comfy):
     assert execution_error(entry) is None and _model_latent(server, entry).shape == (1, 4, 8, 8)
 
 
-@pytest.mark.parametrize("name", ["consistency_sampler", "tcd_custom_timesteps", "tdm_sampler", "student_lora", "flow_map_sampler", "diffusers_student"])
+@pytest.mark.parametrize("name", sorted(n[: -len(".api.json")] for n in os.listdir(WORKFLOWS) if n.endswith(".api.json")))
 def test_example_workflows_run(comfy, name):
+    """Every shipped workflow (ours and the community few-step graphs: LCM-LoRA, TCD, Hyper-SD, DMD2, Lightning, SD3,
+    Flux), with its file names pointed at the tiny test files."""
     with open(os.path.join(WORKFLOWS, f"{name}.api.json")) as f:
         prompt = json.load(f)
     files = {"ckpt_name": "tiny_sd15.safetensors", "lora_name": "student_comfyui.safetensors", "r_embedder": "r_embedder.safetensors"}
@@ -233,10 +250,218 @@ def test_example_workflows_run(comfy, name):
     assert images and all(os.path.isfile(comfy["server"].output_path(i.get("subfolder", ""), i["filename"])) for i in images)
 
 
-def test_pip_installed_package_loads_through_the_one_line_shim(tmp_path, monkeypatch):
-    """The second install route: the package importable (here: this checkout) and a one-line file in custom_nodes."""
+def test_pip_installed_package_loads_through_the_one_line_shim(tmp_path):
+    """The second install route: the wheel built from a checkout without symbolic links, installed (unpacked on the
+    server's path, any other install ignored), and a one-line file in custom_nodes."""
+    clone = windows_style_clone(REPO, str(tmp_path / "clone"))
+    site = wheel_site(clone, str(tmp_path / "build"))
     (tmp_path / "custom_nodes").mkdir()
     (tmp_path / "custom_nodes" / "onestep.py").write_text("from onestep_pipelines.comfy_nodes import comfy_entrypoint  # noqa: F401\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    with ComfyServer(str(tmp_path)) as server:
+    with ComfyServer(str(tmp_path), pythonpath=(site,), forget_installed=True) as server:
         assert set(NODE_IDS) <= set(server.get("/object_info"))
+
+
+# ------------------------------------------------------------------------- exact on ComfyUI's own schedules
+SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"]
+MODEL_KINDS = {  # how the tiny SD 1.5-shaped checkpoint is sampled: epsilon VP, v-prediction VP, rectified flow
+    "eps": {},
+    "v": {"20": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction", "zsnr": False}}},
+    "flow": {"20": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}},
+    "lcm": {"20": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "lcm", "zsnr": False}}},
+}
+
+
+def _branches(kind: str, samplers: dict, schedules: list[tuple[str, int, float]], seed=SEED, add_noise=True, advanced: bool = False) -> dict:
+    """One workflow sampling the same latent with each sampler on each (scheduler, steps, denoise): SaveLatent nodes
+    named ``"<sampler>|<scheduler>|<steps>|<denoise>"`` (ComfyUI's SamplerCustom, or SamplerCustomAdvanced)."""
+    model = ["20", 0] if MODEL_KINDS[kind] else ["1", 0]
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        **MODEL_KINDS[kind],
+    }
+    n = 100
+    for name, sampler in samplers.items():
+        prompt[str(n)] = sampler
+        sampler_ref = [str(n), 0]
+        n += 1
+        for scheduler, steps, denoise in schedules:
+            prompt[str(n)] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": scheduler, "steps": steps, "denoise": denoise}}
+            if advanced:
+                prompt[str(n + 1)] = {"class_type": "RandomNoise" if add_noise else "DisableNoise", "inputs": {"noise_seed": seed} if add_noise else {}}
+                prompt[str(n + 2)] = {"class_type": "BasicGuider", "inputs": {"model": model, "conditioning": ["3", 0]}}
+                prompt[str(n + 3)] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": [str(n + 1), 0], "guider": [str(n + 2), 0],
+                                      "sampler": sampler_ref, "sigmas": [str(n), 0], "latent_image": ["4", 0]}}
+            else:
+                prompt[str(n + 3)] = {"class_type": "SamplerCustom", "inputs": {"model": model, "add_noise": add_noise, "noise_seed": seed, "cfg": 1.0,
+                                      "positive": ["3", 0], "negative": ["3", 0], "sampler": sampler_ref, "sigmas": [str(n), 0], "latent_image": ["4", 0]}}
+            prompt[f"{name}|{scheduler}|{steps}|{denoise}"] = {"class_type": "SaveLatent", "inputs": {"samples": [str(n + 3), 0], "filename_prefix": f"s{n}"}}
+            n += 4
+    return prompt
+
+
+def _latents(server, prompt: dict) -> dict:
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    return {key: server.latent(entry, key) for key in prompt if "|" in key}
+
+
+EULER = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+GAMMA0 = {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 0.0}}
+TDM = {"class_type": "OneStepTDMSampler", "inputs": {}}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
+def test_gamma_zero_and_tdm_equal_euler_on_every_comfyui_schedule(comfy, kind):
+    """On any SIGMAS ComfyUI makes (every scheduler, denoise < 1), the consistency sampler with gamma 0 and the TDM
+    sampler are Euler: within 1e-4 relative of the built-in euler."""
+    schedules = [(name, 4, 1.0) for name in SCHEDULERS] + [("normal", 8, 0.5), ("karras", 6, 0.6)]
+    latents = _latents(comfy["server"], _branches(kind, {"euler": EULER, "gamma0": GAMMA0, "tdm": TDM}, schedules))
+    for scheduler, steps, denoise in schedules:
+        expected = latents[f"euler|{scheduler}|{steps}|{denoise}"]
+        for ours in ("gamma0", "tdm"):
+            assert _relative(latents[f"{ours}|{scheduler}|{steps}|{denoise}"], expected) <= 1e-4, (ours, scheduler, steps, denoise)
+
+
+def test_gamma_zero_is_deterministic_and_works_in_sampler_custom_advanced(comfy):
+    schedules = [("karras", 4, 1.0), ("sgm_uniform", 4, 1.0)]
+    runs = [_latents(comfy["server"], _branches("eps", {"gamma0": GAMMA0, "tdm": TDM, "euler": EULER}, schedules, seed=seed, add_noise=False))
+            for seed in (1, 2)]
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key  # no fresh noise: the noise seed changes nothing
+    advanced = _latents(comfy["server"], _branches("eps", {"gamma0": GAMMA0, "euler": EULER}, schedules, advanced=True))
+    plain = _latents(comfy["server"], _branches("eps", {"gamma0": GAMMA0, "euler": EULER}, schedules))
+    for key in advanced:
+        torch.testing.assert_close(advanced[key], plain[key], rtol=0, atol=0)
+    for scheduler, steps, denoise in schedules:
+        assert _relative(advanced[f"gamma0|{scheduler}|{steps}|{denoise}"], advanced[f"euler|{scheduler}|{steps}|{denoise}"]) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["eps", "lcm"])
+def test_gamma_one_equals_the_builtin_lcm_sampler(comfy, kind):
+    """gamma 1 is LCM: equal to ComfyUI's lcm on its schedules, also on a ModelSamplingDiscrete(lcm) model."""
+    schedules = [("sgm_uniform", 4, 1.0), ("simple", 2, 1.0), ("karras", 4, 1.0)]
+    samplers = {"lcm": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}},
+                "gamma1": {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.0}}}
+    latents = _latents(comfy["server"], _branches(kind, samplers, schedules))
+    for scheduler, steps, denoise in schedules:
+        assert _relative(latents[f"gamma1|{scheduler}|{steps}|{denoise}"], latents[f"lcm|{scheduler}|{steps}|{denoise}"]) <= 1e-4
+
+
+def test_gamma_between_re_noises_on_continuous_times(comfy):
+    samplers = {"tcd": {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 0.3}}}
+    schedules = [("karras", 4, 1.0), ("exponential", 3, 1.0)]
+    a = _latents(comfy["server"], _branches("eps", samplers, schedules, seed=1))
+    b = _latents(comfy["server"], _branches("eps", samplers, schedules, seed=2))
+    for key in a:
+        assert torch.isfinite(a[key]).all() and not torch.allclose(a[key], b[key])  # fresh noise: the seed matters
+
+
+def test_the_lcm_lora_graph_gets_lcm_sigmas_from_model_sampling_discrete_lcm(comfy):
+    """OneStepSigmas on ModelSamplingDiscrete(lcm) (a 50-entry table) gives the LCM grid's sigmas, which the built-in
+    lcm sampler and ours sample alike."""
+    server = comfy["server"]
+    prompt = _zero_cond_workflow({"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.0}}, _sigmas(("20", 0), "lcm", 4),
+                                 MODEL_KINDS["lcm"], ("20", 0))
+    ours = server.run(prompt)
+    assert execution_error(ours) is None, execution_error(ours)
+    prompt["5"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}}
+    builtin = server.run(prompt)
+    assert _relative(_model_latent(server, ours), _model_latent(server, builtin)) <= 1e-4
+    expected = _diffusers_latent(_pipeline(comfy["unet"], __import__("onestep_pipelines").ConsistencyScheduler(gamma=1.0, timestep_preset="lcm")), 4)
+    assert _relative(_model_latent(server, ours), expected) <= 1e-4  # the LCM grid's sigmas, as diffusers samples them
+
+
+def test_timestep_zero_is_a_valid_custom_timestep(comfy):
+    entry = comfy["server"].run(_zero_cond_workflow(GAMMA0, _sigmas(("1", 0), "custom", 2, timesteps="999,0")))
+    assert execution_error(entry) is None, execution_error(entry)
+
+
+def test_a_flow_map_lora_student_samples_like_the_diffusers_pipeline(comfy):
+    """The student LoRA loader applies every part of a flow-map LoRA student (its r-embedding included) and outputs the
+    flow-map sampler and sigmas: ComfyUI's latent equals the diffusers pipeline's with load_student_lora."""
+    from onestep_pipelines.pipelines.few_step import FewStepStableDiffusionPipeline
+    from onestep_pipelines.students.lora import load_student_lora
+
+    server = comfy["server"]
+    loader = {"class_type": "OneStepLoraLoader", "inputs": {"model": ["10", 0], "lora_name": "flowmap_student_comfyui.safetensors", "strength": 1.0,
+                                                            "allow_partial": False, "fallback_steps": 4}}
+    nodes = {"10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}, "9": loader}
+    prompt = _zero_cond_workflow({}, {}, nodes, ("9", 0))
+    prompt["7"]["inputs"].update(sampler=["9", 1], sigmas=["9", 2])
+    del prompt["5"], prompt["6"]
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert "second-time embedding applied" in server.read_log()
+    from diffusers import DDIMScheduler
+
+    pipe = _pipeline(copy.deepcopy(comfy["unet"]), DDIMScheduler(), FewStepStableDiffusionPipeline)
+    load_student_lora(pipe, comfy["r_lora_dir"])  # sets the FlowMapScheduler and adds the r-embedding
+    assert type(pipe.scheduler).__name__ == "FlowMapScheduler"
+    torch.testing.assert_close(_model_latent(server, entry), _diffusers_latent(pipe, 2), rtol=0, atol=1e-4)
+
+
+def test_errors_name_the_input_and_the_file_and_stay_short(comfy):
+    server = comfy["server"]
+    consistency = {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.0}}
+    long_list = ",".join(str(t) for t in range(999, 0, -1)) + ",5"  # a 1000-entry list, not decreasing at the end
+    cases = [
+        (_sigmas(("1", 0), "custom", 4, timesteps=long_list), consistency, "timesteps: timesteps must be strictly decreasing"),
+        (_sigmas(("1", 0), "lcm", 1000), consistency, "preset 'lcm', steps 1000: num_inference_steps=1000 is more than"),
+        (_sigmas(("1", 0), "custom", 4, timesteps="1000,500"), consistency, "timesteps must lie in [0, 999]"),
+    ]
+    for sigmas, sampler, message in cases:
+        error = execution_error(server.run(_zero_cond_workflow(sampler, sigmas))) or ""
+        assert message in error and len(error) < 560, error  # node type + ": " + at most 500 characters
+    damaged = {"class_type": "OneStepLoraLoader", "inputs": {"model": ["1", 0], "lora_name": "damaged.safetensors", "strength": 1.0,
+                                                             "allow_partial": False, "fallback_steps": 4}}
+    error = execution_error(server.run(_zero_cond_workflow(consistency, _sigmas(("9", 0), "lcm", 2), {"9": damaged}, ("9", 0)))) or ""
+    assert "lora_name damaged.safetensors: not a readable safetensors file" in error and "download or copy it again" in error, error
+    student = {"class_type": "OneStepDiffusersStudent", "inputs": {"student": "incomplete-student", "prompt": "", "class_labels": "1", "seed": 0,
+               "steps": 0, "guidance": -1.0, "width": 0, "height": 0, "batch_size": 1}}
+    entry = server.run({"1": student, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}})
+    error = execution_error(entry) or ""
+    assert "student incomplete-student: component 'scheduler' has no folder" in error or "component 'transformer' has no folder" in error, error
+
+
+def test_cancel_stops_the_diffusers_bridge_and_it_reports_progress(comfy):
+    """/interrupt stops a long bridge generation between steps, and ComfyUI's progress messages come per step."""
+    import asyncio
+    import time
+    import uuid
+
+    import aiohttp
+
+    server = comfy["server"]
+    student = {"class_type": "OneStepDiffusersStudent", "inputs": {"student": "digits-dmd2-student", "prompt": "", "class_labels": "0,1,2,3,4,5,6,7,8,9",
+               "seed": 0, "steps": 1000, "guidance": -1.0, "width": 0, "height": 0, "batch_size": 64}}
+    prompt = {"1": student, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "long"}}}
+
+    async def watch():
+        client = uuid.uuid4().hex
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{server.url}/ws?clientId={client}") as ws:
+            status, _ = server.post("/prompt", {"prompt": prompt, "client_id": client})
+            assert status == 200
+            progress, interrupted_at = [], None
+            while True:
+                message = await ws.receive(timeout=120)
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                data = json.loads(message.data)
+                if data["type"] == "progress":
+                    progress.append(data["data"]["value"])
+                    if interrupted_at is None and len(progress) >= 20:
+                        server.post("/interrupt", {})
+                        interrupted_at = time.time()
+                if data["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+                    return data["type"], progress, time.time() - (interrupted_at or time.time())
+
+    outcome, progress, stopped_after = asyncio.run(watch())
+    assert outcome == "execution_interrupted", outcome
+    assert stopped_after < 5.0 and 20 <= len(progress) < 1000 and progress == sorted(progress)

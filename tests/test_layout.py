@@ -5,12 +5,15 @@ pack both as a plain clone in ComfyUI/custom_nodes and from a built wheel."""
 import ast
 import glob
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import zipfile
 
 import pytest
+
+from onestep_pipelines.testing import checkout
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -132,24 +135,10 @@ def test_no_import_circles():
 def windows_style_clone(tmp_path_factory):
     """The repository cloned the way Git on Windows does by default (no symbolic links), with uncommitted changes."""
     git_files()
-    clone = tmp_path_factory.mktemp("clone") / "onestep-pipelines"
-    subprocess.run(["git", "-c", "core.symlinks=false", "clone", "-q", "--no-hardlinks", REPO, str(clone)], check=True)
-    for mode, path in git_files():  # the working tree as it is now, so the test checks this change, not the last commit
-        source = os.path.join(REPO, path)
-        if os.path.isfile(source) and not os.path.islink(source):
-            os.makedirs(os.path.dirname(clone / path), exist_ok=True)
-            shutil.copyfile(source, clone / path)
-    for path in subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True).stdout.split():
-        os.makedirs(os.path.dirname(clone / path), exist_ok=True)
-        shutil.copyfile(os.path.join(REPO, path), clone / path)
-    return clone
+    return pathlib.Path(checkout.windows_style_clone(REPO, str(tmp_path_factory.mktemp("clone") / "onestep-pipelines")))
 
 
-STRIP_INSTALLED = """
-import sys
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")]  # (a class or an instance)
-sys.path[:] = [p for p in sys.path if not __import__("os").path.isdir(__import__("os").path.join(p, "onestep_pipelines"))]
-"""
+STRIP_INSTALLED = checkout.FORGET_INSTALLED
 
 
 def test_plain_clone_loads_as_a_custom_node(windows_style_clone):
@@ -177,26 +166,28 @@ print("ok")
 
 
 def test_wheel_from_the_clone_holds_every_part(windows_style_clone, tmp_path):
-    wheel_dir = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(windows_style_clone)],
-                   check=True, capture_output=True)
-    (wheel,) = glob.glob(str(wheel_dir / "*.whl"))
+    target = checkout.wheel_site(str(windows_style_clone), str(tmp_path))
+    (wheel,) = glob.glob(str(tmp_path / "wheel" / "*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("onestep_pipelines/training/cli.py", "onestep_pipelines/training/methods/dmd2.py", "onestep_pipelines/comfy_nodes/nodes.py",
                      "onestep_pipelines/model_cards/student_full.md", "onestep_pipelines/assets/digits/teacher/model_index.json",
                      "onestep_pipelines/comfy_nodes/workflows/consistency_sampler.api.json"):
         assert expected in names, expected
     assert not any(name.startswith(("training/", "comfy_nodes/", "tests/")) for name in names)
-    target = tmp_path / "site"
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(target)
     code = STRIP_INSTALLED + f"""
-sys.path.insert(0, {str(target)!r})
+sys.path.insert(0, {target!r})
 import onestep_pipelines.training.cli, onestep_pipelines.comfy_nodes, onestep_pipelines.students.cards as cards
 for module in (onestep_pipelines.training.cli, onestep_pipelines.comfy_nodes, cards):
-    assert module.__file__.startswith({str(target)!r}), module.__file__
-assert cards.TEMPLATES_DIR.startswith({str(target)!r})
+    assert module.__file__.startswith({target!r}), module.__file__
+assert cards.TEMPLATES_DIR.startswith({target!r})
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_requirements_txt_is_pyprojects_dependencies_without_torch():
+    """A plain clone into ComfyUI/custom_nodes installs requirements.txt (ComfyUI-Manager, the Comfy Registry)."""
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert listed == [d for d in pyproject()["project"]["dependencies"] if not d.startswith("torch")]

@@ -37,14 +37,15 @@ class _Ref:
         return [self.node_id, index]
 
 
-def _base(g: Graph, prompt: str = "a photo of a cat", flow: bool = False):
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="sd3.5_medium_incl_clips.safetensors" if flow else "v1-5-pruned-emaonly.safetensors")
+def _base(g: Graph, prompt: str = "a photo of a cat", flow: bool = False, xl: bool = False, ckpt_name: str | None = None):
+    default = "sd3.5_medium_incl_clips.safetensors" if flow else "sd_xl_base_1.0.safetensors" if xl else "v1-5-pruned-emaonly.safetensors"
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name or default)
     model = ckpt[0]
     if flow:
         model = g.node("ModelSamplingSD3", model=model, shift=3.0)[0]
     positive = g.node("CLIPTextEncode", text=prompt, clip=ckpt[1])
     negative = g.node("CLIPTextEncode", text="", clip=ckpt[1])
-    latent = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
+    latent = g.node("EmptyLatentImage", width=1024 if xl else 512, height=1024 if xl else 512, batch_size=1)
     return ckpt, model, positive, negative, latent
 
 
@@ -110,7 +111,85 @@ def diffusers_student() -> dict:
     return g.nodes
 
 
-WORKFLOWS = {f.__name__: f for f in (consistency_sampler, tcd_custom_timesteps, tdm_sampler, student_lora, flow_map_sampler, diffusers_student)}
+# ---------------------------------------------------------------------------- community few-step graphs, as their cards draw them
+def _lora_model(g: Graph, model, lora_name: str):
+    return g.node("LoraLoaderModelOnly", model=model, lora_name=lora_name, strength_model=1.0)[0]
+
+
+def _scheduler(g: Graph, model, scheduler: str, steps: int):
+    return g.node("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)[0]
+
+
+def lcm_lora() -> dict:
+    """LCM-LoRA (latent-consistency/lcm-lora-sdv1-5): ModelSamplingDiscrete(lcm), 4 steps on the LCM grid, LCM sampling
+    (gamma 1), CFG 1.5."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g)
+    model = g.node("ModelSamplingDiscrete", model=_lora_model(g, model, "lcm-lora-sdv1-5.safetensors"), sampling="lcm", zsnr=False)[0]
+    sigmas = g.node("OneStepSigmas", model=model, preset="lcm", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    sampler = g.node("OneStepConsistencySampler", gamma=1.0)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_lcm_lora", cfg=1.5)
+
+
+def tcd_lora() -> dict:
+    """TCD LoRA (h1t/TCD-SDXL-LoRA): 4 steps, sgm_uniform, TCD sampling with gamma (TCD's eta) 0.3, CFG 1."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g, xl=True)
+    model = _lora_model(g, model, "TCD-SDXL-LoRA.safetensors")
+    sampler = g.node("OneStepConsistencySampler", gamma=0.3)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], _scheduler(g, model, "sgm_uniform", 4), "onestep_tcd_lora")
+
+
+def hyper_sd_lora() -> dict:
+    """Hyper-SD (ByteDance/Hyper-SD, Hyper-SDXL-8steps-lora): 8 steps, sgm_uniform, DDIM (gamma 0), CFG 1."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g, xl=True)
+    model = _lora_model(g, model, "Hyper-SDXL-8steps-lora.safetensors")
+    sampler = g.node("OneStepConsistencySampler", gamma=0.0)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], _scheduler(g, model, "sgm_uniform", 8), "onestep_hyper_sd")
+
+
+def dmd2_unet() -> dict:
+    """A DMD2 4-step SDXL UNet (tianweiy/DMD2) as a checkpoint: ModelSamplingDiscrete(eps), sgm_uniform, LCM-style
+    sampling (gamma 1), CFG 1."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g, xl=True, ckpt_name="dmd2_sdxl_4step.safetensors")
+    model = g.node("ModelSamplingDiscrete", model=model, sampling="eps", zsnr=False)[0]
+    sampler = g.node("OneStepConsistencySampler", gamma=1.0)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], _scheduler(g, model, "sgm_uniform", 4), "onestep_dmd2")
+
+
+def lightning_unet() -> dict:
+    """SDXL-Lightning 4-step (ByteDance/SDXL-Lightning) as a checkpoint: ModelSamplingDiscrete(eps), sgm_uniform, Euler
+    (gamma 0), CFG 1."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g, xl=True, ckpt_name="sdxl_lightning_4step.safetensors")
+    model = g.node("ModelSamplingDiscrete", model=model, sampling="eps", zsnr=False)[0]
+    sampler = g.node("OneStepConsistencySampler", gamma=0.0)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], _scheduler(g, model, "sgm_uniform", 4), "onestep_lightning")
+
+
+def flow_sd3() -> dict:
+    """A few-step SD3 student: ModelSamplingSD3(shift 3), the trailing preset, Euler (gamma 0)."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g, flow=True)
+    sigmas = g.node("OneStepSigmas", model=model, preset="trailing", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    sampler = g.node("OneStepConsistencySampler", gamma=0.0)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_sd3")
+
+
+def flow_flux() -> dict:
+    """A Flux student (FLUX.1-schnell style, 4 steps): ModelSamplingFlux at the image size, the trailing preset, Euler."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g, ckpt_name="flux1-schnell-fp8.safetensors")
+    model = g.node("ModelSamplingFlux", model=model, max_shift=1.15, base_shift=0.5, width=1024, height=1024)[0]
+    sigmas = g.node("OneStepSigmas", model=model, preset="trailing", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    sampler = g.node("OneStepConsistencySampler", gamma=0.0)
+    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_flux")
+
+
+WORKFLOWS = {f.__name__: f for f in (consistency_sampler, tcd_custom_timesteps, tdm_sampler, student_lora, flow_map_sampler, diffusers_student,
+                                     lcm_lora, tcd_lora, hyper_sd_lora, dmd2_unet, lightning_unet, flow_sd3, flow_flux)}
 
 
 def to_ui(api: dict, object_info: dict) -> dict:
@@ -169,7 +248,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as base:
         os.makedirs(os.path.join(base, "custom_nodes"))
-        os.symlink(os.path.dirname(os.path.dirname(HERE)), os.path.join(base, "custom_nodes", "onestep-pipelines"))
+        with open(os.path.join(base, "custom_nodes", "onestep.py"), "w") as f:  # the installed package's entry point
+            f.write("from onestep_pipelines.comfy_nodes import comfy_entrypoint  # noqa: F401\n")
         with ComfyServer(base) as server:
             object_info = server.get("/object_info")
     for name, make in WORKFLOWS.items():

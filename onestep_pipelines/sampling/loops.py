@@ -6,9 +6,12 @@ are those of :mod:`.steps` (written once); :class:`SigmaSpace` only says how a d
 ``(alpha, sigma)`` of ``x = alpha x0 + sigma eps``:
 
 * VP models (SD 1.5 / SDXL, epsilon or v) run in the variance-exploding form ``x = x0 + s eps`` with
-  ``s = sqrt((1 - abar) / abar)``, i.e. ``alpha = 1``; the VP sample is ``x / sqrt(1 + s^2)``. The TCD / LCM
-  intermediate time is floored on the model's grid of training timesteps, as :class:`ConsistencyScheduler` does
-  with ``set_alpha_to_one=True`` (trajectories end at the clean sample).
+  ``s = sqrt((1 - abar) / abar)``, i.e. ``alpha = 1``; the VP sample is ``x / sqrt(1 + s^2)``. Time is continuous:
+  a sigma between two training sigmas has a fractional timestep (log-linear in sigma, as ComfyUI's
+  ``ModelSamplingDiscrete.sigma`` interpolates), so any schedule (Karras, exponential, SGM-uniform, denoise < 1...)
+  is sampled at its own sigmas. With ``gamma = 0`` the move lands exactly on the next sigma (Euler / DDIM, no fresh
+  noise); the TCD / LCM intermediate time of ``gamma > 0`` is floored on the training grid when the next sigma is a
+  training sigma, as :class:`ConsistencyScheduler` does with ``set_alpha_to_one=True``, and is continuous otherwise.
 * Rectified-flow models (SD3, Flux, ...): ``x = (1 - s) x0 + s eps``.
 
 Moving between the two forms is exact (``forward_noise_coefficients`` is invariant to the rescaling), so these
@@ -17,6 +20,7 @@ loops give the diffusers schedulers' samples on the same model, initial noise an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .presets import check_decreasing, check_num_steps, preset_times
+from .presets import check_decreasing, check_num_steps, preset_times, short_list
 from .time import flow_sigma_from_trigflow, shift_sigmas, vp_timestep_from_coefficients
 from .steps import consistency_step, consistency_target_time, flow_map_step, forward_noise, forward_noise_coefficients
 
@@ -51,12 +55,38 @@ class SigmaSpace:
         index = (sigma.clamp_min(1e-12).log() - table.log().view(-1, *[1] * sigma.ndim)).abs().argmin(dim=0)
         return torch.where(sigma > 0, index, -1)
 
+    def continuous_timestep(self, sigma: float) -> float:
+        """The fractional training timestep of a VP ``sigma``: log-linear between training sigmas, linear in sigma
+        between the clean end (-1, sigma 0) and the first training sigma."""
+        table = self.discrete_sigmas.double().cpu()
+        if sigma <= 0:
+            return -1.0
+        if sigma <= table[0]:
+            return sigma / float(table[0]) - 1.0
+        logs, target = table.log(), math.log(sigma)
+        i = min(int(torch.searchsorted(logs, torch.tensor(target, dtype=torch.float64))), len(table) - 1)
+        return float(i - 1 + (target - logs[i - 1]) / (logs[i] - logs[i - 1]))
+
+    def sigma_at(self, t: float) -> float:
+        """The inverse of :meth:`continuous_timestep`."""
+        table = self.discrete_sigmas.double().cpu()
+        if t <= -1:
+            return 0.0
+        if t < 0:
+            return (t + 1.0) * float(table[0])
+        t = min(t, len(table) - 1.0)
+        low, w = int(math.floor(t)), t - math.floor(t)
+        high = min(low + 1, len(table) - 1)
+        return math.exp((1 - w) * math.log(table[low]) + w * math.log(table[high]))
+
     def intermediate_sigma(self, sigma_next: torch.Tensor, gamma: float) -> torch.Tensor:
         """Sigma of the intermediate time ``s`` (:func:`consistency_target_time`) before re-noising to ``sigma_next``."""
-        if self.flow:
+        if self.flow or gamma == 0.0:  # gamma 0: exactly the next sigma (no re-noising)
             return consistency_target_time(sigma_next, 0.0, gamma)
-        s = consistency_target_time(float(self.timestep(sigma_next)), -1.0, gamma, discrete=True)  # on the grid; -1 = clean
-        return self.discrete_sigmas.to(sigma_next)[s] if s >= 0 else torch.zeros_like(sigma_next)
+        t_next = self.continuous_timestep(float(sigma_next))
+        on_grid = abs(t_next - round(t_next)) < 1e-3
+        s = consistency_target_time(round(t_next) if on_grid else t_next, -1.0, gamma, discrete=on_grid)  # -1 = clean
+        return torch.as_tensor(self.sigma_at(s), dtype=sigma_next.dtype)
 
     def plan(self, sigmas: torch.Tensor, gamma: float) -> list[dict[str, float]]:
         """Per step: ``(alpha, sigma)`` now, ``(alpha_s, sigma_s)`` at the intermediate time, the re-noising
@@ -175,10 +205,13 @@ def few_step_sigmas(
     if timesteps is not None:
         if denoise != 1.0:
             raise ValueError("denoise applies to presets; with custom timesteps, list only the timesteps to run.")
-        values = check_decreasing(timesteps, "timesteps", 0, T - 1 if not space.flow else T, low_inclusive=space.flow)
+        if space.flow:  # sigma * T: timestep 0 is the clean end, not a step
+            values = check_decreasing(timesteps, "timesteps", 0, T, low_inclusive=False)
+        else:
+            values = check_decreasing(timesteps, "timesteps", 0, T - 1)
+            if not np.all(values == np.round(values)):
+                raise ValueError(f"timesteps of a VP model are integers in [0, {T - 1}], got {short_list(values)}.")
         fractions, domain = ((values + 1) / T if not space.flow else values / T), "fraction"
-        if not space.flow and not np.all(values == np.round(values)):
-            raise ValueError(f"timesteps of a VP model are integers in [0, {T - 1}], got {values.tolist()}.")
     else:
         steps = check_num_steps(steps)
         total = int(steps / denoise)
@@ -198,5 +231,5 @@ def few_step_sigmas(
             index = torch.from_numpy(np.round(np.asarray(fractions) * T) - 1).long()
         sigmas = table[index.clamp(0, len(table) - 1)]
     if len(sigmas) > 1 and not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"{len(sigmas)} steps of this schedule do not give strictly decreasing sigmas ({sigmas.tolist()}); use fewer steps.")
+        raise ValueError(f"{len(sigmas)} steps of this schedule do not give strictly decreasing sigmas ({short_list(sigmas)}); use fewer steps.")
     return torch.cat([sigmas.float(), torch.zeros(1)])

@@ -48,6 +48,14 @@ class TimePoints:
     domain: str
 
 
+def short_list(values, limit: int = 8) -> str:
+    """``values`` for an error message: all of them when few, else the first and last ``limit // 2`` and the count."""
+    values = [round(float(v), 4) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+    if len(values) <= limit:
+        return str(values)
+    return f"[{', '.join(map(str, values[: limit // 2]))}, ..., {', '.join(map(str, values[-limit // 2:]))}] ({len(values)} values)"
+
+
 def check_num_steps(num_inference_steps, limit: int | None = None, what: str = "") -> int:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
@@ -62,15 +70,15 @@ def check_decreasing(values, name: str, low: float, high: float, low_inclusive: 
     """Validate a custom schedule: 1-D, finite, strictly decreasing, inside ``[low, high]``."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D list, got {values!r}.")
+        raise ValueError(f"{name} must be a non-empty 1-D list, got {str(values)[:100]!s}.")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {arr.tolist()}.")
+        raise ValueError(f"{name} must be finite, got {short_list(arr)}.")
     if arr.size > 1 and not np.all(np.diff(arr) < 0):
-        raise ValueError(f"{name} must be strictly decreasing, got {arr.tolist()}.")
+        raise ValueError(f"{name} must be strictly decreasing, got {short_list(arr)}.")
     below = arr.min() < low if low_inclusive else arr.min() <= low
     if below or arr.max() > high:
         bracket = "[" if low_inclusive else "("
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {arr.tolist()}.")
+        raise ValueError(f"{name} must lie in {bracket}{low:g}, {high:g}], got {short_list(arr)}.")
     return arr
 
 

@@ -24,6 +24,7 @@ from ..sampling import (
     shift_sigmas,
     vp_timestep_from_coefficients,
 )
+from ..sampling.presets import short_list
 from ..sampling.time import respace_sigmas, stretch_to_terminal
 from .stock_configs import SPACING_FLAGS
 
@@ -85,7 +86,7 @@ def native_times(
         if time_type == "vp":
             arr = check_decreasing(custom, "timesteps", 0, T - 1)
             if not np.all(arr == np.round(arr)):
-                raise ValueError(f"VP timesteps must be integers in [0, {T - 1}], got {arr.tolist()}.")
+                raise ValueError(f"VP timesteps must be integers in [0, {T - 1}], got {short_list(arr)}.")
             keep = min(int(len(arr) * strength), len(arr))  # LCMScheduler / TCDScheduler with strength < 1
             return arr[len(arr) - keep:] if strength < 1 else arr
         if time_type == "flow":
@@ -123,14 +124,9 @@ def native_times(
     if times.size > 1 and not np.all(np.diff(times) < 0):
         raise ValueError(
             f"num_inference_steps={num_inference_steps} is more than the {preset!r} preset allows on this "
-            f"{time_type} grid: the timesteps {_short(times)} are not strictly decreasing."
+            f"{time_type} grid: the timesteps {short_list(times)} are not strictly decreasing."
         )
     return times
-
-
-def _short(values, limit: int = 8) -> str:
-    values = [round(float(v), 4) for v in values]
-    return str(values) if len(values) <= limit else f"{values[:limit // 2]} ... {values[-limit // 2:]} ({len(values)} values)"
 
 
 def to_device(array, device, dtype: torch.dtype) -> torch.Tensor:

@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..sampling import DEFAULT_PREDICTION, TIME_TYPES, check_prediction_type, check_time_type, vp_alphas_cumprod
+from ..sampling.presets import short_list
 from .finite_check import FiniteCheckMixin
 from .noise_levels import NoiseLevelsMixin
 from .schedule import LRU, StepTables, native_times, to_device
@@ -247,7 +248,7 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         indices = np.flatnonzero(np.isclose(np.asarray(schedule, dtype=np.float64), value, rtol=1e-6, atol=1e-4))
         if len(indices) == 0:
-            raise ValueError(f"timestep {value:g} is not on the current schedule {np.round(np.asarray(schedule, dtype=np.float64), 3).tolist()[:16]}.")
+            raise ValueError(f"timestep {value:g} is not on the current schedule {short_list(schedule)}.")
         return int(indices[1 if len(indices) > 1 else 0])
 
     def previous_timestep(self, timestep) -> torch.Tensor:

@@ -10,7 +10,9 @@
   / ``lora_B`` keys for SD3 and Flux, and a ``<module>.alpha`` tensor holding the real alpha (ComfyUI scales by
   alpha / rank only when that tensor exists; diffusers' kohya converter writes the rank there instead);
 - ``adapter_config.json``: the ``LoraConfig`` plus the sampling metadata;
-- ``r_embedder.safetensors`` for r-conditioned students (the full weights of the second-time embedding).
+- ``r_embedder.safetensors`` for r-conditioned students (the full weights of the second-time embedding); the ComfyUI
+  file carries them too, as ``onestep_r_embedder.*`` (the node pack's loader applies them; ComfyUI's stock loader
+  only logs them as keys it does not load).
 
 ``load_student_lora`` reads either weight file (local file or folder, or a Hub repo), checks that *every* LoRA
 module maps onto the pipeline's denoiser with matching shapes (else an error listing the unmatched keys),
@@ -39,6 +41,7 @@ from ..pipelines.loading import PICKLE_SUFFIXES, atomic_path, write_atomically
 from ..metadata import METADATA_KEY, StudentMetadata
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig
+COMFYUI_R_PREFIX = "onestep_r_embedder."  # the second-time embedding inside a ComfyUI file
 
 
 def _denoiser_of(pipe_or_model):
@@ -103,6 +106,8 @@ def comfyui_unmapped_keys(keys, model) -> list[str]:
     known = {f"lora_unet_{n.replace('.', '_')}" for n in stock} if prefix == "unet" else {f"transformer.{n}" for n in stock}
     unmapped = []
     for key in keys:
+        if key.startswith(COMFYUI_R_PREFIX):
+            continue
         suffix = next((s for s in COMFYUI_SUFFIXES[prefix] if key.endswith(s)), None)
         if suffix is None or key[: -len(suffix)] not in known:
             unmapped.append(key)
@@ -197,6 +202,8 @@ def save_student_lora(
     if metadata.r_conditioning:  # full weights of the second-time embedding (a LoRA on it is in the main file)
         base = {k.replace(".base_layer", ""): v for k, v in _r_module(model).state_dict().items() if ".lora_" not in k}
         files["r_embedder"] = (R_EMBEDDER_WEIGHT_NAME, base, header)
+        if "comfyui" in files:
+            files["comfyui"][1].update({COMFYUI_R_PREFIX + k: v for k, v in base.items()})
     os.makedirs(save_directory, exist_ok=True)
     paths = {}
     for kind, (name, tensors, file_header) in files.items():
@@ -336,6 +343,7 @@ def load_student_lora(
     original = model
     path = _resolve(path_or_repo, weight_name, allow_pickle, **hub_kwargs)
     tensors, header = _read(path)
+    embedded_r = {k[len(COMFYUI_R_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(COMFYUI_R_PREFIX)]}
     metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
     architecture = architecture_of(model)
     if metadata is not None and metadata.architecture != architecture:
@@ -355,7 +363,9 @@ def load_student_lora(
         config = {k[len(prefix) + 1 :]: v for k, v in json.loads(header[ADAPTER_METADATA_KEY]).items() if k.startswith(f"{prefix}.")}
     else:
         config = _lora_config(lora, alphas)
-    if metadata is not None and metadata.r_conditioning:
+    if metadata is not None and metadata.r_conditioning and embedded_r:  # a ComfyUI file carries it
+        _r_module(model).load_state_dict(embedded_r)
+    elif metadata is not None and metadata.r_conditioning:
         r_path = os.path.join(os.path.dirname(path), R_EMBEDDER_WEIGHT_NAME)
         if not os.path.isfile(path_or_repo) and not os.path.isdir(path_or_repo):
             from huggingface_hub import hf_hub_download

@@ -161,21 +161,29 @@ class ComfyServer:
     """``with ComfyServer(base_dir) as server:`` starts ComfyUI on 127.0.0.1 (CPU) with ``base_dir`` as its base
     directory (models/, custom_nodes/, output/ inside it) and stops it on exit."""
 
-    def __init__(self, base_dir: str, python: str | None = None, timeout: float = 240.0):
+    def __init__(self, base_dir: str, python: str | None = None, timeout: float = 240.0, pythonpath: tuple[str, ...] = (),
+                 forget_installed: bool = False):
+        """``pythonpath``: folders put first on the server's ``PYTHONPATH``; ``forget_installed``: the server ignores an
+        installed onestep-pipelines (a test of a checkout or a wheel folder on ``pythonpath``)."""
         self.base_dir, self.timeout = base_dir, timeout
+        self.pythonpath, self.forget_installed = tuple(pythonpath), forget_installed
         self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(base_dir, "server.log")
 
     def __enter__(self):
-        args = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", self.base_dir,
-                "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+        flags = ["--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", self.base_dir,
+                 "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+        args = [self.python, "main.py", *flags]
+        if self.forget_installed:
+            from .checkout import FORGET_INSTALLED
+
+            args = [self.python, "-c", FORGET_INSTALLED + f"import runpy\nsys.argv = ['main.py', *{flags!r}]\nrunpy.run_path('main.py', run_name='__main__')\n"]
         self.log = open(self.log_path, "w")
         env = dict(os.environ)
         standin = torchvision_standin(self.python, os.path.join(self.base_dir, ".standin"))
-        if standin:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (standin, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*self.pythonpath, standin, env.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(args, cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + self.timeout
         while time.time() < deadline:
@@ -209,7 +217,8 @@ class ComfyServer:
         request = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
+                body = response.read()
+                return response.status, json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
 
