@@ -246,15 +246,14 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     if accelerator.is_main_process and export:
         result.update(_export(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config, device))
         write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # a clean exit for gloo / NCCL workers:
-        for attribute in ("student", *method.auxiliary()):  # DDP wrappers go first, while every process is still here
-            setattr(method, attribute, None)
+    if accelerator.num_processes > 1:  # free the DDP wrappers while every process and the process group are here:
+        for attribute in ("student", *method.auxiliary()):  # a gloo group destroyed later, from a wrapper's destructor,
+            setattr(method, attribute, None)  # can deadlock its own worker threads (torch 2.13)
         student = optimizer = None  # noqa: F841
         accelerator.free_memory()
         gc.collect()
         accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    accelerator.end_training()  # stops the trackers and destroys the process group
     return result
 
 
