@@ -59,6 +59,24 @@ def test_main_job_runs_without_the_optional_packages_and_prints_no_noise(tiny_te
         assert noise not in printed, printed[-3000:]
 
 
+def test_text_to_image_teacher_prints_no_torchvision_notice(tmp_path):
+    """transformers' 'requires torchvision' notice (diffusers' SD pipelines import image processors for the safety
+    checker) is noise to a trainer user; the CLI drops that one message."""
+    from onestep_pipelines.testing import tiny_pipeline
+
+    teacher, prompts = tmp_path / "sd", tmp_path / "prompts.txt"
+    tiny_pipeline("sd").save_pretrained(teacher)
+    prompts.write_text("a cat\n")
+    code = BLOCK.format(names=["torchvision"]) + (
+        "from onestep_pipelines.training.cli import main\n"
+        f"sys.exit(main(['distill', '--teacher', {str(teacher)!r}, '--prompts', {str(prompts)!r}, '--resolution', '32',"
+        f" '--output-dir', {str(tmp_path / 'run')!r}, '--max-train-steps', '1', '--batch-size', '1', '--preview-every', '0']))\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torchvision" not in result.stdout + result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--help"], None),
     (["distill", "--help"], None),
