@@ -1,6 +1,7 @@
 """Every GPU number of the README in one run: one-step inference against the bare network, host synchronisations,
 the scheduler step, the digits main job's training throughput and real-size training memory (prints tables; writes
-``gpu.json`` after every section, so a run stopped early keeps what it finished). About 8 minutes on one H200.
+``gpu.json`` after every section, so a run stopped early keeps what it finished). Sized to finish in under 8
+minutes on one H200-class GPU (not yet timed on one).
 
     python benchmarks/gpu.py                                   # every section, on cuda
     python benchmarks/gpu.py --sections inference,scheduler    # some of them
