@@ -32,7 +32,7 @@ class _TimeMLP(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
-class _Block(nn.Module):
+class DigitsTransformerBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (Peebles & Xie 2023)."""
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
@@ -86,6 +86,7 @@ class DigitsTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = False
+    _no_split_modules = ["DigitsTransformerBlock"]  # the unit FSDP wraps (accelerate's transformer-based policy)
 
     @register_to_config
     def __init__(
@@ -112,7 +113,7 @@ class DigitsTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.r_embed.mlp[2].weight)  # zero-init: r has no effect until trained
         nn.init.zeros_(self.r_embed.mlp[2].bias)
         self.y_embed = nn.Embedding(num_classes + 1, hidden_size)
-        self.blocks = nn.ModuleList([_Block(hidden_size, num_heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DigitsTransformerBlock(hidden_size, num_heads) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.out = nn.Linear(hidden_size, in_channels * patch_size**2)
