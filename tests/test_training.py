@@ -155,6 +155,8 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
     with pytest.raises(ValueError, match="holds another run"):
         distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=1))
     with pytest.raises(ValueError, match="started with other options"):
+        distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=2, seed=1, resume="latest"))
+    with pytest.raises(ValueError, match=r"global batch was 8 \(8 per process x 1 process\(es\)\); this one's is 4 .*pass --batch-size 8"):
         distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=2, batch_size=4, resume="latest"))
 
 

@@ -101,7 +101,7 @@ def ema_files(ema, names: list[str]) -> tuple[dict, dict]:
     """diffusers' ``EMAModel``: shadow tensors by parameter name, and its counters."""
     state = ema.state_dict()
     shadow = state.pop("shadow_params")
-    tensors = {name: _whole(t) for name, t in zip(names, shadow)}
+    tensors = {name: whole_tensor(t) for name, t in zip(names, shadow)}
     return tensors, state
 
 
@@ -115,8 +115,8 @@ def load_ema_files(ema, names: list[str], tensors: dict, meta: dict) -> None:
         setattr(ema, key, value)
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A tensor gathered whole (DTensor shards of FSDP2), on the CPU."""
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor gathered whole from its FSDP2 shards (a DTensor; collective), on the CPU."""
     t = t.full_tensor() if hasattr(t, "full_tensor") else t
     return t.detach().cpu().contiguous()
 

@@ -6,8 +6,8 @@
 them from a file (flags given on the command line win). ``onestep-train evaluate STUDENT_DIR`` scores a digits
 student folder. Flags are parsed and checked before torch or diffusers load, so a mistake is answered at once.
 
-Several processes: ``accelerate launch -m onestep_pipelines.training.cli distill ...`` on GPUs (DDP, or FSDP /
-DeepSpeed from accelerate's config); ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m
+Several processes: ``accelerate launch --config_file training/configs/{ddp,fsdp,fsdp_lora}.yaml -m
+onestep_pipelines.training.cli distill ...`` on GPUs (DDP or FSDP2; DeepSpeed is refused); ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m
 onestep_pipelines.training.cli distill ...`` on CPU (gloo).
 """
 

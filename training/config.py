@@ -185,8 +185,10 @@ class DistillConfig:
             previous = _read_json(run_file, "--output-dir")
             if not self.resume:
                 raise ValueError(f"--output-dir {out} holds another run; pass --resume latest to continue it, or choose a new --output-dir.")
-            if previous != self.comparable():
-                diff = ", ".join(f"{flag(k)} {previous.get(k)!r} -> {v!r}" for k, v in self.comparable().items() if previous.get(k) != v)
+            # (the batch per process may change with the number of processes: the trainer checks the global batch)
+            diff = ", ".join(f"{flag(k)} {previous.get(k)!r} -> {v!r}" for k, v in self.comparable().items()
+                             if previous.get(k) != v and k != "batch_size")
+            if diff:
                 raise ValueError(f"--resume: the run in {out} was started with other options ({diff}).")
             if self.resume != "latest" and not os.path.isfile(os.path.join(self.resume, "trainer_state.json")):
                 raise ValueError(f"--resume {self.resume}: not a checkpoint folder of this trainer (no trainer_state.json).")

@@ -32,8 +32,8 @@ from onestep_pipelines import pipelines
 from onestep_pipelines.pipelines.loading import write_atomically
 from onestep_pipelines.students import save_student_lora, write_model_card
 
-from . import checkpoint
-from .config import CONFIG_FILE, RUN_FILE, DistillConfig, config_yaml
+from . import checkpoint, sharding
+from .config import CONFIG_FILE, RUN_FILE, DistillConfig, config_yaml, flag
 from .data import make_data
 from .draws import Draws
 from .methods import TrainingDiverged, get_method
@@ -47,6 +47,9 @@ def choose_precision(config: DistillConfig, device: torch.device) -> tuple[str, 
     accelerator that supports it (fp16 otherwise), the precision their published recipes train in."""
     if config.mixed_precision != "auto":
         return config.mixed_precision, "as asked"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched:
+        return launched, "auto: from the accelerate config"
     if device.type == "cpu":
         return "no", "auto: the CPU"
     if config.digits_teacher:
@@ -87,6 +90,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     replace ``config.teacher`` and the data the config names; ``export=False`` writes no checkpoint and no student
     (the GPU benchmark's real-size runs of a few updates)."""
     config.check_paths(teacher=teacher is None)
+    sharding.check_launch()  # DeepSpeed, FSDP1: refused before anything loads
     cpu = config.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")  # (torchrun with CPU processes sets it)
     state = PartialState(cpu=cpu)
     precision, why = choose_precision(config, state.device)
@@ -95,8 +99,12 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         log_with = "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else "none"
     log_with = None if log_with in ("", "none") else log_with
     accelerator = Accelerator(mixed_precision=precision, project_dir=config.output_dir, log_with=log_with, cpu=cpu)
+    sharding.use_fsdp_on_cpu(accelerator)
+    kind = sharding.engine(accelerator)  # (fp16 under FSDP refused)
+    resume_from = _resume_point(config, accelerator.num_processes)  # a checkpoint of another run is refused here
     device = accelerator.device
-    accelerator.print(f"device: {describe_device(device)} x {accelerator.num_processes} process(es); precision: {precision} ({why})")
+    accelerator.print(f"device: {describe_device(device)} x {accelerator.num_processes} process(es)"
+                      f"{' (FSDP2: student, method networks and EMA sharded)' if kind == 'fsdp' else ''}; precision: {precision} ({why})")
     set_seed(config.seed)
 
     # ------------------------------------------------------------------ teacher, student, method
@@ -109,6 +117,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     cast(teacher.model, weight_dtype)  # the frozen denoiser in the compute precision (as diffusers' training scripts do)
     if method_cls.uses_r:  # flow-map / MeanFlow students: the teacher plus a zero-initialised second-time embedding
         student = add_r_conditioning(student)
+    blocks = sharding.wrap_class_names(student, accelerator.state.fsdp_plugin) if kind == "fsdp" else None
     if config.gradient_checkpointing:
         if not student._supports_gradient_checkpointing:
             raise ValueError(f"--gradient-checkpointing: {type(student).__name__} does not support gradient checkpointing.")
@@ -120,8 +129,8 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     r_module = getattr(student, "r_embedder", None) or getattr(student, "r_embed", None)
     if r_module is not None:  # trained fully by r-methods; left alone by one-time methods (DDP wants no unused params)
         r_module.requires_grad_(method_cls.uses_r)
-    for p in student.parameters():  # trainable weights in float32, frozen ones (a LoRA student's base) in the compute precision
-        p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
+    for p in student.parameters():  # trainable weights in float32, frozen ones (a LoRA student's base) in the compute
+        p.data = p.data.float() if (p.requires_grad or kind == "fsdp") else p.data.to(weight_dtype)  # precision (FSDP casts)
     gamma = method_cls.sampler_gamma(config)
     scheduler_cls = getattr(schedulers, method_cls.scheduler_class)
     scheduler = scheduler_cls.from_config(
@@ -130,39 +139,54 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     method = method_cls(teacher, student, scheduler, config)
     method.accelerator = accelerator
     method.accumulation_steps = config.gradient_accumulation_steps
-    method.guard = guard = FiniteGuard(device)
+    method.guard = guard = FiniteGuard(device, accelerator.num_processes)
     names = list(method.student_trainable_names)
-    params = [p for n, p in student.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ placement (one process, DDP or FSDP2), optimizers
+    template = sharding.meta_copy(student) if kind == "fsdp" else None  # the skeleton the sharded student is exported into
+    if kind == "fsdp":
+        plugin = accelerator.state.fsdp_plugin
+        student = sharding.shard(student, plugin, blocks)
+        for attribute, module in method.trained_networks().items():  # the fake score shares the student's blocks
+            cast(module, torch.float32)  # (one dtype per FSDP unit; the plugin's mixed precision casts for compute)
+            setattr(method, attribute, sharding.shard(module, plugin, blocks if attribute == "fake" else None))
+        for attribute, module in method.target_networks().items():
+            setattr(method, attribute, sharding.shard(module, plugin, blocks))
+    else:
+        student = accelerator.prepare(student)
+        for attribute, module in method.trained_networks().items():
+            setattr(method, attribute, accelerator.prepare(module))
+    method.student = student
+    params = [p for n, p in accelerator.unwrap_model(student).named_parameters() if p.requires_grad]
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=method_cls.adam_betas, weight_decay=0.0, **fused)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    method.student, method.optimizer = student, optimizer
-    for attribute, value in method.auxiliary().items():  # fake score, discriminator head, their optimizer
-        setattr(method, attribute, accelerator.prepare(value))
-    ema = EMAModel(params, decay=config.ema_decay, foreach=True) if config.ema_decay > 0 else None
+    method_optimizers = method.build_optimizers()
+    if kind != "fsdp":  # accelerate's optimizer wrapper (fp16 loss scaling); FSDP2 optimizers step their shards as they are
+        optimizer = accelerator.prepare(optimizer)
+        for attribute, value in method_optimizers.items():
+            setattr(method, attribute, accelerator.prepare(value))
+    method.optimizer = optimizer
+    # (sharded like params under FSDP, where DTensors lack the fused _foreach_copy_ that EMAModel's foreach mode uses)
+    ema = EMAModel(params, decay=config.ema_decay, foreach=kind != "fsdp") if config.ema_decay > 0 else None
     data = data or make_data(teacher, config, device)
     total, trainable = _count(accelerator.unwrap_model(student))
     aux = sum(_count(accelerator.unwrap_model(m))[1] for m, _ in method.checkpoint_modules().values())
     accelerator.print(
         f"student: {total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trained"
         f"{f'; method networks: {aux / 1e6:.2f} M' if aux else ''}; optimizer and EMA state about "
-        f"{(trainable * (3 if ema else 2) + aux * 2) * 4 / 2**20:.0f} MB"
+        f"{(trainable * (3 if ema else 2) + aux * 2) * 4 / 2**20 / (accelerator.num_processes if kind == 'fsdp' else 1):.0f} MB"
+        f"{' per process' if kind == 'fsdp' else ''}"
     )
 
     # ------------------------------------------------------------------ resume
     os.makedirs(config.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     start, parts = 0, []
-    if config.resume:
-        found = checkpoint.list_checkpoints(ckpt_dir) if config.resume == "latest" else [config.resume]
-        if not found:
-            raise ValueError(f"--resume {config.resume}: no checkpoint found in {ckpt_dir}.")
-        saved = checkpoint.read_state(found[-1])
-        if saved.get("options") != config.comparable():
-            raise ValueError(f"--resume {found[-1]}: that checkpoint was made with other options: {saved.get('options')}.")
-        _load_checkpoint(found[-1], method, accelerator, optimizer, ema, names)
+    if resume_from:
+        path, saved = resume_from
+        _load_checkpoint(path, method, accelerator, optimizer, ema, names)
         start, parts = saved["update"], saved.get("parts", [])
-        accelerator.print(f"resumed from {found[-1]} (update {start}; {sum(p['seconds'] for p in parts):.0f} s of training so far)")
+        accelerator.print(f"resumed from {path} (update {start}; {sum(p['seconds'] for p in parts):.0f} s of training so far)")
     if accelerator.is_main_process:
         write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
         write_atomically(os.path.join(config.output_dir, CONFIG_FILE), config_yaml(config))
@@ -214,12 +238,15 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
             # checkpoint, validation, preview
             if export and (done % config.checkpoint_every == 0 or done == config.max_train_steps):
                 save_checkpoint(done)
-            if config.validation_every and done % config.validation_every == 0 and accelerator.is_main_process:
+            validate = config.validation_every and done % config.validation_every == 0
+            preview = config.preview_every and done % config.preview_every == 0
+            if validate or preview:
                 guard.check()
-                _validate(teacher, accelerator, student, ema, params, scheduler, config, done, log_with)
-            if config.preview_every and done % config.preview_every == 0 and accelerator.is_main_process:
-                guard.check()
-                _preview(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config, f"step-{done}")
+            if (validate or preview) and (kind == "fsdp" or accelerator.is_main_process):  # a sharded student samples
+                if validate:  # with every process taking part; the main one writes
+                    _validate(teacher, accelerator, student, ema, params, scheduler, config, done, log_with)
+                if preview:
+                    _preview(teacher, accelerator, accelerator.unwrap_model(student), ema, params, scheduler, config, f"step-{done}")
         guard.check()
     except TrainingDiverged as error:
         last = checkpoint.list_checkpoints(ckpt_dir)
@@ -230,25 +257,36 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     accelerator.wait_for_everyone()
     part.update(to=config.max_train_steps, seconds=time.time() - started)
     runs = parts + [part]
-    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(device)
+    checksum = torch.stack([checkpoint.whole_tensor(p).double().sum() for p in params]).sum().reshape(1).to(device)
     result = {
         "steps": config.max_train_steps,
         "seconds": sum(p["seconds"] for p in runs),
         "seconds_per_step": sum(p["seconds"] for p in runs) / config.max_train_steps,
-        "this_part": {"steps": config.max_train_steps - start, "seconds": part["seconds"], "resumed_from": start if config.resume else None},
+        "this_part": {"steps": config.max_train_steps - start, "seconds": part["seconds"], "resumed_from": start if resume_from else None},
         "parts": runs,
         "device": describe_device(device),
         "precision": precision,
+        "engine": kind,
         "processes": accelerator.num_processes,
+        "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
         "peak_memory_mb": peak_memory_mb(device),
-        "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process under DDP
+        "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process (DDP replicas, FSDP gathers)
     }
-    if accelerator.is_main_process and export:
-        result.update(_export(teacher, accelerator.unwrap_model(student), ema, params, scheduler, config, device))
-        write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
+    if export:
+        if kind == "fsdp":  # whole tensors (EMA weights in place) into the weightless skeleton, on the main process
+            model = _gathered_student(accelerator.unwrap_model(student), template, ema, names, accelerator.is_main_process)
+            if model is not None and teacher.architecture == "digits":
+                model = model.to(device)  # (scored with the teacher's pipeline, which lives there)
+            ema_export, params_export = None, None
+        else:
+            model, ema_export, params_export = accelerator.unwrap_model(student), ema, params
+        if accelerator.is_main_process:
+            result.update(_export(teacher, model, ema_export, params_export, scheduler, config, device))
+            write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
     if accelerator.num_processes > 1:  # free the DDP wrappers while every process and the process group are here:
-        for attribute in ("student", *method.auxiliary()):  # a gloo group destroyed later, from a wrapper's destructor,
-            setattr(method, attribute, None)  # can deadlock its own worker threads (torch 2.13)
+        networks = ("student", *method.trained_networks(), *method.target_networks(), "optimizer", *method_optimizers)
+        for attribute in networks:  # a gloo group destroyed later, from a wrapper's destructor, can deadlock
+            setattr(method, attribute, None)  # its own worker threads (torch 2.13)
         student = optimizer = None  # noqa: F841
         accelerator.free_memory()
         gc.collect()
@@ -339,17 +377,20 @@ def _steps_to_score(config, r_conditioning: bool) -> list[int]:
 
 
 def _validate(teacher, accelerator, student, ema, params, scheduler, config, update, log_with) -> None:
-    """``validation/step-N.json`` (digits: FD-digits and accuracy at the student's step counts) and a sample grid."""
+    """``validation/step-N.json`` (digits: FD-digits and accuracy at the student's step counts) and a sample grid,
+    written by the main process."""
     folder = os.path.join(config.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
     model = accelerator.unwrap_model(student)
     if teacher.architecture != "digits":
-        _preview(teacher, model, ema, params, scheduler, config, f"step-{update}", folder=folder)
+        _preview(teacher, accelerator, model, ema, params, scheduler, config, f"step-{update}", folder=folder)
         return
     with _EMAWeights(ema, params), torch.no_grad():
         pipe = _student_pipeline(teacher, model, scheduler)
         rows, grid = score_digits(pipe, _steps_to_score(config, get_method(config.method).uses_r), DigitsMetric(device=accelerator.device))
     model.train()
+    if not accelerator.is_main_process:
+        return
+    os.makedirs(folder, exist_ok=True)
     report = {"update": update, "rows": rows}
     write_atomically(os.path.join(folder, f"step-{update}.json"), json.dumps(report, indent=2) + "\n")
     save_grid(grid, os.path.join(folder, f"step-{update}.png"))
@@ -359,21 +400,64 @@ def _validate(teacher, accelerator, student, ema, params, scheduler, config, upd
         accelerator.log({f"validation/fd_{r['NFE']}step": r["FD-digits"] for r in rows} | {"validation/accuracy": main["accuracy"]}, step=update)
 
 
-def _preview(teacher, model, ema, params, scheduler, config, name, folder=None):
+def _preview(teacher, accelerator, model, ema, params, scheduler, config, name, folder=None):
+    """A sample grid of the student (EMA weights) as ``previews/<name>.png``, written by the main process."""
     folder = folder or os.path.join(config.output_dir, "previews")
-    os.makedirs(folder, exist_ok=True)
     with _EMAWeights(ema, params), torch.no_grad():
         pipe = _student_pipeline(teacher, model, scheduler)
         generator = torch.Generator().manual_seed(0)
         if teacher.architecture == "digits":
             images = pipe(class_labels=list(range(10)) * 4, num_inference_steps=config.num_steps, generator=generator, output_type="latent").images
-            save_grid(images.float().clamp(-1, 1), os.path.join(folder, f"{name}.png"))
+            images, nrow, scale = images.float().clamp(-1, 1), None, None
         else:
             kwargs = {"true_cfg_scale" if teacher.architecture == "flux" else "guidance_scale": 1.0}
             images = pipe(prompt=teacher.prompts[:4], num_inference_steps=config.num_steps, height=config.resolution, width=config.resolution,
                           generator=generator, output_type="pt", **kwargs).images
-            save_grid(images.float() * 2 - 1, os.path.join(folder, f"{name}.png"), nrow=len(images), scale=1)
+            images, nrow, scale = images.float() * 2 - 1, len(images), 1
     model.train()
+    if accelerator.is_main_process:
+        os.makedirs(folder, exist_ok=True)
+        save_grid(images, os.path.join(folder, f"{name}.png"), **({"nrow": nrow, "scale": scale} if nrow else {}))
+
+
+def _gathered_student(model, template, ema, names, is_main: bool):
+    """A sharded student as one ordinary module on the main process (None on the others): whole tensors gathered
+    from the shards into the weightless ``template``, the EMA weights in place of the trained ones. Collective."""
+    tensors = checkpoint.model_tensors(model)  # whole on the main process only
+    if ema is not None:
+        tensors.update(checkpoint.ema_files(ema, names)[0])
+    if not is_main:
+        return None
+    template.load_state_dict(tensors, assign=True)
+    return template
+
+
+def _resume_point(config, processes: int) -> tuple[str, dict] | None:
+    """``(checkpoint folder, its state)`` that ``--resume`` names, checked before anything loads: the same options,
+    and the same global batch (a run resumes on another number of processes with the per-process batch that keeps
+    it)."""
+    if not config.resume:
+        return None
+    ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+    found = checkpoint.list_checkpoints(ckpt_dir) if config.resume == "latest" else [config.resume]
+    if not found:
+        raise ValueError(f"--resume {config.resume}: no checkpoint found in {ckpt_dir}.")
+    path = found[-1]
+    saved = checkpoint.read_state(path)
+    theirs, ours = dict(saved.get("options") or {}), config.comparable()
+    their_batch, our_batch = theirs.pop("batch_size", None), ours.pop("batch_size")
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        listed = ", ".join(f"{flag(k)} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ)
+        raise ValueError(f"--resume {path}: that checkpoint was made with other options: {listed}.")
+    their_processes = saved.get("processes", 1)
+    their_global = (their_batch or 0) * their_processes
+    if their_global != our_batch * processes:
+        fix = (f"pass --batch-size {their_global // processes}" if their_global % processes == 0 else
+               f"{their_global} samples do not split evenly over {processes} processes; use a number of processes that divides {their_global}")
+        raise ValueError(f"--resume {path}: that run's global batch was {their_global} ({their_batch} per process x {their_processes} "
+                         f"process(es)); this one's is {our_batch * processes} ({our_batch} x {processes}): {fix}.")
+    return path, saved
 
 
 def _export(teacher, model, ema, params, scheduler, config, device) -> dict:

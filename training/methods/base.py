@@ -13,16 +13,19 @@ from . import METHODS, TrainingDiverged
 class FiniteGuard:
     """Stops a run whose loss or gradient becomes NaN / inf, naming the first bad update.
 
-    On the CPU a value is checked when it is watched, so the bad update is never applied. On an accelerator the check
-    stays on the device (one flag, no synchronisation per update) and :meth:`check` reads it: the trainer calls it
-    with the logs (every ``--log-every`` updates), before every checkpoint and at the end, so no checkpoint or student
-    is ever written from diverged weights.
+    In a one-process CPU run a value is checked when it is watched, so the bad update is never applied. Otherwise the
+    check stays on the device (one flag, no synchronisation per update) and :meth:`check` reads it (reduced over the
+    processes, so they stop together): the trainer calls it with the logs (every ``--log-every`` updates), before
+    every checkpoint, validation and preview and at the end, so nothing is ever written from diverged weights.
     """
 
-    def __init__(self, device):
-        self.immediate = torch.device(device).type == "cpu"
+    def __init__(self, device, processes: int = 1):
+        self.immediate = torch.device(device).type == "cpu" and processes == 1
+        self.processes, self._device = processes, torch.device(device)
         self._names: dict[str, int] = {}
-        self._first = None  # device int64: update * 64 + name id of the first non-finite value, -1 if none
+        self._first = None  # device int64: update * 64 + name id of the first non-finite value, NONE if none
+
+    NONE = 2**62
 
     def watch(self, value: torch.Tensor, what: str, update: int) -> None:
         if self.immediate:
@@ -32,18 +35,25 @@ class FiniteGuard:
             return
         code = update * 64 + self._names.setdefault(what, len(self._names))
         if self._first is None:
-            self._first = torch.full((), -1, dtype=torch.long, device=value.device)
+            self._first = torch.full((), self.NONE, dtype=torch.long, device=value.device)
         bad = ~torch.isfinite(value).all()
-        self._first = torch.where(bad & (self._first < 0), code, self._first)
+        self._first = torch.where(bad, torch.minimum(self._first, torch.full_like(self._first, code)), self._first)
 
     def check(self) -> None:
-        """Raise :class:`TrainingDiverged` if a watched value was not finite (reads the device flag once)."""
-        if self._first is None:
+        """Raise :class:`TrainingDiverged` if a watched value was not finite (reads the device flag once). With several
+        processes every one calls it at the same points and all raise together (the flag's minimum over processes)."""
+        if self.immediate:
             return
-        first = int(self._first)
-        if first >= 0:
+        flag = self._first
+        if self.processes > 1:
+            flag = torch.full((), self.NONE, dtype=torch.long, device=self._device) if flag is None else flag.clone()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag is None:
+            return
+        first = int(flag)
+        if first < self.NONE:
             names = {i: n for n, i in self._names.items()}
-            raise TrainingDiverged(f"update {first // 64 + 1}: the {names[first % 64]} became non-finite")
+            raise TrainingDiverged(f"update {first // 64 + 1}: the {names.get(first % 64, 'loss or gradient')} became non-finite")
 
 
 def add_lora(model, rank: int, alpha: float = 0.0, targets: str = "", architecture: str = "") -> None:
@@ -59,8 +69,9 @@ def add_lora(model, rank: int, alpha: float = 0.0, targets: str = "", architectu
 class Method:
     """Base class: holds the teacher, the student, the student's sampling times and the run config.
 
-    Subclasses set ``name`` (their key in :data:`METHODS`) and implement :meth:`train_step`. ``auxiliary`` lists the
-    networks and optimizers the trainer prepares (devices, DDP / FSDP) and checkpoints.
+    Subclasses set ``name`` (their key in :data:`METHODS`) and implement :meth:`train_step`. ``trained_networks``,
+    ``target_networks`` and ``build_optimizers`` tell the trainer what to place on the processes (DDP / FSDP) and
+    ``checkpoint_modules`` / ``checkpoint_optimizers`` what to checkpoint.
     """
 
     name = ""
@@ -94,9 +105,19 @@ class Method:
         self.times = scheduler.native_times(scheduler.timesteps).cpu()  # native times (host), one per student step
         self.student_trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
 
-    def auxiliary(self) -> dict:
-        """``{attribute: module or optimizer}`` of the method's trainable networks and their optimizers; the trainer
-        prepares each with accelerate and sets it back on the method."""
+    def trained_networks(self) -> dict[str, torch.nn.Module]:
+        """``{attribute: module}`` of the networks the method trains besides the student (fake score, discriminator
+        head). The trainer places each on the processes (DDP wrapper or FSDP2 shards) and sets it back."""
+        return {}
+
+    def target_networks(self) -> dict[str, torch.nn.Module]:
+        """``{attribute: module}`` of frozen copies of the student that follow it by EMA (consistency / MeanFlow
+        targets); sharded like the student under FSDP, so ``ema_`` stays local to each process."""
+        return {}
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Create the optimizers of :meth:`trained_networks` over their parameters as placed by the trainer (FSDP2
+        replaces parameters with shards); ``{attribute: optimizer}``."""
         return {}
 
     def checkpoint_modules(self) -> dict[str, tuple[torch.nn.Module, list[str] | None]]:
@@ -138,7 +159,8 @@ class Method:
             return
         if self.accelerator.scaler is None:  # (fp16 loss scaling skips steps with inf gradients by itself)
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            self.guard.watch(torch.nn.utils.get_total_norm(grads), f"{name} gradient", self.update_index)
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.guard.watch(norm.full_tensor() if hasattr(norm, "full_tensor") else norm, f"{name} gradient", self.update_index)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

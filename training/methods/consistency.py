@@ -40,6 +40,9 @@ class ConsistencyDistillation(Method):
         alpha, sigma = self.teacher.coefficients(edge)
         return consistency_step(x0, eps, alpha, sigma)
 
+    def target_networks(self) -> dict:
+        return {"target": self.target}
+
     def checkpoint_modules(self) -> dict:
         return {"target": (self.target, self.student_trainable_names)}
 

@@ -76,19 +76,27 @@ class DMD2(Method):
         for p in self.fake.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        params = [p for p in self.fake.parameters() if p.requires_grad]
         self._fake_names = [n for n, p in self.fake.named_parameters() if p.requires_grad]
         self.head = None
         if config.gan_weight > 0:
             block, width = feature_block(self.fake)
             self.head = FeatureHead(width)
             block.register_forward_hook(lambda m, i, o: setattr(self, "_features", o[-1] if isinstance(o, tuple) else o))
-            params = params + list(self.head.parameters())
-        self._fake_params = params  # the fake score's and the head's: frozen while the generator's loss is computed
-        self.fake_optimizer = torch.optim.AdamW(params, lr=config.fake_learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
+        self.fake_optimizer = None  # built by build_optimizers, over the parameters as the trainer placed them
 
-    def auxiliary(self) -> dict:
-        return {"fake": self.fake, "fake_optimizer": self.fake_optimizer} | ({"head": self.head} if self.head is not None else {})
+    def _discriminator_params(self) -> list[torch.nn.Parameter]:
+        """The fake score's trained parameters and the head's, as they are now (after DDP / FSDP placement)."""
+        fake = self.accelerator.unwrap_model(self.fake) if self.accelerator else self.fake
+        names = set(self._fake_names)
+        params = [p for n, p in fake.named_parameters() if n in names]
+        return params + (list(self.head.parameters()) if self.head is not None else [])
+
+    def trained_networks(self) -> dict:
+        return {"fake": self.fake} | ({"head": self.head} if self.head is not None else {})
+
+    def build_optimizers(self) -> dict:
+        self.fake_optimizer = torch.optim.AdamW(self._discriminator_params(), lr=self.config.fake_learning_rate, betas=(0.0, 0.99), weight_decay=0.0)
+        return {"fake_optimizer": self.fake_optimizer}
 
     def checkpoint_modules(self) -> dict:
         return {"fake": (self.fake, self._fake_names)} | ({"head": (self.head, None)} if self.head is not None else {})
@@ -121,14 +129,18 @@ class DMD2(Method):
         with torch.no_grad():
             x = self._generate(conditions, rng)
         x_t, t, noise = self._noised(x, rng)
-        x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
-        losses = {"fake": (((x0_fake - x) * self.fake_loss_weight(t)) ** 2).mean()}  # denoising loss on student samples
-        if self.head is not None:
-            fake_logits = self.head(self._features)
+        n = len(x_t)
+        if self.head is None:
+            x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
+        else:  # student samples and real images noised to the same t, through the fake score in one batch
             real = batch["images"]
             real_t = self.teacher.add_noise(real, t[: len(real)], rng.normal_like(real))
-            self.teacher.predict(self.fake, real_t, t[: len(real)], {k: v[: len(real)] for k, v in batch["conditions"].items()})
-            real_logits = self.head(self._features)
+            both = {k: torch.cat([v, batch["conditions"][k][: len(real)]]) for k, v in conditions.items()}
+            x0_fake = self.teacher.predict(self.fake, torch.cat([x_t, real_t]), torch.cat([t, t[: len(real)]]), both)[0][:n]
+            logits = self.head(self._features)
+            fake_logits, real_logits = logits[:n], logits[n:]
+        losses = {"fake": (((x0_fake - x) * self.fake_loss_weight(t)) ** 2).mean()}  # denoising loss on student samples
+        if self.head is not None:
             losses["discriminator"] = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
         self.update(losses["fake"] + self.config.gan_weight * losses.get("discriminator", 0.0), self.fake_optimizer, "fake-score")
         return {k: v.detach() for k, v in losses.items()}
@@ -148,15 +160,18 @@ class DMD2(Method):
             grad = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
         weights = torch.ones(len(x), device=device)
         gan = torch.zeros((), device=device)
-        if self.head is not None:
-            for p in self._fake_params:  # gradients flow to the student sample only
-                p.requires_grad_(False)
-            self.teacher.predict(self.fake, x_t, t, conditions)
+        stashed = []
+        if self.head is not None:  # the generator's GAN loss goes through the fake score and the head: their own
+            stashed = [(p, p.grad) for p in self._discriminator_params()]  # gradients are set aside and put back
+            for p, _ in stashed:  # after it (freezing them instead would leave shards FSDP2 frees out of the graph)
+                p.grad = None
+            x0_gan, _ = self.teacher.predict(self.fake, x_t, t, conditions)
             logits = self.head(self._features)
-            for p in self._fake_params:
-                p.requires_grad_(True)
-            gan = F.softplus(-logits).mean()
+            # (0 x the output keeps the whole forward in the graph: DDP and FSDP2 expect every parameter to be reached)
+            gan = F.softplus(-logits).mean() + 0.0 * x0_gan.float().sum()
             weights = f_divergence_weights(logits, self.config.divergence)
         dmd = self.generator_loss(x, grad, weights)
         self.update(dmd + self.config.gan_weight * gan, self.optimizer, "generator")
+        for p, g in stashed:
+            p.grad = g
         return {"generator": dmd.detach(), **({"gan": gan.detach()} if self.head is not None else {}), **logs}

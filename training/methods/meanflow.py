@@ -97,6 +97,9 @@ class MeanFlow(Method):
     def checkpoint_modules(self) -> dict:
         return {"target": (self.target_net, self.student_trainable_names)}
 
+    def target_networks(self) -> dict:
+        return {"target_net": self.target_net}
+
     def train_step(self, batch, rng) -> dict:
         x = batch["images"]
         conditions = batch["conditions"]
