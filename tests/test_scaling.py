@@ -101,6 +101,17 @@ def test_fsdp_lora_student_with_a_target_network(tiny_teacher, tmp_path):
     assert (tmp_path / "fsdp" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_fsdp_in_bf16_with_gan_head_validation_and_evaluation(tiny_teacher, tmp_path):
+    """bf16 autocast over float32 shards (times stay float32), the GAN head sharded with the fake score, a validation
+    report sampled by both processes, and the final FD table."""
+    out = tmp_path / "bf16"
+    result = run_cpu_workers(2, argv(tiny_teacher, out, 4, 4, "--mixed-precision", "bf16", "--gan-weight", "0.1",
+                                     "--validation-every", "4", "--evaluate"), FSDP, ACCELERATE_MIXED_PRECISION="bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precision: bf16" in result.stdout and "student (dmd2)" in result.stdout
+    assert (out / "validation" / "step-4.json").is_file() and (out / "student" / "model_index.json").is_file()
+
+
 def test_shipped_configs_give_the_launch_environment_they_say():
     for name in ("ddp.yaml", "fsdp.yaml", "fsdp_lora.yaml"):
         path = os.path.join(CONFIGS, name)

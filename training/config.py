@@ -70,7 +70,7 @@ class DistillConfig:
     ema_decay: float = option(0.99, "EMA decay of the student weights (0 = no EMA)")
     seed: int = option(0, "seed of the whole run")
     device: str = option("auto", "auto (the accelerator accelerate finds: CUDA, MPS, XPU..., else the CPU) or cpu")
-    mixed_precision: str = option("auto", "auto (bf16 for text-to-image teachers on an accelerator that has it, else no), no, fp16 or bf16", PRECISIONS)
+    mixed_precision: str = option("auto", "auto (the accelerate launch config's; else bf16 for text-to-image teachers on an accelerator that has it, else no), no, fp16 or bf16", PRECISIONS)
     checkpoint_every: int = option(200, "save a resumable checkpoint every N updates")
     checkpoints_to_keep: int = option(2, "checkpoints kept on disk")
     preview_every: int = option(200, "write a preview grid every N updates (0 = never)")

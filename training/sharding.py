@@ -84,11 +84,13 @@ def wrap_class_names(model: torch.nn.Module, plugin) -> list[str]:
 
 def shard(module: torch.nn.Module, plugin, blocks: list[str] | None = None) -> torch.nn.Module:
     """``fully_shard`` each block of ``module`` named in ``blocks`` (innermost first), then ``module`` itself, with the
-    plugin's resharding, mixed-precision and offload policies. In place; returns ``module``."""
+    plugin's resharding and offload policies. In place; returns ``module``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-              "offload_policy": plugin.cpu_offload}
+    # Weights are gathered as stored (float32) and every forward runs under the trainer's autocast, as without FSDP.
+    # (accelerate's FSDP policy would cast every floating input to bf16, timesteps included, and bf16 cannot hold a
+    # diffusion time: 999 becomes 1000.)
+    kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "mp_policy": MixedPrecisionPolicy(), "offload_policy": plugin.cpu_offload}
     names = set(blocks or ())
     for sub in reversed(list(module.modules())[1:]):  # children come after their parents in modules(): reversed, inner first
         if type(sub).__name__ in names:

@@ -384,7 +384,7 @@ def _validate(teacher, accelerator, student, ema, params, scheduler, config, upd
     if teacher.architecture != "digits":
         _preview(teacher, accelerator, model, ema, params, scheduler, config, f"step-{update}", folder=folder)
         return
-    with _EMAWeights(ema, params), torch.no_grad():
+    with _EMAWeights(ema, params), torch.no_grad(), accelerator.autocast():
         pipe = _student_pipeline(teacher, model, scheduler)
         rows, grid = score_digits(pipe, _steps_to_score(config, get_method(config.method).uses_r), DigitsMetric(device=accelerator.device))
     model.train()
@@ -403,7 +403,7 @@ def _validate(teacher, accelerator, student, ema, params, scheduler, config, upd
 def _preview(teacher, accelerator, model, ema, params, scheduler, config, name, folder=None):
     """A sample grid of the student (EMA weights) as ``previews/<name>.png``, written by the main process."""
     folder = folder or os.path.join(config.output_dir, "previews")
-    with _EMAWeights(ema, params), torch.no_grad():
+    with _EMAWeights(ema, params), torch.no_grad(), accelerator.autocast():  # (FSDP gathers weights in the compute dtype)
         pipe = _student_pipeline(teacher, model, scheduler)
         generator = torch.Generator().manual_seed(0)
         if teacher.architecture == "digits":

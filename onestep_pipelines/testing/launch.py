@@ -30,11 +30,11 @@ def accelerate_env(config_file: str, num_processes: int) -> dict[str, str]:
 def run_cpu_workers(num_processes: int, argv: list[str], config_file: str | None = None, timeout: int = 600,
                     **env: str) -> subprocess.CompletedProcess:
     """``onestep-train`` with ``argv`` on ``num_processes`` CPU processes (gloo), under ``config_file``'s engine
-    (DDP without one). Full precision, one thread per process."""
+    (DDP without one), with ``env`` on top. Full precision unless ``env`` says otherwise, one thread per process."""
     variables = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     if config_file:
         variables.update(accelerate_env(config_file, num_processes))
-    variables.update(ACCELERATE_MIXED_PRECISION="no", **env)
+    variables.update({"ACCELERATE_MIXED_PRECISION": "no", **env})
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
                "-m", "onestep_pipelines.training.cli", *argv]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=variables)
