@@ -129,8 +129,10 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     r_module = getattr(student, "r_embedder", None) or getattr(student, "r_embed", None)
     if r_module is not None:  # trained fully by r-methods; left alone by one-time methods (DDP wants no unused params)
         r_module.requires_grad_(method_cls.uses_r)
-    for p in student.parameters():  # trainable weights in float32, frozen ones (a LoRA student's base) in the compute
-        p.data = p.data.float() if (p.requires_grad or kind == "fsdp") else p.data.to(weight_dtype)  # precision (FSDP casts)
+    # trainable weights in float32, frozen ones (a LoRA student's base) in the compute precision; under FSDP all in
+    # float32 (one dtype per sharded unit; autocast computes in the run's precision)
+    for p in student.parameters():
+        p.data = p.data.float() if (p.requires_grad or kind == "fsdp") else p.data.to(weight_dtype)
     gamma = method_cls.sampler_gamma(config)
     scheduler_cls = getattr(schedulers, method_cls.scheduler_class)
     scheduler = scheduler_cls.from_config(
@@ -148,7 +150,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         plugin = accelerator.state.fsdp_plugin
         student = sharding.shard(student, plugin, blocks)
         for attribute, module in method.trained_networks().items():  # the fake score shares the student's blocks
-            cast(module, torch.float32)  # (one dtype per FSDP unit; the plugin's mixed precision casts for compute)
+            cast(module, torch.float32)  # (one dtype per FSDP unit, as for the student)
             setattr(method, attribute, sharding.shard(module, plugin, blocks if attribute == "fake" else None))
         for attribute, module in method.target_networks().items():
             setattr(method, attribute, sharding.shard(module, plugin, blocks))
