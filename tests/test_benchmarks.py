@@ -27,3 +27,27 @@ def test_gpu_benchmark_refuses_unknown_sections_and_missing_cuda(tmp_path, capsy
         with pytest.raises(SystemExit):
             gpu.main(["--out", str(tmp_path)])
         assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_leaderboard_trains_every_method_scores_each_nfe_and_resumes(tiny_teacher, tmp_path, monkeypatch):
+    """benchmarks/leaderboard.py with a tiny teacher and a budget so small that every method gets the minimum of 50
+    updates; a second call keeps what is done and trains only what is missing."""
+    import leaderboard
+
+    args = ["--minutes", "0.001", "--teacher", tiny_teacher, "--device", "cpu", "--out", str(tmp_path)]
+    assert leaderboard.main(args) == 0
+    results = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert list(results["methods"]) == list(leaderboard.RECIPES)
+    for entry in results["methods"].values():
+        assert entry["updates"] == 50 and set(entry["scores"]) == {"1", "2", "4", "8"}
+    assert set(results["teacher"]) == {"1", "2", "4", "8", "32"}
+    assert len((tmp_path / "leaderboard.md").read_text().splitlines()) == 2 + 1 + len(leaderboard.RECIPES)
+
+    del results["methods"]["tdm"]
+    (tmp_path / "leaderboard.json").write_text(json.dumps(results))
+    trained = []
+    original = leaderboard.train_and_score
+    monkeypatch.setattr(leaderboard, "train_and_score", lambda name, *a: trained.append(name) or original(name, *a))
+    assert leaderboard.main(args) == 0
+    assert trained == ["tdm"]
+    assert leaderboard.main(["--minutes", "2", "--teacher", tiny_teacher, "--out", str(tmp_path)]) == 2  # another budget
