@@ -208,6 +208,15 @@ def test_real_vs_real_floor_and_accuracy(metric):
     assert metric.score(torch.rand(100, 1, 8, 8) * 2 - 1, torch.arange(100) % 10).acc < 0.5
 
 
+def test_copy_fraction_flags_training_digits_not_new_ones(metric):
+    (a, _), (b, _) = real_halves()
+    assert metric.copy_fraction(a[:200]) == 1.0  # the training digits themselves
+    assert abs(metric.copy_fraction(b) - 0.01) < 0.005  # unseen real digits: the quantile, by construction
+    near = (a[:200] + 0.01 * torch.randn(200, 1, 8, 8)).clamp(-1, 1)  # copies with a little noise
+    assert metric.copy_fraction(near) > 0.9
+    assert metric.copy_fraction(torch.rand(100, 1, 8, 8) * 2 - 1) == 0.0
+
+
 def test_metric_bad_input(metric):
     with pytest.raises(ValueError, match="shape"):
         metric.fd(torch.zeros(10, 1, 16, 16))

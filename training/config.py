@@ -47,12 +47,14 @@ class DistillConfig:
     batch_size: int = option(128, "samples per micro-batch and process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (all optimizers)")
     learning_rate: float = option(1e-4, "student learning rate (AdamW)")
-    fake_learning_rate: float = option(1e-4, "dmd2, tdm: fake-score learning rate")
-    fake_updates: int = option(1, "dmd2, tdm: fake-score updates per generator update")
-    fake_lora_rank: int = option(0, "dmd2, tdm: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
+    fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid: fake-score learning rate")
+    fake_updates: int = option(1, "dmd2, tdm, sid: fake-score updates per generator update")
+    fake_lora_rank: int = option(0, "dmd2, tdm, sid: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
     guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
-    divergence: str = option("reverse-kl", "dmd2, tdm: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
-    gan_weight: float = option(0.0, "dmd2, tdm: weight of the GAN head on fake-score features (0 = off)")
+    divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
+    gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
+    sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
+    lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)")
     ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps)")
     loss: str = option("huber", "consistency: pseudo-Huber or squared L2 distance", LOSSES)
@@ -94,6 +96,8 @@ class DistillConfig:
             (self.fake_updates >= 1, "fake_updates", "must be at least 1"),
             (self.guidance_scale > 0, "guidance_scale", "must be positive (1 = no guidance)"),
             (self.gan_weight >= 0, "gan_weight", "must be 0 (off) or positive"),
+            (self.sid_alpha >= 0, "sid_alpha", "must be 0 or positive"),
+            (self.lsg_scale > 0, "lsg_scale", "must be positive (1 = no guidance)"),
             (self.phases >= 0, "phases", "must be 0 or positive"),
             (self.ode_steps >= 1, "ode_steps", "must be at least 1"),
             (self.phases <= 1 or self.ode_steps % self.phases == 0, "ode_steps", f"must be a multiple of --phases {self.phases}"),
@@ -129,6 +133,8 @@ class DistillConfig:
             raise ValueError(f"--source {self.source!r} does not apply to --method {self.method}; choose one of {', '.join(spec.sources)}.")
         if not spec.sources and self.source != "teacher":
             raise ValueError(f"--source applies to meanflow; --method {self.method} learns from the teacher.")
+        if self.method != "sid" and (self.lsg_scale != 1.0 or self.sid_alpha != 1.2):
+            raise ValueError(f"--lsg-scale and --sid-alpha apply to --method sid, not {self.method}.")
         if self.prompts and self.data:
             raise ValueError("pass --prompts FILE or --data FOLDER, not both.")
 

@@ -12,16 +12,19 @@ import os
 
 import torch
 
-from onestep_pipelines.benchmark.digits import load_digits_images
+from onestep_pipelines.benchmark.digits import real_halves
 
 from .config import captioned_images
 
 
 class DigitsData:
-    """Real digits and their labels, kept on the training device; data-free methods use the labels only."""
+    """Real digits and their labels, kept on the training device; data-free methods use the labels only.
+
+    Only half A of the digits (899): half B is FD-digits' reference, which no student may see (a discriminator or a
+    data-trained student would otherwise be scored on its own training images)."""
 
     def __init__(self, device):
-        images, labels = load_digits_images()
+        (images, labels), _ = real_halves()
         self.images, self.labels = images.to(device), labels.to(device)
 
     def batch(self, rng) -> dict:

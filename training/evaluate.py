@@ -39,7 +39,7 @@ def load_student(folder: str):
 
 
 def evaluate_student(folder: str, steps: list[int] | None = None, device: str = "auto", json_path: str | None = None) -> list[dict]:
-    """Rows ``{"model", "NFE", "FD-digits", "accuracy"}`` at ``steps`` (default: the student's recommended steps)."""
+    """Rows ``{"model", "NFE", "FD-digits", "accuracy", "copies"}`` at ``steps`` (default: the student's recommended steps)."""
     pipe = load_student(folder)
     if getattr(pipe, "student", None) is None and steps is None:
         raise ValueError(f"{folder} records no student metadata (a teacher?): pass --steps, e.g. --steps 4,8,16.")

@@ -158,6 +158,20 @@ class DigitsMetric:
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> Score:
         return Score(fd=self.fd(images), acc=self.accuracy(images, labels))
 
+    @torch.no_grad()
+    def copy_fraction(self, images: torch.Tensor, quantile: float = 0.01) -> float:
+        """Memorisation check: the fraction of ``images`` whose nearest digit of half A (the only real digits a student
+        may train on) is closer, in pixels, than the ``quantile`` of the distances from each real digit of half B to
+        its nearest digit of half A. Real digits that copy nothing score about ``quantile`` (0.01); a generator that
+        reproduces its training digits scores far more, whatever its FD."""
+        train = self.images_a.flatten(1).double()
+
+        def nearest(x: torch.Tensor) -> torch.Tensor:
+            return torch.cdist(self._check(x).flatten(1).double().cpu(), train).min(dim=1).values
+
+        threshold = torch.quantile(nearest(self.images_b), quantile)
+        return float((nearest(images) < threshold).double().mean())
+
     def real_vs_real(self) -> Score:
         """The floor: real half A against real half B."""
         return self.score(self.images_a, self.labels_a)

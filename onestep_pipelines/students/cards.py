@@ -47,6 +47,18 @@ def _comfyui_sampler(m: StudentMetadata) -> str:
     return f"the onestep consistency sampler with gamma {gamma:g}"
 
 
+def _papers(method: str) -> str:
+    """`` ([citation](arXiv link), ...)`` for a method of the trainer, empty for others (or without the trainer)."""
+    try:
+        from ..training.methods import METHODS
+    except ImportError:  # a checkout used without installation has no onestep_pipelines.training
+        return ""
+    spec = METHODS.get(method)
+    if spec is None or not spec.papers:
+        return ""
+    return " (" + "; ".join(f"[{cite}](https://arxiv.org/abs/{arxiv})" for cite, arxiv in spec.papers) + ")"
+
+
 def _looks_like_hub_id(name: str) -> bool:
     """``org/name`` that is not a local path (a Hub repository the card can link to)."""
     return name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
@@ -129,6 +141,7 @@ def write_model_card(
         template_path=os.path.join(TEMPLATES_DIR, KINDS[kind]),
         title=title or f"{m.method} few-step student ({m.architecture})",
         method=m.method,
+        papers=_papers(m.method),
         base_ref=base_ref,
         base_model_name=m.base_model if on_hub else ("the digits teacher" if digits else "the base model"),
         load_base=(

@@ -22,6 +22,7 @@ class MethodSpec:
         summary: one line for ``--help``.
         targets: ``--target`` choices (the first is the default); sources: ``--source`` choices.
         flow_teacher: the method needs a flow (velocity) teacher.
+        papers: ``(citation, arXiv id)`` of the papers it implements (named in the students' model cards).
     """
 
     module: str
@@ -30,16 +31,24 @@ class MethodSpec:
     targets: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     flow_teacher: bool = False
+    papers: tuple[tuple[str, str], ...] = ()
 
 
 METHODS: dict[str, MethodSpec] = {
-    "dmd2": MethodSpec("dmd2", "DMD2", "distribution matching (DMD2), f-divergence weighting, optional GAN head"),
-    "consistency": MethodSpec("consistency", "ConsistencyDistillation", "consistency distillation: LCM, or phased (PCM) with --phases"),
-    "tdm": MethodSpec("tdm", "TDM", "trajectory distribution matching; sampled by TDMScheduler"),
+    "dmd2": MethodSpec("dmd2", "DMD2", "distribution matching (DMD2), f-divergence weighting, optional GAN head",
+                       papers=(("Yin et al. 2024, Improved Distribution Matching Distillation for Fast Image Synthesis", "2405.14867"),)),
+    "consistency": MethodSpec("consistency", "ConsistencyDistillation", "consistency distillation: LCM, or phased (PCM) with --phases",
+                              papers=(("Luo et al. 2023, Latent Consistency Models", "2310.04378"), ("Wang et al. 2024, Phased Consistency Models", "2405.18407"))),
+    "tdm": MethodSpec("tdm", "TDM", "trajectory distribution matching; sampled by TDMScheduler",
+                      papers=(("Luo et al. 2025, Learning Few-Step Diffusion Models by Trajectory Distribution Matching", "2503.06674"),)),
+    "sid": MethodSpec("sid", "SiD", "score identity distillation (SiD; LSG guidance of the fake score; GAN head = SiDA)",
+                      papers=(("Zhou et al. 2024, Score identity Distillation", "2404.04057"),)),
     "meanflow": MethodSpec("meanflow", "MeanFlow", "MeanFlow average velocities (SplitMeanFlow or JVP target); any step count",
-                           targets=("split", "jvp"), sources=("teacher", "data"), flow_teacher=True),
+                           targets=("split", "jvp"), sources=("teacher", "data"), flow_teacher=True,
+                           papers=(("Geng et al. 2025, Mean Flows for One-step Generative Modeling", "2505.13447"),)),
     "flowmap": MethodSpec("flowmap", "FlowMap", "flow-map distillation (Align Your Flow); any step count",
-                          targets=("euler", "jvp"), sources=("teacher",), flow_teacher=True),
+                          targets=("euler", "jvp"), sources=("teacher",), flow_teacher=True,
+                          papers=(("Sabour et al. 2025, Align Your Flow: Scaling Continuous-Time Flow Map Distillation", "2506.14603"),)),
 }
 
 

@@ -131,19 +131,50 @@ class DMD2(Method):
         x_t, t, noise = self._noised(x, rng)
         n = len(x_t)
         if self.head is None:
-            x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
+            x0_fake = self.fake_prediction(x_t, t, conditions)
         else:  # student samples and real images noised to the same t, through the fake score in one batch
             real = batch["images"]
             real_t = self.teacher.add_noise(real, t[: len(real)], rng.normal_like(real))
             both = {k: torch.cat([v, batch["conditions"][k][: len(real)]]) for k, v in conditions.items()}
-            x0_fake = self.teacher.predict(self.fake, torch.cat([x_t, real_t]), torch.cat([t, t[: len(real)]]), both)[0][:n]
-            logits = self.head(self._features)
+            x0_fake = self.fake_prediction(torch.cat([x_t, real_t]), torch.cat([t, t[: len(real)]]), both)[:n]
+            logits = self.head(self._features)[: n + len(real)]  # (the conditional half under guidance)
             fake_logits, real_logits = logits[:n], logits[n:]
         losses = {"fake": (((x0_fake - x) * self.fake_loss_weight(t)) ** 2).mean()}  # denoising loss on student samples
         if self.head is not None:
             losses["discriminator"] = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
         self.update(losses["fake"] + self.config.gan_weight * losses.get("discriminator", 0.0), self.fake_optimizer, "fake-score")
         return {k: v.detach() for k, v in losses.items()}
+
+    def fake_prediction(self, x_t, t, conditions):
+        """The fake score's x0 at ``(x_t, t)`` (plain; SiD's LSG option guides it)."""
+        return self.teacher.predict(self.fake, x_t, t, conditions)[0]
+
+    fake_in_generator_graph = False  # the generator loss differentiates through the fake score's input (SiD)
+
+    def generator_losses(self, x, x_t, t, conditions) -> tuple[torch.Tensor, dict]:
+        """The DMD loss (and the GAN head's, weighted by ``--gan-weight``) of the student sample ``x`` noised to
+        ``x_t``; ``(total, {name: loss})``."""
+        with torch.no_grad():
+            x0_real, _ = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
+        if self.head is None:
+            with torch.no_grad():
+                x0_fake = self.fake_prediction(x_t, t, conditions)
+            weights, losses = torch.ones(len(x), device=x.device), {}
+        else:  # the GAN loss goes through the fake score and the head (one forward gives both)
+            x0_fake, weights, losses = self.adversarial(x_t, t, conditions)
+            x0_fake = x0_fake.detach()
+        grad = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+        losses = {"generator": self.generator_loss(x, grad, weights)} | losses
+        return losses["generator"] + self.config.gan_weight * losses.get("gan", 0.0), losses
+
+    def adversarial(self, x_t, t, conditions):
+        """The fake score's x0 at ``x_t`` (in the graph) and the head's non-saturating generator loss on its features:
+        ``(x0_fake, f-divergence weights, {"gan": loss})``."""
+        x0_fake = self.fake_prediction(x_t, t, conditions)
+        logits = self.head(self._features)[: len(x_t)]  # (the conditional half under guidance)
+        # (0 x the output keeps the whole forward in the graph: DDP and FSDP2 expect every parameter to be reached)
+        gan = F.softplus(-logits).mean() + 0.0 * x0_fake.float().sum()
+        return x0_fake, f_divergence_weights(logits, self.config.divergence), {"gan": gan}
 
     def train_step(self, batch, rng) -> dict:
         conditions = batch["conditions"]
@@ -152,26 +183,14 @@ class DMD2(Method):
         for _ in range(self.config.fake_updates):
             logs = self._fake_update(conditions, batch, rng)
         x = self._generate(conditions, rng)
-        device = x.device
         x_t, t, _ = self._noised(x, rng)
-        with torch.no_grad():
-            x0_real, _ = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
-            x0_fake, _ = self.teacher.predict(self.fake, x_t, t, conditions)
-            grad = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
-        weights = torch.ones(len(x), device=device)
-        gan = torch.zeros((), device=device)
         stashed = []
-        if self.head is not None:  # the generator's GAN loss goes through the fake score and the head: their own
-            stashed = [(p, p.grad) for p in self._discriminator_params()]  # gradients are set aside and put back
-            for p, _ in stashed:  # after it (freezing them instead would leave shards FSDP2 frees out of the graph)
-                p.grad = None
-            x0_gan, _ = self.teacher.predict(self.fake, x_t, t, conditions)
-            logits = self.head(self._features)
-            # (0 x the output keeps the whole forward in the graph: DDP and FSDP2 expect every parameter to be reached)
-            gan = F.softplus(-logits).mean() + 0.0 * x0_gan.float().sum()
-            weights = f_divergence_weights(logits, self.config.divergence)
-        dmd = self.generator_loss(x, grad, weights)
-        self.update(dmd + self.config.gan_weight * gan, self.optimizer, "generator")
+        if self.head is not None or self.fake_in_generator_graph:  # the generator's loss reaches the fake score's (and
+            stashed = [(p, p.grad) for p in self._discriminator_params()]  # the head's) parameters: their own gradients
+            for p, _ in stashed:  # are set aside and put back after it (freezing them instead would leave shards FSDP2
+                p.grad = None  # frees out of the graph)
+        total, losses = self.generator_losses(x, x_t, t, conditions)
+        self.update(total, self.optimizer, "generator")
         for p, g in stashed:
             p.grad = g
-        return {"generator": dmd.detach(), **({"gan": gan.detach()} if self.head is not None else {}), **logs}
+        return {k: v.detach() for k, v in losses.items()} | logs

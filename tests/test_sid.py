@@ -1,0 +1,128 @@
+"""SiD (score identity distillation): the generator loss against its formula, its gradient through both denoisers'
+inputs, the fake score's own gradients left alone by the generator update, and SiD students through the trainer
+(one and two processes, LSG, LoRA, GAN head, resume, model card)."""
+
+import copy
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from onestep_pipelines.schedulers import ConsistencyScheduler
+from onestep_pipelines.training.methods.base import FiniteGuard
+from onestep_pipelines.training.methods.sid import SiD, sid_generator_loss
+from onestep_pipelines.training.trainer import distill
+
+from test_scaling import FSDP, argv, assert_same_student, workers
+from test_training import student_weights, tiny
+
+
+def test_generator_loss_matches_a_hand_computed_case():
+    # one pixel per sample: x_g = 1, f_phi = 0.5, f_psi = 0.25 -> w = 1 / |1 - 0.5| = 2, d = f_phi - f_psi = 0.25:
+    # 2 [(1 - 1.2) 0.0625 + 0.25 (0.25 - 1)] = -0.4; second sample x_g = -1, f_phi = 0, f_psi = 0: 0
+    x_g = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1).requires_grad_(True)
+    real, fake = torch.tensor([0.5, 0.0]).view(2, 1, 1, 1), torch.tensor([0.25, 0.0]).view(2, 1, 1, 1)
+    loss = sid_generator_loss(x_g, real, fake, alpha=1.2)
+    torch.testing.assert_close(loss, torch.tensor(-0.2))  # (-0.4 + 0) / 2
+    (grad,) = torch.autograd.grad(loss, x_g)
+    # with the predictions held fixed the gradient is DMD's: (f_psi - f_phi) / mean|x_g - f_phi|, over the batch of 2
+    torch.testing.assert_close(grad.flatten(), torch.tensor([(0.25 - 0.5) / 0.5 / 2, 0.0]))
+    torch.testing.assert_close(sid_generator_loss(x_g, real, fake, alpha=1.0), torch.tensor(2 * 0.25 * (0.25 - 1) / 2))
+    weighted = sid_generator_loss(x_g, real, fake, alpha=1.2, weights=torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(weighted, torch.tensor(-0.6))
+
+
+def _method(tiny_teacher, **overrides):
+    from onestep_pipelines.training.teachers import load_teacher
+
+    teacher = load_teacher(tiny_teacher)
+    student = copy.deepcopy(teacher.model).requires_grad_(True)
+    config = tiny(tiny_teacher, "unused", method="sid", **overrides)
+    method = SiD(teacher, student, ConsistencyScheduler.from_config(teacher.convention.config), config)
+    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m, backward=lambda loss: loss.backward(), scaler=None)
+    method.guard = FiniteGuard("cpu")
+    method.optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    method.build_optimizers()
+    with torch.no_grad():  # a fake score that has learned something: it differs from the teacher
+        for p in method.fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return method
+
+
+@pytest.mark.parametrize("lsg_scale", [1.0, 2.0])
+def test_generator_gradient_goes_through_both_denoisers(tiny_teacher, lsg_scale):
+    """Central differences of the loss in the student sample agree with autograd (the normalisation w held at its
+    value, as its stop-gradient says); holding the two predictions fixed (DMD's gradient) would not: SiD
+    differentiates through the teacher's and the fake score's inputs."""
+    torch.manual_seed(0)
+    method = _method(tiny_teacher, lsg_scale=lsg_scale)
+    teacher = method.teacher
+    for label, t in ((0, 0.9), (3, 0.6), (5, 0.4), (9, 0.2)):  # one sample at a time: the loss is w(x) S(x)
+        x, noise, v = (torch.randn(1, 1, 8, 8) for _ in range(3))
+        t, conditions = torch.tensor([t]), {"class_labels": torch.tensor([label])}
+
+        def loss_and_weight(x, fixed=False):
+            x_t = teacher.add_noise(x, t, noise)
+            real = teacher.predict(teacher.model, x_t, t, conditions)[0]
+            w = 1 / (x - real).abs().mean()
+            if fixed:  # DMD-style: the predictions as constants
+                return sid_generator_loss(x, real.detach(), method.fake_prediction(x_t, t, conditions).detach(), method.config.sid_alpha), w
+            return method.generator_losses(x, x_t, t, conditions)[0], w
+
+        x.requires_grad_(True)
+        (full,) = torch.autograd.grad(loss_and_weight(x)[0], x)
+        (direct,) = torch.autograd.grad(loss_and_weight(x, fixed=True)[0], x)
+        h = 1e-2
+        with torch.no_grad():
+            w0 = loss_and_weight(x)[1]
+            ahead, behind = (loss / w for loss, w in (loss_and_weight(x + h * v), loss_and_weight(x - h * v)))
+            numeric = w0 * (ahead - behind) / (2 * h)
+        analytic, held = (full * v).sum(), (direct * v).sum()
+        torch.testing.assert_close(analytic, numeric, rtol=2e-2, atol=1e-3)
+        assert abs(float(analytic - held)) > 0.1 * abs(float(analytic))  # the networks' part is not negligible
+
+
+def test_generator_update_leaves_the_fake_score_and_teacher_alone(tiny_teacher):
+    method = _method(tiny_teacher, gan_weight=0.1)
+    teacher_before = {k: v.clone() for k, v in method.teacher.model.state_dict().items()}
+    student_before = {k: v.clone() for k, v in method.student.state_dict().items()}
+    batch = {"conditions": {"class_labels": torch.arange(8) % 10}, "images": torch.randn(8, 1, 8, 8)}
+    from onestep_pipelines.training.draws import Draws
+
+    logs = method.train_step(batch, Draws(0, 0, 0, 8, "cpu"))
+    assert {"generator", "gan", "fake", "discriminator"} <= set(logs)
+    # the fake-score update zeroed its gradients after stepping; the generator's backward reached the fake score and the
+    # head (their inputs) but what it left there was discarded
+    assert all(p.grad is None for p in method._discriminator_params())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in method.teacher.model.state_dict().items())
+    assert any(not torch.equal(v, student_before[k]) for k, v in method.student.state_dict().items())
+
+
+@pytest.mark.parametrize("overrides", [{"num_steps": 2, "lora_rank": 4, "lsg_scale": 1.5}, {"gan_weight": 0.1, "divergence": "js", "fake_lora_rank": 4}])
+def test_sid_students_load_and_sample(tiny_teacher, tmp_path, overrides):
+    result = distill(tiny(tiny_teacher, tmp_path / "run", method="sid", **overrides))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.student.method == "sid" and pipe.student.num_inference_steps == overrides.get("num_steps", 1)
+    assert isinstance(pipe.scheduler, ConsistencyScheduler) and pipe.scheduler.config.gamma == 1.0
+    images = pipe(class_labels=[3, 4], output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+    card = open(os.path.join(result["student_dir"], "README.md")).read()
+    assert "| method | sid ([Zhou et al. 2024, Score identity Distillation](https://arxiv.org/abs/2404.04057)) |" in card
+
+
+def test_sid_resumes_exactly(tiny_teacher, tmp_path):
+    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4, method="sid", lsg_scale=1.5))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2, method="sid", lsg_scale=1.5))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, method="sid", lsg_scale=1.5, resume="latest"))
+    a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_fsdp_processes_end_with_the_one_process_sid_student(tiny_teacher, tmp_path):
+    """The generator's gradient through the sharded fake score's input, with the fake score's own set aside."""
+    distill(tiny(tiny_teacher, tmp_path / "one", max_train_steps=4, batch_size=8, method="sid", lsg_scale=1.5))
+    summary = workers(2, argv(tiny_teacher, tmp_path / "two", 4, 4, "--method", "sid", "--lsg-scale", "1.5"), FSDP)
+    assert summary["engine"] == "fsdp" and summary["processes"] == 2
+    assert_same_student(tmp_path / "one", tmp_path / "two")
