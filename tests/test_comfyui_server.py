@@ -148,7 +148,7 @@ def test_nodes_are_listed_with_their_schemas(comfy):
     assert "digits-dmd2-student" in json.dumps(info["OneStepDiffusersStudent"]["input"])
 
 
-@pytest.mark.parametrize("gamma,preset,steps", [(1.0, "lcm", 4), (0.3, "tcd", 3), (0.0, "trailing", 2)])
+@pytest.mark.parametrize("gamma,preset,steps", [(1.0, "lcm", 4), (0.3, "tcd", 3), (0.0, "trailing", 2), (1.0, "scm", 2)])
 def test_consistency_sampler_equals_the_diffusers_pipeline(comfy, gamma, preset, steps):
     from onestep_pipelines.schedulers import ConsistencyScheduler
 

@@ -308,6 +308,32 @@ def test_meanflow_jvp_matches_finite_differences(tiny_teacher):
         assert du.abs().mean() > 1e-2  # a real derivative, not a vanishing one
 
 
+def test_jvp_target_with_a_time_step_takes_the_time_derivative_by_central_difference(tiny_teacher):
+    from types import SimpleNamespace
+
+    from onestep_pipelines.training.methods.meanflow import MeanFlow
+    from onestep_pipelines.training.teachers import load_teacher
+
+    torch.manual_seed(0)
+    teacher = load_teacher(tiny_teacher)
+    student = DigitsTransformer2DModel.from_config(teacher.model.config)
+    for p in student.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    method = MeanFlow(teacher, student, FlowMapScheduler(), tiny(tiny_teacher, "unused", method="meanflow", target="jvp", tangent_time_step=0.01))
+    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    z, x, e = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    t, r = torch.tensor([0.9, 0.5, 0.995]), torch.tensor([0.1, 0.495, 0.0])
+    cond = {"class_labels": torch.tensor([1, 2, 3])}
+    pred, target = method.prediction_and_target(z, r, t, x, e, cond)
+    with torch.no_grad():
+        v = method.teacher_velocity(z, t, cond)
+        _, du_z = method.jvp(student, (z, r, t), (v, torch.zeros_like(r), torch.zeros_like(t)), cond)
+        hi, lo = torch.tensor([0.91, 0.51, 1.0]), torch.tensor([0.89, 0.495, 0.985])  # kept inside [r, 1]
+        du_t = (method.u(student, z, r, hi, cond) - method.u(student, z, r, lo, cond)) / (hi - lo).view(-1, 1, 1, 1)
+    torch.testing.assert_close(target, v - (t - r).view(-1, 1, 1, 1) * (du_z + du_t), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pred, method.u(student, z, r, t, cond))
+
+
 @pytest.mark.parametrize("target,jump_fraction", [("jvp", 0.0), ("euler", 0.0), ("euler", 0.5)])
 def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
     """For the linear ODE dz/dt = a z the exact flow map is X(z, t, r) = z exp(a (r - t)); a student equal to it
@@ -318,7 +344,7 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
 
     a = 0.8
     method = FlowMap.__new__(FlowMap)
-    method.config, method.target = SimpleNamespace(ode_steps=64, source="teacher", guidance_scale=1.0, jump_fraction=jump_fraction), target
+    method.config, method.target = SimpleNamespace(ode_steps=64, source="teacher", guidance_scale=1.0, jump_fraction=jump_fraction, tangent_time_step=0.0), target
     method.student = method.target_net = None
     method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
     method.u = lambda model, z, r, t, cond: z * (1 - torch.exp(a * (r - t).view(-1, 1, 1, 1))) / (t - r).clamp_min(1e-12).view(-1, 1, 1, 1)

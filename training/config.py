@@ -47,9 +47,9 @@ class DistillConfig:
     batch_size: int = option(128, "samples per micro-batch and process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (all optimizers)")
     learning_rate: float = option(1e-4, "student learning rate (AdamW)")
-    fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid: fake-score learning rate")
-    fake_updates: int = option(1, "dmd2, tdm, sid: fake-score updates per generator update")
-    fake_lora_rank: int = option(0, "dmd2, tdm, sid: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
+    fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, scm with --dmd-weight: fake-score learning rate")
+    fake_updates: int = option(1, "dmd2, tdm, sid, scm with --dmd-weight: fake-score updates per generator update")
+    fake_lora_rank: int = option(0, "dmd2, tdm, sid, scm with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
     guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
     divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
@@ -64,8 +64,11 @@ class DistillConfig:
     jump_fraction: float = option(0.5, "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps)")
     equal_fraction: float = option(0.25, "meanflow, flowmap: fraction of pairs with r = t")
     endpoint_fraction: float = option(0.3, "meanflow, flowmap: fraction of t set to 1 and, independently, of r set to 0")
-    logit_mean: float = option(0.0, "meanflow, flowmap: mean of the logit-normal t")
-    logit_std: float = option(1.0, "meanflow, flowmap: standard deviation of the logit-normal t")
+    logit_mean: float = option(0.0, "meanflow, flowmap, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
+    logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
+    dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")
+    tangent_time_step: float = option(0.01, "scm, meanflow / flowmap --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
+    tangent_warmup: int = option(200, "scm: updates over which the tangent term's weight rises from 0 to 1 (0 = none)")
     lora_rank: int = option(0, "LoRA rank of the student; 0 trains all weights")
     lora_alpha: float = option(0.0, "LoRA alpha (0 = the rank)")
     lora_targets: str = option("", "comma-separated module names the LoRA adapts (default: attention projections)")
@@ -107,6 +110,9 @@ class DistillConfig:
             (0 <= self.endpoint_fraction <= 1, "endpoint_fraction", "must lie in [0, 1]"),
             (0 <= self.jump_fraction < 1, "jump_fraction", "must lie in [0, 1)"),
             (self.logit_std > 0, "logit_std", "must be positive"),
+            (self.tangent_warmup >= 0, "tangent_warmup", "must be 0 (none) or positive"),
+            (self.dmd_weight >= 0, "dmd_weight", "must be 0 (off) or positive"),
+            (0 <= self.tangent_time_step <= 0.2, "tangent_time_step", "must lie in [0, 0.2] (0 = exact JVP)"),
             (self.lora_rank >= 0, "lora_rank", "must be 0 (train all weights) or positive"),
             (self.fake_lora_rank >= 0, "fake_lora_rank", "must be 0 (a full copy) or positive"),
             (self.lora_alpha >= 0, "lora_alpha", "must be 0 (the rank) or positive"),
@@ -135,13 +141,17 @@ class DistillConfig:
             raise ValueError(f"--source applies to meanflow; --method {self.method} learns from the teacher.")
         if self.method != "sid" and (self.lsg_scale != 1.0 or self.sid_alpha != 1.2):
             raise ValueError(f"--lsg-scale and --sid-alpha apply to --method sid, not {self.method}.")
+        if self.method != "scm" and self.dmd_weight:
+            raise ValueError(f"--dmd-weight applies to --method scm (rCM), not {self.method}.")
+        if self.method == "scm" and (self.gan_weight or self.divergence != "reverse-kl"):
+            raise ValueError("--method scm takes no GAN head: its score regulariser (--dmd-weight) is the reverse-KL DMD term.")
         if self.prompts and self.data:
             raise ValueError("pass --prompts FILE or --data FOLDER, not both.")
 
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
-                "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
+                "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
         return {k: getattr(self, k) for k in keep}
 
     def to_dict(self) -> dict:
@@ -176,7 +186,7 @@ class DistillConfig:
         if self.digits_teacher and (self.prompts or self.data):
             raise ValueError("the digits teacher trains on the embedded digits; --prompts and --data are for text-to-image teachers.")
         if not self.digits_teacher:
-            needs_images = self.method in ("consistency", "meanflow", "flowmap") or self.gan_weight > 0
+            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm") or self.gan_weight > 0
             if needs_images and not self.data:
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions).")
             if not self.prompts and not self.data:
@@ -192,8 +202,9 @@ class DistillConfig:
             if not self.resume:
                 raise ValueError(f"--output-dir {out} holds another run; pass --resume latest to continue it, or choose a new --output-dir.")
             # (the batch per process may change with the number of processes: the trainer checks the global batch)
-            diff = ", ".join(f"{flag(k)} {previous.get(k)!r} -> {v!r}" for k, v in self.comparable().items()
-                             if previous.get(k) != v and k != "batch_size")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}  # (options newer than the run: their defaults)
+            diff = ", ".join(f"{flag(k)} {previous.get(k, defaults[k])!r} -> {v!r}" for k, v in self.comparable().items()
+                             if previous.get(k, defaults[k]) != v and k != "batch_size")
             if diff:
                 raise ValueError(f"--resume: the run in {out} was started with other options ({diff}).")
             if self.resume != "latest" and not os.path.isfile(os.path.join(self.resume, "trainer_state.json")):

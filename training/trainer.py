@@ -373,9 +373,10 @@ def _student_pipeline(teacher, model, scheduler, metadata=None):
     return pipe
 
 
-def _steps_to_score(config, r_conditioning: bool) -> list[int]:
-    """The student at the step count it was trained for; flow-map students at 1, 2, 4 and 8 steps too."""
-    return sorted({config.num_steps, 1, 2, 4, 8}) if r_conditioning else [config.num_steps]
+def _steps_to_score(config, any_step_count: bool) -> list[int]:
+    """The student at the step count it was trained for; students trained at every time (flow maps, sCM) at 1, 2, 4
+    and 8 steps too."""
+    return sorted({config.num_steps, 1, 2, 4, 8}) if any_step_count else [config.num_steps]
 
 
 def _validate(teacher, accelerator, student, ema, params, scheduler, config, update, log_with) -> None:
@@ -388,7 +389,7 @@ def _validate(teacher, accelerator, student, ema, params, scheduler, config, upd
         return
     with _EMAWeights(ema, params), torch.no_grad(), accelerator.autocast():
         pipe = _student_pipeline(teacher, model, scheduler)
-        rows, grid = score_digits(pipe, _steps_to_score(config, get_method(config.method).uses_r), DigitsMetric(device=accelerator.device))
+        rows, grid = score_digits(pipe, _steps_to_score(config, get_method(config.method).any_step_count), DigitsMetric(device=accelerator.device))
     model.train()
     if not accelerator.is_main_process:
         return
@@ -464,10 +465,11 @@ def _resume_point(config, processes: int) -> tuple[str, dict] | None:
 
 def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
     """Write the student (full pipeline, or LoRA + merged pipeline), its model card, FD table and grid."""
-    uses_r = get_method(config.method).uses_r
+    method_cls = get_method(config.method)
+    uses_r = method_cls.uses_r
     metadata = StudentMetadata.from_scheduler(
         scheduler, method=config.method, architecture=teacher.architecture, num_inference_steps=config.num_steps,
-        recommended_steps=_steps_to_score(config, uses_r), guidance_scale=config.guidance_scale,
+        recommended_steps=_steps_to_score(config, method_cls.any_step_count), guidance_scale=config.guidance_scale,
         guidance_baked=config.guidance_scale != 1.0, base_model=teacher.source, r_conditioning=uses_r,
     )
     out = {}
@@ -491,7 +493,7 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
             metric = DigitsMetric(device=device)
             teacher.pipeline.set_progress_bar_config(disable=True)
             rows, _ = score_digits(teacher.pipeline, [1, 4, 32], metric, name="teacher (Euler)", euler_grid=True)
-            student_rows, grid = score_digits(pipe, _steps_to_score(config, uses_r), metric, name=f"student ({config.method})",
+            student_rows, grid = score_digits(pipe, _steps_to_score(config, method_cls.any_step_count), metric, name=f"student ({config.method})",
                                               grid_steps=config.num_steps)
             rows += student_rows
             out["scores"] = rows

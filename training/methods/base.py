@@ -77,6 +77,7 @@ class Method:
     name = ""
     needs_data = False
     uses_r = False  # the student takes a second time r (flow maps)
+    any_step_count = False  # trained at every time (flow maps, sCM): scored and recommended at 1, 2, 4 and 8 steps
     scheduler_class = "ConsistencyScheduler"  # how students of this method sample (a class of onestep_pipelines.schedulers)
     timestep_preset = "trailing"
     adam_betas = (0.0, 0.99)  # the student's AdamW betas (DMD2's choice; regression objectives use momentum)

@@ -59,10 +59,17 @@ def f_divergence_weights(logits: torch.Tensor, divergence: str, clip: float = 10
 
 class DMD2(Method):
     name = "dmd2"
+    fake_in_generator_graph = False  # the generator loss differentiates through the fake score's input (SiD)
 
     def __init__(self, teacher, student, scheduler, config):
         super().__init__(teacher, student, scheduler, config)
         self.needs_data = config.gan_weight > 0
+        self.build_fake_score()
+
+    def build_fake_score(self) -> None:
+        """The fake score (a trainable float32 copy of the teacher, or a LoRA on it) and the optional GAN head; their
+        optimizer is made by :meth:`build_optimizers`. Also used by other methods' score regularisers (sCM's rCM)."""
+        config, teacher = self.config, self.teacher
         self.fake = copy.deepcopy(teacher.model).train()
         if config.fake_lora_rank:  # a LoRA on the frozen teacher (kept in the training precision)
             self.fake.requires_grad_(False)
@@ -148,8 +155,6 @@ class DMD2(Method):
     def fake_prediction(self, x_t, t, conditions):
         """The fake score's x0 at ``(x_t, t)`` (plain; SiD's LSG option guides it)."""
         return self.teacher.predict(self.fake, x_t, t, conditions)[0]
-
-    fake_in_generator_graph = False  # the generator loss differentiates through the fake score's input (SiD)
 
     def generator_losses(self, x, x_t, t, conditions) -> tuple[torch.Tensor, dict]:
         """The DMD loss (and the GAN head's, weighted by ``--gan-weight``) of the student sample ``x`` noised to

@@ -7,7 +7,9 @@ The student ``u(z_t, r, t)`` predicts the average velocity over ``[r, t]`` (time
 ``v_w = w v + (1 - w) v_uncond`` (the unconditional velocity of the same source), baked into the student.
 
 - ``--target jvp`` (MeanFlow eq. 8): ``u_tgt = v - (t - r) du/dt`` with ``du/dt`` the total derivative along the
-  path, one forward-mode JVP of ``u`` in the direction ``(v, 0, 1)`` (``torch.func.jvp``, under the math SDPA kernel).
+  path: a forward-mode JVP of ``u`` in ``z`` (direction ``v``; ``torch.func.jvp``, under the math SDPA kernel) and, in
+  ``t``, a central difference over ``--tangent-time-step`` (0 = the JVP in ``(v, 0, 1)``, exact but dominated by the
+  wiggles of the ``1000 t`` time embedding; see :mod:`.scm`).
 - ``--target split`` (SplitMeanFlow): with ``s = (t + r) / 2`` and ``z_s = z_t - (t - s) u(z_t, s, t)``,
   ``u_tgt = ((t - s) u(z_t, s, t) + (s - r) u(z_s, r, s)) / (t - r)``, both from the EMA network (no JVP).
 
@@ -33,6 +35,7 @@ class MeanFlow(Method):
     name = "meanflow"
     needs_data = True
     uses_r = True
+    any_step_count = True
     scheduler_class = "FlowMapScheduler"
     adam_betas = (0.9, 0.99)
 
@@ -66,6 +69,15 @@ class MeanFlow(Method):
                 f"use --target {METHODS[self.name].targets[0]} (no JVP)."
             ) from None
 
+    def time_difference(self, z, r, t, h, conditions) -> torch.Tensor:
+        """``du/dt`` of the student as a central difference over ``h`` (kept inside ``[r, 1]``): the time part of the
+        JVP target when ``--tangent-time-step`` is set, which averages out the wiggles of a ``1000 t`` time embedding
+        (sCM's lesson; see :mod:`.scm`)."""
+        with torch.no_grad():
+            hi, lo = (t + h).clamp(max=1.0), torch.maximum(t - h, r)
+            step = (hi - lo).clamp_min(1e-6).view(-1, 1, 1, 1)
+            return (self.u(self.student, z, r, hi, conditions) - self.u(self.student, z, r, lo, conditions)) / step
+
     def sample_pairs(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """Times ``t`` (logit-normal, a fraction at 1) and ``r`` (uniform in ``[0, t]``, a fraction at 0, a fraction
         equal to ``t``), one pair per sample."""
@@ -83,7 +95,10 @@ class MeanFlow(Method):
         with torch.no_grad():
             v = self._velocity(z, t, x, e, conditions)
         if self.target == "jvp":
-            pred, dudt = self.jvp(self.student, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), conditions)
+            h = self.config.tangent_time_step
+            pred, dudt = self.jvp(self.student, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t) if h == 0 else torch.zeros_like(t)), conditions)
+            if h > 0:
+                dudt = dudt + self.time_difference(z, r, t, h, conditions)
             return pred, (v - (tt - rr) * dudt).detach()
         with torch.no_grad():
             s = (t + r) / 2
