@@ -41,3 +41,22 @@ def tiny_teacher(tmp_path_factory):
         torch.nn.init.normal_(p, std=0.05)
     DigitsPipeline(model, FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def stock_teachers(tmp_path_factory):
+    """Tiny random SD / SDXL / SD3 / Flux pipeline folders and a folder of captioned images with a prompt list."""
+    from onestep_pipelines.testing import tiny_pipeline
+
+    folders = {}
+    for arch in ("sd", "sdxl", "sd3", "flux"):
+        folders[arch] = str(tmp_path_factory.mktemp(arch))
+        tiny_pipeline(arch).save_pretrained(folders[arch])
+    data = tmp_path_factory.mktemp("images")
+    from PIL import Image
+
+    for i, caption in enumerate(["a red square", "a blue circle"]):
+        Image.new("RGB", (40, 40), ("red", "blue")[i]).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    (data / "prompts.txt").write_text("a cat\na dog\n\n")
+    return folders, str(data)

@@ -1,7 +1,6 @@
 """The embedded digits benchmark: two-time model, DigitsPipeline, FD-digits metric and harness."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from onestep_pipelines import ConsistencyScheduler, FlowMapScheduler, TDMSchedul
 from onestep_pipelines.benchmark.digits import (
     DigitsMetric,
     frechet_distance,
-    gaussian_stats,
     parse_class_labels,
     real_halves,
 )

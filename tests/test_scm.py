@@ -15,7 +15,7 @@ from onestep_pipelines.schedulers import ConsistencyScheduler
 from onestep_pipelines.training.methods.scm import SCM, scm_tangent
 from onestep_pipelines.training.trainer import DistillConfig, distill
 
-from test_training import stock_teachers, student_weights, tiny  # noqa: F401 (a fixture)
+from test_training import student_weights, tiny
 
 
 def _method(tiny_teacher, **overrides):

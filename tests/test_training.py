@@ -187,24 +187,6 @@ def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tmp_path):
     assert (out / "checkpoints" / "step-3").is_dir() and (out / "student" / "model_index.json").is_file()
 
 
-@pytest.fixture(scope="module")
-def stock_teachers(tmp_path_factory):
-    from onestep_pipelines.testing import tiny_pipeline
-
-    folders = {}
-    for arch in ("sd", "sdxl", "sd3", "flux"):
-        folders[arch] = str(tmp_path_factory.mktemp(arch))
-        tiny_pipeline(arch).save_pretrained(folders[arch])
-    data = tmp_path_factory.mktemp("images")
-    from PIL import Image
-
-    for i, caption in enumerate(["a red square", "a blue circle"]):
-        Image.new("RGB", (40, 40), ("red", "blue")[i]).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(caption)
-    (data / "prompts.txt").write_text("a cat\na dog\n\n")
-    return folders, str(data)
-
-
 @pytest.mark.parametrize("arch", ["sd", "sdxl", "sd3", "flux"])
 @pytest.mark.parametrize("method", ["dmd2", "consistency", "tdm"])
 def test_methods_on_tiny_stock_teachers_write_loadable_students(stock_teachers, tmp_path, arch, method):
