@@ -30,12 +30,17 @@ RECIPES = {  # name -> options (README's students table; every other option at i
     "tdm": {"method": "tdm", "num_steps": 4},
     "meanflow": {"method": "meanflow", "target_ema": 0.99, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
     "flowmap": {"method": "flowmap", "target_ema": 0.95, "ode_steps": 16, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
+    "sid": {"method": "sid", "num_steps": 1},
+    "scm": {"method": "scm", "learning_rate": 3e-5, "tangent_warmup": 500},
+    "meanflow (jvp)": {"method": "meanflow", "target": "jvp", "target_ema": 0.99, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
+    "flowmap (jvp)": {"method": "flowmap", "target": "jvp", "target_ema": 0.95, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
 }
 CALIBRATION_UPDATES = 12
 
 
 def _folder(name: str) -> str:
-    return name.split()[0]
+    """``"meanflow (jvp)"`` -> ``meanflow-jvp``, ``"consistency (PCM, 4 phases)"`` -> ``consistency``."""
+    return name.split()[0] + ("-jvp" if "(jvp)" in name else "")
 
 
 def _read(path: str) -> dict:

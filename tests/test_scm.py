@@ -123,3 +123,14 @@ def test_scm_refuses_vp_teachers_models_without_forward_ad_and_bad_options(tiny_
     method.student.out.register_forward_hook(lambda module, args, out: NoForwardAD.apply(out))
     with pytest.raises(ValueError, match="--method scm: DigitsTransformer2DModel cannot do forward-mode AD here"):
         method.tangent(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 1.0]), torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([1, 2])})
+
+
+def test_two_fsdp_processes_end_with_the_one_process_rcm_student(tiny_teacher, tmp_path):
+    """sCM's weighting network and rCM's fake score sharded over two processes; the same student as one process."""
+    from test_scaling import FSDP, argv, assert_same_student, workers
+
+    options = {"tangent_warmup": 2, "dmd_weight": 0.1}
+    distill(tiny(tiny_teacher, tmp_path / "one", max_train_steps=4, batch_size=8, method="scm", **options))
+    summary = workers(2, argv(tiny_teacher, tmp_path / "two", 4, 4, "--method", "scm", "--tangent-warmup", "2", "--dmd-weight", "0.1"), FSDP)
+    assert summary["engine"] == "fsdp" and summary["processes"] == 2
+    assert_same_student(tmp_path / "one", tmp_path / "two")

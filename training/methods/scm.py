@@ -3,7 +3,7 @@ Continuous-Time Consistency Models"; on flow teachers as in rCM, Zheng et al. 20
 
 TrigFlow with unit data scale: ``x_t = cos(t) x0 + sin(t) z``, ``t`` in ``[0, pi/2]``, PF-ODE velocity
 ``dx_t/dt = cos(t) z - sin(t) x0``. A flow network is a TrigFlow model exactly, at equal signal-to-noise ratio
-(:func:`~onestep_pipelines.sampling.flow_sigma_from_trigflow`): it sees ``x_t / (cos t + sin t)`` at flow time
+(:func:`~onestep_pipelines.sampling.flow_sigma_from_coefficients`): it sees ``x_t / (cos t + sin t)`` at flow time
 ``sigma = sin t / (sin t + cos t)``, and its ``(x0, z)`` prediction gives ``F(x_t, t) = cos(t) z_hat - sin(t) x0_hat``.
 The consistency function is ``f(x_t, t) = cos(t) x_t - sin(t) F = x0_hat``, so the student keeps the teacher's
 parametrisation and samples with :class:`ConsistencyScheduler` on the ``scm`` preset (sCM's TrigFlow times mapped to
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from onestep_pipelines.sampling import flow_sigma_from_trigflow, trigflow_t_from_coefficients
+from onestep_pipelines.sampling import flow_sigma_from_coefficients, trigflow_t_from_coefficients
 
 from .base import Method
 from .dmd2 import DMD2
@@ -104,9 +104,10 @@ class SCM(DMD2):
     # ------------------------------------------------------------------------------------------ TrigFlow view
     def trigflow(self, model, x_t, t, conditions, guidance_scale: float = 1.0) -> torch.Tensor:
         """``F(x_t, t)`` of a flow network seen as a TrigFlow model (unit data scale), differentiable in ``x_t`` and ``t``."""
-        cos, sin = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
-        x0, z = self.teacher.predict(model, x_t / (cos + sin), flow_sigma_from_trigflow(t), conditions, guidance_scale=guidance_scale)
-        return cos * z - sin * x0
+        cos, sin = torch.cos(t), torch.sin(t)
+        sigma, scale = flow_sigma_from_coefficients(cos, sin)  # x_flow = x_t / (cos t + sin t) at equal SNR
+        x0, z = self.teacher.predict(model, x_t * scale.view(-1, 1, 1, 1), sigma, conditions, guidance_scale=guidance_scale)
+        return cos.view(-1, 1, 1, 1) * z - sin.view(-1, 1, 1, 1) * x0
 
     def tangent(self, x_t, t, velocity, conditions) -> torch.Tensor:
         """``cos(t) sin(t) dF/dt`` of the student (weights detached) along the ODE ``(dx_t/dt, 1)``: the part in
@@ -166,7 +167,7 @@ class SCM(DMD2):
         if self.fake is not None:
             x = self._generate(conditions, rng)
             x_t, t, _ = self._noised(x, rng)
-            dmd, _ = DMD2.generator_losses(self, x, x_t, t, conditions)
+            dmd, _ = self.generator_losses(x, x_t, t, conditions)  # DMD2's (no GAN head here)
             losses["dmd"] = dmd
             total = total + self.config.dmd_weight * dmd
         self.update(total, self.optimizer, self.name)
