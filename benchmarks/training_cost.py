@@ -1,6 +1,6 @@
 """Wall time per update and peak memory of the trainer's methods on the digits teacher, each in a fresh process
-(prints a table; not a timed test). The main use: the JVP targets of MeanFlow and flow-map distillation against
-their JVP-free counterparts.
+(prints a table; not a timed test). The main use: the JVP targets of MeanFlow, flow-map distillation and sCM against
+their JVP-free counterparts (and the exact JVP against the time-smoothed one).
 
     python benchmarks/training_cost.py --updates 40 --batch-size 128
 
@@ -20,11 +20,17 @@ import tempfile
 
 RUNS = [
     ("meanflow", "split", []),
-    ("meanflow", "jvp", []),
+    ("meanflow", "jvp", []),  # JVP in z, central difference in t (--tangent-time-step 0.01, the default)
+    ("meanflow", "jvp", ["--tangent-time-step", "0"]),  # the exact JVP in (z, t)
     ("flowmap", "euler", []),  # the default --jump-fraction 0.5
     ("flowmap", "euler", ["--jump-fraction", "0"]),  # one teacher Euler step per target
     ("flowmap", "jvp", []),
+    ("flowmap", "jvp", ["--tangent-time-step", "0"]),
+    ("scm", "", []),
+    ("scm", "", ["--tangent-time-step", "0"]),
+    ("scm", "", ["--dmd-weight", "0.1"]),  # rCM
     ("dmd2", "", []),
+    ("sid", "", []),
     ("consistency", "", []),
 ]
 

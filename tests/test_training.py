@@ -249,6 +249,8 @@ def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub, fresh
     {"method": "meanflow", "target": "jvp", "num_steps": 2, "lora_rank": 2, "source": "data", "guidance_scale": 1.5},
     {"method": "flowmap"},
     {"method": "flowmap", "target": "jvp", "num_steps": 4, "lora_rank": 2, "guidance_scale": 1.5},
+    {"method": "meanflow", "target": "shortcut", "source": "data"},
+    {"method": "flowmap", "target": "shortcut", "num_steps": 2},
 ])
 def test_flow_map_methods_write_r_conditioned_students(tiny_teacher, tmp_path, overrides):
     from onestep_pipelines.schedulers import FlowMapScheduler
@@ -316,7 +318,7 @@ def test_jvp_target_with_a_time_step_takes_the_time_derivative_by_central_differ
     torch.testing.assert_close(pred, method.u(student, z, r, t, cond))
 
 
-@pytest.mark.parametrize("target,jump_fraction", [("jvp", 0.0), ("euler", 0.0), ("euler", 0.5)])
+@pytest.mark.parametrize("target,jump_fraction", [("jvp", 0.0), ("euler", 0.0), ("euler", 0.5), ("shortcut", 0.0)])
 def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
     """For the linear ODE dz/dt = a z the exact flow map is X(z, t, r) = z exp(a (r - t)); a student equal to it
     must be its own target (Eulerian, exactly, with the JVP; Lagrangian, to O(1/ode_steps), with the Euler step)."""
@@ -334,10 +336,31 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
     z = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     t, r = torch.tensor([1.0, 0.9, 0.5, 0.3], dtype=torch.float64), torch.tensor([0.0, 0.4, 0.49, 0.3], dtype=torch.float64)
     pred, target_u = method.prediction_and_target(z, r, t, None, None, {})
-    torch.testing.assert_close(target_u[:3], pred[:3], rtol=1e-8 if target == "jvp" else 1e-2, atol=0)
+    torch.testing.assert_close(target_u[:3], pred[:3], rtol=1e-8 if target in ("jvp", "shortcut") else 1e-2, atol=0)
     torch.testing.assert_close(target_u[3], a * z[3])  # r = t: the teacher's velocity
-    method.teacher_velocity = lambda z, t, cond: -a * z  # the wrong ODE is not a fixed point
-    assert not torch.allclose(method.prediction_and_target(z, r, t, None, None, {})[1][:2], pred[:2], rtol=1e-2)
+    method.teacher_velocity = lambda z, t, cond: -a * z  # the wrong ODE is not a fixed point (shortcut: self-consistency
+    wrong = method.prediction_and_target(z, r, t, None, None, {})[1]  # for t > r; the teacher enters at r = t)
+    assert not torch.allclose(wrong[3:] if target == "shortcut" else wrong[:2], pred[3:] if target == "shortcut" else pred[:2], rtol=1e-2)
+
+
+def test_shortcut_pairs_are_dyadic_steps_on_their_grid(tiny_teacher):
+
+    from onestep_pipelines.training.draws import Draws
+    from onestep_pipelines.training.methods.meanflow import MeanFlow
+
+    method = MeanFlow.__new__(MeanFlow)
+    method.target, method.config = "shortcut", tiny(tiny_teacher, "unused", method="meanflow", target="shortcut", ode_steps=48, equal_fraction=0.25)
+    t, r = method.sample_pairs(Draws(0, 0, 0, 4096, "cpu"))
+    d = t - r
+    equal = d == 0
+    assert abs(float(equal.float().mean()) - 0.25) < 0.03  # flow matching
+    steps = d[~equal]
+    k = -torch.log2(steps)
+    torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-5)  # d = 2^-k
+    assert set(k.round().int().tolist()) == {0, 1, 2, 3, 4, 5}  # down to 1/32 <= 1/48 rounded to a power of 2
+    cells = t[~equal] / steps
+    torch.testing.assert_close(cells, cells.round(), rtol=0, atol=1e-4)  # t on the grid of multiples of d
+    assert float(r[~equal].min()) >= 0 and float(t.max()) <= 1
 
 
 def test_flow_map_methods_refuse_vp_teachers_and_bad_options(stock_teachers, tmp_path, tiny_teacher):

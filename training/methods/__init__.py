@@ -46,11 +46,12 @@ METHODS: dict[str, MethodSpec] = {
     "scm": MethodSpec("scm", "SCM", "continuous-time consistency in TrigFlow (sCM): JVP tangent, normalised and warmed up, learned weighting",
                       flow_teacher=True, papers=(("Lu & Song 2024, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "2410.11081"),
                                                  ("Zheng et al. 2025, Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", "2510.08431"))),
-    "meanflow": MethodSpec("meanflow", "MeanFlow", "MeanFlow average velocities (SplitMeanFlow or JVP target); any step count",
-                           targets=("split", "jvp"), sources=("teacher", "data"), flow_teacher=True,
-                           papers=(("Geng et al. 2025, Mean Flows for One-step Generative Modeling", "2505.13447"),)),
+    "meanflow": MethodSpec("meanflow", "MeanFlow", "MeanFlow average velocities (SplitMeanFlow, JVP or shortcut target); any step count",
+                           targets=("split", "jvp", "shortcut"), sources=("teacher", "data"), flow_teacher=True,
+                           papers=(("Geng et al. 2025, Mean Flows for One-step Generative Modeling", "2505.13447"),
+                                   ("Frans et al. 2024, One Step Diffusion via Shortcut Models (--target shortcut)", "2410.12557"))),
     "flowmap": MethodSpec("flowmap", "FlowMap", "flow-map distillation (Align Your Flow); any step count",
-                          targets=("euler", "jvp"), sources=("teacher",), flow_teacher=True,
+                          targets=("euler", "jvp", "shortcut"), sources=("teacher",), flow_teacher=True,
                           papers=(("Sabour et al. 2025, Align Your Flow: Scaling Continuous-Time Flow Map Distillation", "2506.14603"),)),
 }
 

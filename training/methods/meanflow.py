@@ -10,6 +10,9 @@ The student ``u(z_t, r, t)`` predicts the average velocity over ``[r, t]`` (time
   path: a forward-mode JVP of ``u`` in ``z`` (direction ``v``; ``torch.func.jvp``, under the math SDPA kernel) and, in
   ``t``, a central difference over ``--tangent-time-step`` (0 = the JVP in ``(v, 0, 1)``, exact but dominated by the
   wiggles of the ``1000 t`` time embedding; see :mod:`.scm`).
+- ``--target shortcut`` (Frans et al. 2024, "One Step Diffusion via Shortcut Models"): the split target below on
+  dyadic pairs (``t - r = 2^-k`` on the grid of its multiples): two half jumps of the EMA student make one full jump,
+  and ``r = t`` is flow matching; from the teacher's velocity or, with ``--source data``, from data alone.
 - ``--target split`` (SplitMeanFlow): with ``s = (t + r) / 2`` and ``z_s = z_t - (t - s) u(z_t, s, t)``,
   ``u_tgt = ((t - s) u(z_t, s, t) + (s - r) u(z_s, r, s)) / (t - r)``, both from the EMA network (no JVP).
 
@@ -80,14 +83,29 @@ class MeanFlow(Method):
 
     def sample_pairs(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """Times ``t`` (logit-normal, a fraction at 1) and ``r`` (uniform in ``[0, t]``, a fraction at 0, a fraction
-        equal to ``t``), one pair per sample."""
+        equal to ``t``), one pair per sample; shortcut models' dyadic pairs with ``--target shortcut``."""
         cfg = self.config
+        if self.target == "shortcut":
+            return self.shortcut_pairs(rng)
         t = torch.sigmoid(rng.normal() * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
         t = torch.where(rng.uniform() < cfg.endpoint_fraction, 1.0, t)  # start at pure noise
         r = t * rng.uniform()
         r = torch.where(rng.uniform() < cfg.endpoint_fraction, 0.0, r)  # jump to data
         r = torch.where(rng.uniform() < cfg.equal_fraction, t, r)
         return t, r
+
+    def shortcut_pairs(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shortcut models' pairs (Frans et al. 2024): a step ``d = 2^-k`` (``k`` uniform in ``0 .. log2 ode_steps``),
+        ``t`` uniform on the grid of multiples of ``d`` and ``r = t - d``, so the split target is two half jumps; a
+        fraction ``--equal-fraction`` has ``d = 0`` (flow matching at a logit-normal ``t``)."""
+        cfg = self.config
+        levels = max(1, cfg.ode_steps).bit_length()  # k = 0 .. floor(log2 ode_steps)
+        cells = 2.0 ** rng.integers(levels).float()  # 1 / d
+        t = (torch.floor(rng.uniform() * cells) + 1) / cells
+        r = t - 1 / cells
+        matching = rng.uniform() < cfg.equal_fraction
+        t_fm = torch.sigmoid(rng.normal() * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
+        return torch.where(matching, t_fm, t), torch.where(matching, t_fm, r)
 
     def prediction_and_target(self, z, r, t, x, e, conditions):
         """The student's ``u(z_t, r, t)`` (with gradient) and its regression target (without) at ``z_t = (1 - t) x + t e``."""
