@@ -344,7 +344,6 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
 
 
 def test_shortcut_pairs_are_dyadic_steps_on_their_grid(tiny_teacher):
-
     from onestep_pipelines.training.draws import Draws
     from onestep_pipelines.training.methods.meanflow import MeanFlow
 
