@@ -34,6 +34,7 @@ RECIPES = {  # name -> options (README's students table; every other option at i
     "scm": {"method": "scm", "learning_rate": 3e-5, "tangent_warmup": 500},
     "meanflow (jvp)": {"method": "meanflow", "target": "jvp", "target_ema": 0.99, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
     "flowmap (jvp)": {"method": "flowmap", "target": "jvp", "target_ema": 0.95, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
+    "shortcut": {"method": "meanflow", "target": "shortcut", "target_ema": 0.99, "learning_rate": 2e-4},
 }
 CALIBRATION_UPDATES = 12
 
