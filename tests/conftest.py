@@ -60,3 +60,20 @@ def stock_teachers(tmp_path_factory):
         (data / f"{i}.txt").write_text(caption)
     (data / "prompts.txt").write_text("a cat\na dog\n\n")
     return folders, str(data)
+
+
+@pytest.fixture
+def without_forward_ad():
+    """``without_forward_ad(module)``: the module's output goes through an op with a backward but no forward-mode rule,
+    so ``torch.func.jvp`` cannot pass it (a model without forward-mode AD)."""
+
+    class NoForwardAD(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    return lambda module: module.register_forward_hook(lambda m, args, out: NoForwardAD.apply(out))

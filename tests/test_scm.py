@@ -98,7 +98,7 @@ def test_scm_resumes_exactly(tiny_teacher, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_scm_refuses_vp_teachers_models_without_forward_ad_and_bad_options(tiny_teacher, stock_teachers, tmp_path):
+def test_scm_refuses_vp_teachers_models_without_forward_ad_and_bad_options(tiny_teacher, stock_teachers, tmp_path, without_forward_ad):
     folders, data = stock_teachers
     with pytest.raises(ValueError, match="--method scm needs a flow teacher.*is a VP"):
         distill(DistillConfig(method="scm", teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / "vp"), max_train_steps=1, batch_size=2, evaluate=False))
@@ -110,17 +110,8 @@ def test_scm_refuses_vp_teachers_models_without_forward_ad_and_bad_options(tiny_
         with pytest.raises(ValueError, match=message):
             tiny(tiny_teacher, tmp_path / "bad", **({"method": "scm"} | option))
 
-    class NoForwardAD(torch.autograd.Function):  # an op with a backward but no forward-mode rule
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * 2
-
     method = _method(tiny_teacher)
-    method.student.out.register_forward_hook(lambda module, args, out: NoForwardAD.apply(out))
+    without_forward_ad(method.student.out)
     with pytest.raises(ValueError, match="--method scm: DigitsTransformer2DModel cannot do forward-mode AD here"):
         method.tangent(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 1.0]), torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([1, 2])})
 

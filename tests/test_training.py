@@ -396,7 +396,7 @@ def test_flow_map_methods_on_tiny_flow_teachers_write_two_time_students(stock_te
         assert os.path.isfile(tmp_path / "run" / "lora" / "r_embedder.safetensors")
 
 
-def test_flow_map_methods_refuse_students_without_r_and_models_without_forward_ad(tiny_teacher, stock_teachers):
+def test_flow_map_methods_refuse_students_without_r_and_models_without_forward_ad(tiny_teacher, stock_teachers, without_forward_ad):
     from types import SimpleNamespace
 
     from onestep_pipelines.training.methods.flowmap import FlowMap
@@ -408,20 +408,11 @@ def test_flow_map_methods_refuse_students_without_r_and_models_without_forward_a
     with pytest.raises(ValueError, match="flowmap trains a flow map.*SD3Transformer2DModel does not"):
         FlowMap(teacher, teacher.model, FlowMapScheduler(), config)
 
-    class NoForwardAD(torch.autograd.Function):  # an op with a backward but no forward-mode rule
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * 2
-
     digits = load_teacher(tiny_teacher)
     student = DigitsTransformer2DModel.from_config(digits.model.config)
     method = FlowMap(digits, student, FlowMapScheduler(), tiny(tiny_teacher, "unused", method="flowmap", target="jvp"))
     method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
-    student.out.register_forward_hook(lambda module, args, out: NoForwardAD.apply(out))
+    without_forward_ad(student.out)
     z, t, r = torch.randn(2, 1, 8, 8), torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.2])
     with pytest.raises(ValueError, match="--target jvp: DigitsTransformer2DModel cannot do forward-mode AD here.*use --target euler"):
         method.jvp(student, (z, r, t), (torch.zeros_like(z), torch.ones_like(r), torch.zeros_like(t)), {"class_labels": torch.tensor([1, 2])})
