@@ -125,3 +125,12 @@ def test_two_fsdp_processes_end_with_the_one_process_rcm_student(tiny_teacher, t
     summary = workers(2, argv(tiny_teacher, tmp_path / "two", 4, 4, "--method", "scm", "--tangent-warmup", "2", "--dmd-weight", "0.1"), FSDP)
     assert summary["engine"] == "fsdp" and summary["processes"] == 2
     assert_same_student(tmp_path / "one", tmp_path / "two")
+
+
+def test_scm_on_a_tiny_sd3_teacher_writes_a_student_on_the_scm_preset(stock_teachers, tmp_path):
+    folders, data = stock_teachers
+    result = distill(DistillConfig(method="scm", teacher=folders["sd3"], data=data, resolution=32, num_steps=2, output_dir=str(tmp_path / "run"),
+                                   max_train_steps=2, batch_size=2, evaluate=False, preview_every=0, lora_rank=4, dmd_weight=0.1, fake_lora_rank=4))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.student.method == "scm" and pipe.scheduler.config.timestep_preset == "scm" and pipe.scheduler.config.time_type == "flow"
+    assert torch.isfinite(pipe(prompt="a cat", height=32, width=32, output_type="latent", max_sequence_length=16).images).all()

@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from onestep_pipelines.schedulers import ConsistencyScheduler
 from onestep_pipelines.training.methods.base import FiniteGuard
 from onestep_pipelines.training.methods.sid import SiD, sid_generator_loss
-from onestep_pipelines.training.trainer import distill
+from onestep_pipelines.training.trainer import DistillConfig, distill
 
 from test_scaling import FSDP, argv, assert_same_student, workers
 from test_training import student_weights, tiny
@@ -126,3 +126,15 @@ def test_two_fsdp_processes_end_with_the_one_process_sid_student(tiny_teacher, t
     summary = workers(2, argv(tiny_teacher, tmp_path / "two", 4, 4, "--method", "sid", "--lsg-scale", "1.5"), FSDP)
     assert summary["engine"] == "fsdp" and summary["processes"] == 2
     assert_same_student(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("arch", ["sd", "flux"])
+def test_sid_on_tiny_text_to_image_teachers(stock_teachers, tmp_path, arch):
+    folders, data = stock_teachers
+    result = distill(DistillConfig(method="sid", teacher=folders[arch], prompts=os.path.join(data, "prompts.txt"), resolution=32, num_steps=2,
+                                   output_dir=str(tmp_path / "run"), max_train_steps=2, batch_size=2, evaluate=False, preview_every=0,
+                                   lora_rank=4, fake_lora_rank=4, lsg_scale=1.5))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.student.method == "sid" and pipe.student.architecture == arch
+    extra = {"max_sequence_length": 16} if arch == "flux" else {}
+    assert torch.isfinite(pipe(prompt="a cat", height=32, width=32, output_type="latent", **extra).images).all()
