@@ -2,7 +2,7 @@
 student is scored at 1, 2, 4 and 8 steps (FD-digits and class accuracy, 898 samples from fixed seeds).
 
     python benchmarks/leaderboard.py                 # 15 minutes of training per method
-    python benchmarks/leaderboard.py --quick         # 3 minutes per method: under 20 minutes in all on 2 cores
+    python benchmarks/leaderboard.py --quick         # 1 minute per method: under 20 minutes in all on 2 cores
     python benchmarks/leaderboard.py --minutes 30    # any budget per method
 
 Equal compute means equal wall time on the machine that runs it: each method's seconds per update are measured first
@@ -37,6 +37,7 @@ RECIPES = {  # name -> options (README's students table; every other option at i
     "shortcut": {"method": "meanflow", "target": "shortcut", "target_ema": 0.99, "learning_rate": 2e-4},
 }
 CALIBRATION_UPDATES = 12
+QUICK_MINUTES = 1.0  # x 11 methods, plus calibration and scoring (about 40 s per method): under 20 minutes on 2 cores
 
 
 def _folder(name: str) -> str:
@@ -115,7 +116,8 @@ def teacher_scores(device: str, teacher: str) -> dict:
     return {str(r["NFE"]): {"fd": r["FD-digits"], "acc": r["accuracy"]} for r in rows}
 
 
-def table(results: dict) -> str:
+def table(results: dict, plan: dict) -> str:
+    """The markdown table; ``s / update`` is the calibrated cost the update counts come from (``plan``)."""
     teacher = results["teacher"]
     head = ["method", "updates", "s / update"] + [f"FD {n} step{'s' * (n > 1)}" for n in NFE] + ["accuracy (trained steps)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -123,7 +125,7 @@ def table(results: dict) -> str:
     for name, entry in results["methods"].items():
         trained = str(entry["recipe"].get("num_steps", 1))
         cells = [f"{entry['scores'][str(n)]['fd']:.2f}" for n in NFE]
-        lines.append(f"| {name} | {entry['updates']} | {entry['seconds_per_update']:.3f} | " + " | ".join(cells) +
+        lines.append(f"| {name} | {entry['updates']} | {plan[name]['seconds_per_update']:.3f} | " + " | ".join(cells) +
                      f" | {entry['scores'][trained]['acc']:.3f} ({trained}) |")
     return "\n".join(lines)
 
@@ -136,18 +138,19 @@ def plot(results: dict, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(NFE, [results["teacher"][str(n)]["fd"] for n in NFE], "o--", color="grey", label="teacher (Euler)")
-    for name, entry in results["methods"].items():
-        ax.plot(NFE, [entry["scores"][str(n)]["fd"] for n in NFE], "s-", label=name)
-    ax.axhline(results["teacher"]["32"]["fd"], color="grey", ls=":", label="teacher, 32 steps")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    ax.plot(NFE, [results["teacher"][str(n)]["fd"] for n in NFE], "o--", color="black", label="teacher (Euler)")
+    colours = plt.cm.tab20.colors
+    for i, (name, entry) in enumerate(results["methods"].items()):
+        ax.plot(NFE, [entry["scores"][str(n)]["fd"] for n in NFE], "s-" if i < 10 else "^-", color=colours[(2 * i) % 20 + (i >= 10)], label=name)
+    ax.axhline(results["teacher"]["32"]["fd"], color="black", ls=":", label="teacher, 32 steps")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(NFE, [str(n) for n in NFE])
     ax.set_xlabel("NFE (student steps)")
     ax.set_ylabel("FD-digits")
     ax.set_title(f"{results['minutes']:g} min of training per method")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -158,12 +161,12 @@ def plot(results: dict, path: str) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="training wall time per method")
-    parser.add_argument("--quick", action="store_true", help="3 minutes per method")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_MINUTES:g} minute per method (under 20 minutes in all on 2 CPU cores)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/leaderboard[-quick])")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu"))
     parser.add_argument("--teacher", default="digits", help="the shipped digits teacher, or another digits teacher folder")
     args = parser.parse_args(argv)
-    minutes = 3.0 if args.quick else args.minutes
+    minutes = QUICK_MINUTES if args.quick else args.minutes
     if minutes <= 0:
         parser.error("--minutes must be positive")
     out = args.out or RESULTS + ("-quick" if args.quick else "")
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    text = table(results)
+    text = table(results, steps)
     with open(os.path.join(out, "leaderboard.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     drawn = plot(results, os.path.join(out, "leaderboard.png"))
