@@ -154,6 +154,20 @@ def test_resume_refuses_a_checkpoint_of_another_run(tiny_teacher, tmp_path):
         distill(tiny(tiny_teacher, tmp_path / "dmd2", max_train_steps=3, resume=str(tmp_path / "other" / "checkpoints" / "step-2")))
 
 
+def test_a_run_older_than_an_option_resumes_with_its_default(tiny_teacher, tmp_path):
+    """run.json and a checkpoint written before --dmd-weight existed: the option counts as its default (0) in both
+    checks, which still compare every other option."""
+    out = tmp_path / "run"
+    distill(tiny(tiny_teacher, out, max_train_steps=2))
+    for path in (out / "run.json", out / "checkpoints" / "step-2" / "trainer_state.json"):
+        state = json.loads(path.read_text())
+        (state.get("options") or state).pop("dmd_weight")
+        path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="--seed 0 -> 1"):
+        tiny(tiny_teacher, out, max_train_steps=3, seed=1, resume="latest").check_paths(teacher=False)
+    assert distill(tiny(tiny_teacher, out, max_train_steps=3, resume="latest"))["this_part"]["resumed_from"] == 2
+
+
 def test_config_file_with_flags_on_top(tiny_teacher, tmp_path):
     (tmp_path / "run.yaml").write_text(f"teacher: {tiny_teacher}\nmethod: consistency\nnum-steps: 2\nbatch_size: 8\nlearning_rate: 1e-3\n"
                                        "max_train_steps: 2\nevaluate: false\npreview_every: 0\n")

@@ -154,6 +154,15 @@ class DistillConfig:
                 "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
         return {k: getattr(self, k) for k in keep}
 
+    def changed_options(self, previous: dict) -> dict[str, tuple]:
+        """``{name: (previous value, this value)}`` of the :meth:`comparable` options that differ from a run's
+        ``previous`` ones (its ``run.json`` or a checkpoint's state). An option the run predates counts as its default;
+        the batch per process is left out (it may change with the number of processes: the trainer checks the global
+        batch)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: (previous.get(k, defaults[k]), v) for k, v in self.comparable().items()
+                if k != "batch_size" and previous.get(k, defaults[k]) != v}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -201,10 +210,7 @@ class DistillConfig:
             previous = _read_json(run_file, "--output-dir")
             if not self.resume:
                 raise ValueError(f"--output-dir {out} holds another run; pass --resume latest to continue it, or choose a new --output-dir.")
-            # (the batch per process may change with the number of processes: the trainer checks the global batch)
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}  # (options newer than the run: their defaults)
-            diff = ", ".join(f"{flag(k)} {previous.get(k, defaults[k])!r} -> {v!r}" for k, v in self.comparable().items()
-                             if previous.get(k, defaults[k]) != v and k != "batch_size")
+            diff = ", ".join(f"{flag(k)} {theirs!r} -> {ours!r}" for k, (theirs, ours) in self.changed_options(previous).items())
             if diff:
                 raise ValueError(f"--resume: the run in {out} was started with other options ({diff}).")
             if self.resume != "latest" and not os.path.isfile(os.path.join(self.resume, "trainer_state.json")):

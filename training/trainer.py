@@ -447,11 +447,11 @@ def _resume_point(config, processes: int) -> tuple[str, dict] | None:
         raise ValueError(f"--resume {config.resume}: no checkpoint found in {ckpt_dir}.")
     path = found[-1]
     saved = checkpoint.read_state(path)
-    theirs, ours = dict(saved.get("options") or {}), config.comparable()
-    their_batch, our_batch = theirs.pop("batch_size", None), ours.pop("batch_size")
-    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    theirs = saved.get("options") or {}
+    their_batch, our_batch = theirs.get("batch_size"), config.batch_size
+    differ = config.changed_options(theirs)
     if differ:
-        listed = ", ".join(f"{flag(k)} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ)
+        listed = ", ".join(f"{flag(k)} {old!r} (now {new!r})" for k, (old, new) in sorted(differ.items()))
         raise ValueError(f"--resume {path}: that checkpoint was made with other options: {listed}.")
     their_processes = saved.get("processes", 1)
     their_global = (their_batch or 0) * their_processes

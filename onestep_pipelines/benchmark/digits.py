@@ -130,6 +130,7 @@ class DigitsMetric:
             self.classifier.to(device)
         (self.images_a, self.labels_a), (self.images_b, self.labels_b) = real_halves()
         self.ref_stats = gaussian_stats(self.features(self.images_b))
+        self._copy_thresholds: dict[float, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -164,13 +165,13 @@ class DigitsMetric:
         may train on) is closer, in pixels, than the ``quantile`` of the distances from each real digit of half B to
         its nearest digit of half A. Real digits that copy nothing score about ``quantile`` (0.01); a generator that
         reproduces its training digits scores far more, whatever its FD."""
-        train = self.images_a.flatten(1).double()
+        if quantile not in self._copy_thresholds:  # (the real digits' distances: once per metric and quantile)
+            self._copy_thresholds[quantile] = torch.quantile(self._nearest_training_digit(self.images_b), quantile)
+        return float((self._nearest_training_digit(images) < self._copy_thresholds[quantile]).double().mean())
 
-        def nearest(x: torch.Tensor) -> torch.Tensor:
-            return torch.cdist(self._check(x).flatten(1).double().cpu(), train).min(dim=1).values
-
-        threshold = torch.quantile(nearest(self.images_b), quantile)
-        return float((nearest(images) < threshold).double().mean())
+    def _nearest_training_digit(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel distance from each image to its nearest digit of half A (float64, on the CPU)."""
+        return torch.cdist(self._check(images).flatten(1).double().cpu(), self.images_a.flatten(1).double()).min(dim=1).values
 
     def real_vs_real(self) -> Score:
         """The floor: real half A against real half B."""

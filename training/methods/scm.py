@@ -126,10 +126,10 @@ class SCM(DMD2):
                              f"here ({error}); sCM needs a JVP of the student.") from None
         if h == 0:
             return dF
+        lo, hi = (t - h).clamp(min=0.0), (t + h).clamp(max=math.pi / 2)
         with torch.no_grad():
-            ahead, behind = fn(x_t, (t + h).clamp(max=math.pi / 2)), fn(x_t, (t - h).clamp(min=0.0))
-            step = (t + h).clamp(max=math.pi / 2) - (t - h).clamp(min=0.0)
-        return dF + (cs / step).view(-1, 1, 1, 1) * (ahead - behind)
+            difference = fn(x_t, hi) - fn(x_t, lo)
+        return dF + (cs / (hi - lo)).view(-1, 1, 1, 1) * difference
 
     def sample_times(self, rng) -> torch.Tensor:
         """TrigFlow times with ``tan t`` log-normal (sCM's proposal): the flow sigma is logit-normal."""
