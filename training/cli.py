@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "scores" in result:
         print(_table(result["scores"]))
+    if "straightness" in result:
+        print("straightness of the 32-step Euler ODE (0 = straight): " + ", ".join(f"{k} {v:.4f}" for k, v in result["straightness"].items()))
     resumed = result["this_part"]["resumed_from"]
     part = f"; this part: {result['this_part']['steps']} from update {resumed} in {result['this_part']['seconds']:.0f} s" if resumed else ""
     print(f"student: {result['student_dir']}  ({result['steps']} updates in {result['seconds']:.0f} s{part})")

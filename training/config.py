@@ -56,10 +56,12 @@ class DistillConfig:
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)")
-    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of 2)")
-    loss: str = option("huber", "consistency: pseudo-Huber or squared L2 distance", LOSSES)
+    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of 2); reflow: Euler steps of the teacher ODE that makes the couplings")
+    loss: str = option("huber", "consistency, reflow: pseudo-Huber or squared L2 distance", LOSSES)
+    coupling_count: int = option(16384, "reflow: (noise, sample) couplings generated with the teacher's ODE")
+    coupling_dir: str = option("", "reflow: folder of the cached couplings (default: OUTPUT_DIR/couplings); reuse one across runs")
     target_ema: float = option(0.95, "consistency, meanflow, flowmap: EMA decay of the target network")
-    target: str = option("", "meanflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps)")
+    target: str = option("", "meanflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: flow (2-rectified flow, default) or distill (only the 1-step jump)")
     source: str = option("teacher", "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)")
     jump_fraction: float = option(0.5, "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps)")
     equal_fraction: float = option(0.25, "meanflow, flowmap: fraction of pairs with r = t")
@@ -69,6 +71,11 @@ class DistillConfig:
     dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")
     tangent_time_step: float = option(0.01, "scm, meanflow / flowmap --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
     tangent_warmup: int = option(200, "scm: updates over which the tangent term's weight rises from 0 to 1 (0 = none)")
+    student: str = option("", "reward: the student folder to post-train (OUTPUT_DIR/student of an earlier run; sampled with ConsistencyScheduler)")
+    reward: str = option("digits", "reward: digits (log p(class) under the shipped reward classifier), clip:FOLDER (CLIP score), or MODULE:NAME (a callable reward(images, conditions) -> scores)")
+    reward_weight: float = option(1.0, "reward: weight of the reward against the DMD regulariser")
+    regularizer: str = option("dmd", "reward: dmd (DMD2's reverse-KL gradient against the teacher, with a fake score) or none (reward hacking)", ("dmd", "none"))
+    reward_noise: float = option(0.05, "reward: std of the Gaussian policy around each sample for rewards without a gradient (policy-gradient surrogate)")
     lora_rank: int = option(0, "LoRA rank of the student; 0 trains all weights")
     lora_alpha: float = option(0.0, "LoRA alpha (0 = the rank)")
     lora_targets: str = option("", "comma-separated module names the LoRA adapts (default: attention projections)")
@@ -113,6 +120,9 @@ class DistillConfig:
             (self.tangent_warmup >= 0, "tangent_warmup", "must be 0 (none) or positive"),
             (self.dmd_weight >= 0, "dmd_weight", "must be 0 (off) or positive"),
             (0 <= self.tangent_time_step <= 0.2, "tangent_time_step", "must lie in [0, 0.2] (0 = exact JVP)"),
+            (self.coupling_count >= 1, "coupling_count", "must be at least 1"),
+            (self.reward_weight >= 0, "reward_weight", "must be 0 or positive"),
+            (self.reward_noise > 0, "reward_noise", "must be positive"),
             (self.lora_rank >= 0, "lora_rank", "must be 0 (train all weights) or positive"),
             (self.fake_lora_rank >= 0, "fake_lora_rank", "must be 0 (a full copy) or positive"),
             (self.lora_alpha >= 0, "lora_alpha", "must be 0 (the rank) or positive"),
@@ -145,13 +155,25 @@ class DistillConfig:
             raise ValueError(f"--dmd-weight applies to --method scm (rCM), not {self.method}.")
         if self.method == "scm" and (self.gan_weight or self.divergence != "reverse-kl"):
             raise ValueError("--method scm takes no GAN head: its score regulariser (--dmd-weight) is the reverse-KL DMD term.")
+        if self.method != "reflow" and (self.coupling_dir or self.coupling_count != 16384):
+            raise ValueError(f"--coupling-count and --coupling-dir apply to --method reflow, not {self.method}.")
+        reward_options = {"student": "", "reward": "digits", "reward_weight": 1.0, "regularizer": "dmd", "reward_noise": 0.05}
+        if self.method != "reward" and any(getattr(self, k) != v for k, v in reward_options.items()):
+            raise ValueError(f"--student, --reward, --reward-weight, --regularizer and --reward-noise apply to --method reward, not {self.method}.")
+        if self.method == "reward":
+            if not self.student:
+                raise ValueError("--method reward post-trains a student: pass --student FOLDER (OUTPUT_DIR/student of an earlier run).")
+            check_reward_spec(self.reward)
+            if self.regularizer == "none" and (self.gan_weight or self.divergence != "reverse-kl"):
+                raise ValueError("--regularizer none trains no fake score: --gan-weight and --divergence need --regularizer dmd.")
         if self.prompts and self.data:
             raise ValueError("pass --prompts FILE or --data FOLDER, not both.")
 
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
-                "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction")
+                "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
+                "student", "reward", "regularizer")
         return {k: getattr(self, k) for k in keep}
 
     def changed_options(self, previous: dict) -> dict[str, tuple]:
@@ -178,6 +200,10 @@ class DistillConfig:
         """Refuse, with the flag's name, anything on disk that would stop the run later (nothing is written);
         ``teacher=False`` when the teacher is given in memory (benchmarks)."""
         self._check_output_dir()
+        if self.student and not os.path.isfile(os.path.join(self.student, "model_index.json")):
+            raise ValueError(f"--student {self.student} is not a pipeline folder (no model_index.json); pass OUTPUT_DIR/student of an earlier run.")
+        if self.coupling_dir and os.path.exists(self.coupling_dir) and not os.path.isdir(self.coupling_dir):
+            raise ValueError(f"--coupling-dir {self.coupling_dir} is a file; pass a folder (new, or one of earlier couplings).")
         if not teacher:
             return
         self._check_teacher()
@@ -237,8 +263,25 @@ class DistillConfig:
             raise ValueError(f"--teacher {source!r} is neither 'digits', a pipeline folder, nor a Hub id 'org/name'.")
 
 
+REWARDS = ("digits", "clip:FOLDER", "MODULE:NAME")
+
+
+def check_reward_spec(spec: str) -> None:
+    """Refuse a malformed ``--reward`` before anything loads (the module is imported later)."""
+    if spec == "digits":
+        return
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise ValueError(f"--reward {spec!r} is not one of: {', '.join(REWARDS)}.")
+    if kind == "clip" and not os.path.isdir(rest):
+        raise ValueError(f"--reward {spec}: {rest} is not a folder (a transformers CLIP model folder).")
+
+
 def _is_vp_config(config: dict) -> bool:
-    """A stock scheduler config of a VP (DDPM-family) model: it has a beta schedule and is not TrigFlow."""
+    """A stock scheduler config of a VP (DDPM-family) model: it has a beta schedule and is not TrigFlow (our
+    schedulers name their ``time_type``)."""
+    if "time_type" in config:
+        return config["time_type"] == "vp"
     return any(k in config for k in ("beta_schedule", "trained_betas")) and config.get("prediction_type") != "trigflow"
 
 

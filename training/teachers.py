@@ -128,6 +128,20 @@ class Teacher:
             return {"class_labels": torch.full_like(conditions["class_labels"], self.model.config.num_classes)}
         return {"prompt_index": torch.full_like(conditions["prompt_index"], len(self.prompts))}
 
+    def reward_conditions(self, conditions: dict) -> dict:
+        """Conditions as reward plug-ins take them: ``class_labels`` (digits) or the ``prompts`` as strings."""
+        if self.architecture == "digits":
+            return {"class_labels": conditions["class_labels"]}
+        return {"prompts": [self.prompts[i] for i in conditions["prompt_index"].tolist()]}
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as pixels in ``[-1, 1]``, differentiably: the digits' own pixels, or latents through the VAE."""
+        if self.architecture == "digits":
+            return x
+        vae = self.pipeline.vae
+        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return vae.decode(latents.to(vae.dtype)).sample.float()
+
     # -------------------------------------------------------------------------------- predictions
     def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float = 1.0):
         """``(x0_hat, eps_hat)`` of ``model`` (the teacher or any copy of it) at ``(x_t, t)``; with

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from onestep_pipelines import schedulers
 from onestep_pipelines.benchmark.digits import DigitsMetric
-from onestep_pipelines.benchmark.evaluate import save_grid, score_digits
+from onestep_pipelines.benchmark.evaluate import save_grid, score_digits, trajectory_straightness
 from onestep_pipelines.metadata import StudentMetadata
 from onestep_pipelines.models import add_r_conditioning
 from onestep_pipelines import pipelines
@@ -114,6 +114,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     teacher.pipeline.to(device)
     student = copy.deepcopy(teacher.model).train()
+    scheduler = method_cls.start_from(teacher, student, config)  # reward post-training: a student's weights and sampler
     cast(teacher.model, weight_dtype)  # the frozen denoiser in the compute precision (as diffusers' training scripts do)
     if method_cls.uses_r:  # flow-map / MeanFlow students: the teacher plus a zero-initialised second-time embedding
         student = add_r_conditioning(student)
@@ -133,11 +134,11 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     # float32 (one dtype per sharded unit; autocast computes in the run's precision)
     for p in student.parameters():
         p.data = p.data.float() if (p.requires_grad or kind == "fsdp") else p.data.to(weight_dtype)
-    gamma = method_cls.sampler_gamma(config)
-    scheduler_cls = getattr(schedulers, method_cls.scheduler_class)
-    scheduler = scheduler_cls.from_config(
-        teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **({} if gamma is None else {"gamma": gamma})
-    )
+    if scheduler is None:
+        gamma = method_cls.sampler_gamma(config)
+        scheduler = getattr(schedulers, method_cls.scheduler_class).from_config(
+            teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **({} if gamma is None else {"gamma": gamma})
+        )
     method = method_cls(teacher, student, scheduler, config)
     method.accelerator = accelerator
     method.accumulation_steps = config.gradient_accumulation_steps
@@ -170,7 +171,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     method.optimizer = optimizer
     # (sharded like params under FSDP, where DTensors lack the fused _foreach_copy_ that EMAModel's foreach mode uses)
     ema = EMAModel(params, decay=config.ema_decay, foreach=kind != "fsdp") if config.ema_decay > 0 else None
-    data = data or make_data(teacher, config, device)
+    data = method.prepare(data or make_data(teacher, config, device))
     total, trainable = _count(accelerator.unwrap_model(student))
     aux = sum(_count(accelerator.unwrap_model(m))[1] for m, _ in method.checkpoint_modules().values())
     accelerator.print(
@@ -497,6 +498,9 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
                                               grid_steps=config.num_steps)
             rows += student_rows
             out["scores"] = rows
+            if method_cls.reports_straightness:  # reflow: how straight the ODE became (32 Euler steps, as the teacher's best)
+                out["straightness"] = {"teacher": trajectory_straightness(teacher.pipeline, guidance_scale=config.guidance_scale),
+                                       "student": trajectory_straightness(pipe)}
         if grid is not None:
             save_grid(grid, os.path.join(config.output_dir, "samples.png"))
         for folder, kind in ((student_dir, "full"), (out.get("lora_dir"), "lora")):

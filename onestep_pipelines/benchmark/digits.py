@@ -26,6 +26,7 @@ from torch import nn
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
 TEACHER_DIR = os.path.join(ASSETS, "teacher")
 CLASSIFIER_DIR = os.path.join(ASSETS, "classifier")
+REWARD_CLASSIFIER_DIR = os.path.join(ASSETS, "reward_classifier")
 DATA_FILE = os.path.join(ASSETS, "digits.npz")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEED = 0
@@ -87,6 +88,21 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+class DigitsRewardClassifier(ModelMixin, ConfigMixin):
+    """The reward model of reward post-training: an MLP on the 64 pixels, trained on half A of the digits only with
+    pixel noise, so that its log-probabilities vary smoothly with the image. It shares neither architecture, weights
+    nor training data with FD-digits' classifier: a student that maximises its reward is scored by a model it never
+    saw."""
+
+    @register_to_config
+    def __init__(self, width: int = 256, num_classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
 
 
 def _psd_sqrt(cov: np.ndarray) -> np.ndarray:

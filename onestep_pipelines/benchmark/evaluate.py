@@ -66,6 +66,29 @@ def sample_digits(
     return torch.cat(chunks), labels
 
 
+@torch.no_grad()
+def trajectory_straightness(pipe, num_steps: int = 32, num_samples: int = NUM_EVAL_SAMPLES, seed: int = EVAL_SEED, batch_size: int = 512, **call_kwargs) -> float:
+    """Straightness of a digits flow pipeline's ODE (Liu et al. 2022, "Flow Straight and Fast", eq. 9):
+    ``S = int_0^1 E || (x_1 - x_0) - v(x_t, t) ||^2 dt``, per pixel, on its ``num_steps``-step Euler trajectories from
+    noise ``x_1`` to sample ``x_0`` (each step's velocity is its displacement over its time step). 0 is a straight
+    path, which one Euler step integrates exactly."""
+    sigmas = euler_sigmas(num_steps) + [0.0]
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for part in eval_labels(num_samples).split(batch_size):
+        states = []
+        noise = torch.randn((len(part), 1, 8, 8), generator=generator)
+        record = lambda p, i, t, tensors: states.append(tensors["latents"].float().cpu())  # noqa: E731
+        pipe(class_labels=part.tolist(), latents=noise, sigmas=sigmas[:-1], output_type="latent", callback_on_step_end=record, **call_kwargs)
+        path = torch.stack([noise.float(), *states])  # (steps + 1, B, 1, 8, 8)
+        straight = path[0] - path[-1]  # x_1 - x_0 over the whole unit of time
+        for i in range(num_steps):
+            dt = sigmas[i] - sigmas[i + 1]
+            velocity = (path[i] - path[i + 1]) / dt
+            total += dt * ((velocity - straight) ** 2).mean(dim=(1, 2, 3)).sum().item()
+    return total / num_samples
+
+
 def score_digits(pipe, steps: list[int], metric, name: str = "student", euler_grid: bool = False, grid_steps: int | None = None, **call_kwargs):
     """FD-digits and accuracy of ``pipe`` at each step count: ``(rows, grid)`` with rows
     ``{"model", "NFE", "FD-digits", "accuracy", "copies"}`` (:meth:`DigitsMetric.copy_fraction`) and the first 100

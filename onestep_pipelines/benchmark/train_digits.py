@@ -2,8 +2,10 @@
 
     python -m onestep_pipelines.benchmark.train_digits classifier --out onestep_pipelines/assets/digits/classifier
     python -m onestep_pipelines.benchmark.train_digits teacher --out onestep_pipelines/assets/digits/teacher
+    python -m onestep_pipelines.benchmark.train_digits reward-classifier --out onestep_pipelines/assets/digits/reward_classifier
 
-The classifier is a small CNN (FD-digits features); the teacher is a class-conditional
+The classifier is a small CNN (FD-digits features); the reward classifier an MLP trained on half A only (the reward of
+reward post-training, kept apart from the FD classifier); the teacher is a class-conditional
 rectified-flow model (velocity prediction, Liu et al. 2022) trained with logit-normal times
 (Esser et al. 2024), 10 % label dropout for classifier-free guidance and an EMA of its weights.
 """
@@ -20,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .digits import DigitsClassifier, load_digits_images, real_halves
+from .digits import DigitsClassifier, DigitsRewardClassifier, load_digits_images, real_halves
 
 
 def _random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -73,6 +75,30 @@ def train_classifier(out: str, seed: int = 0) -> None:
     print(f"saved the classifier trained on all {len(images)} digits to {out}")
 
 
+def train_reward_classifier(out: str, seed: int = 0, epochs: int = 150, noise: float = 0.2) -> None:
+    """The reward model: trained on half A only (the digits the trainer may see), with random shifts and Gaussian
+    pixel noise of std ``noise``; its accuracy on half B is printed."""
+    (xa, ya), (xb, yb) = real_halves()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = DigitsRewardClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xa), generator=g).split(128):
+            images = _random_shift(xa[idx], g)
+            images = images + noise * torch.randn(images.shape, generator=g)
+            loss = F.cross_entropy(model(images), ya[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(xb).argmax(1) == yb).float().mean().item()
+    print(f"reward classifier trained on half A: accuracy on half B = {acc:.4f}")
+    _save_atomically(model.save_pretrained, out)
+    print(f"saved the reward classifier to {out}")
+
+
 def train_teacher(out: str, steps: int, batch_size: int, lr: float, seed: int, guidance_scale: float, log_every: int = 200) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -118,7 +144,7 @@ def train_teacher(out: str, steps: int, batch_size: int, lr: float, seed: int, g
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["classifier", "teacher"])
+    parser.add_argument("what", choices=["classifier", "reward-classifier", "teacher"])
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--steps", type=int, default=4000, help="teacher training steps")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -129,6 +155,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.what == "classifier":
         train_classifier(args.out, args.seed)
+    elif args.what == "reward-classifier":
+        train_reward_classifier(args.out, args.seed)
     else:
         train_teacher(args.out, args.steps, args.batch_size, args.lr, args.seed, args.guidance_scale)
 

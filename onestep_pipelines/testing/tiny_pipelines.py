@@ -84,6 +84,21 @@ def _clip_text_model(with_projection: bool = False, hidden_size: int = 32):
     return cls(config)
 
 
+def tiny_clip_folder(folder: str, seed: int = 0) -> str:
+    """A tiny random transformers CLIP model (text and vision towers, projection 16) and its offline tokenizer, saved
+    in ``folder`` (reward plug-in tests: ``--reward clip:FOLDER``)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def _t5_encoder(d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 

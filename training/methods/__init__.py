@@ -53,6 +53,14 @@ METHODS: dict[str, MethodSpec] = {
     "flowmap": MethodSpec("flowmap", "FlowMap", "flow-map distillation (Align Your Flow); any step count",
                           targets=("euler", "jvp", "shortcut"), sources=("teacher",), flow_teacher=True,
                           papers=(("Sabour et al. 2025, Align Your Flow: Scaling Continuous-Time Flow Map Distillation", "2506.14603"),)),
+    "reflow": MethodSpec("reflow", "Reflow", "reflow (rectified flow on the teacher's cached ODE couplings; --target distill: InstaFlow's 1-step stage)",
+                         targets=("flow", "distill"), flow_teacher=True,
+                         papers=(("Liu et al. 2022, Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow", "2209.03003"),
+                                 ("Liu et al. 2023, InstaFlow: One Step is Enough for High-Quality Diffusion-Based Text-to-Image Generation", "2309.06380"),
+                                 ("Lee et al. 2024, Improving the Training of Rectified Flows", "2405.20320"))),
+    "reward": MethodSpec("reward", "RewardTuning", "reward post-training of a --student folder, regularised by DMD against the teacher (--reward plug-ins)",
+                         papers=(("Luo et al. 2024, Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models", "2410.20898"),
+                                 ("Li et al. 2024, Reward Guided Latent Consistency Distillation", "2403.11027"))),
 }
 
 

@@ -66,6 +66,16 @@ def add_lora(model, rank: int, alpha: float = 0.0, targets: str = "", architectu
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=modules))
 
 
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample distance: squared L2 (``"l2"``) or pseudo-Huber ``sqrt(|a - b|^2 + c^2) - c`` with
+    ``c = 0.00054 sqrt(d)`` (``"huber"``; Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models")."""
+    diff = ((pred - target) ** 2).flatten(1).sum(dim=1)
+    if kind == "l2":
+        return diff
+    c = 0.00054 * (pred[0].numel() ** 0.5)
+    return (diff + c**2).sqrt() - c
+
+
 class Method:
     """Base class: holds the teacher, the student, the student's sampling times and the run config.
 
@@ -78,6 +88,7 @@ class Method:
     needs_data = False
     uses_r = False  # the student takes a second time r (flow maps)
     any_step_count = False  # trained at every time (flow maps, sCM): scored and recommended at 1, 2, 4 and 8 steps
+    reports_straightness = False  # the run's report measures the ODE's straightness of teacher and student (reflow)
     scheduler_class = "ConsistencyScheduler"  # how students of this method sample (a class of onestep_pipelines.schedulers)
     timestep_preset = "trailing"
     adam_betas = (0.0, 0.99)  # the student's AdamW betas (DMD2's choice; regression objectives use momentum)
@@ -105,6 +116,18 @@ class Method:
         scheduler.set_timesteps(config.num_steps, mu=teacher.shift_mu())
         self.times = scheduler.native_times(scheduler.timesteps).cpu()  # native times (host), one per student step
         self.student_trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
+
+    @classmethod
+    def start_from(cls, teacher, student, config):
+        """Load the weights the student starts from when they are not the teacher's (reward post-training's
+        ``--student``) and return the scheduler it samples with; None: the student is the teacher, sampled as
+        :attr:`scheduler_class` says."""
+        return None
+
+    def prepare(self, data):
+        """The batches the method trains on, given the run's data (called once, after placement; reflow returns its
+        teacher couplings)."""
+        return data
 
     def trained_networks(self) -> dict[str, torch.nn.Module]:
         """``{attribute: module}`` of the networks the method trains besides the student (fake score, discriminator
@@ -136,17 +159,20 @@ class Method:
             self._device_times = self.times.to(device)
         return self._device_times[i].expand(n)
 
-    def rollout(self, noise: torch.Tensor, conditions: dict, steps: int, rng) -> torch.Tensor:
+    def rollout(self, noise: torch.Tensor, conditions: dict, steps: int, rng, model=None, times=None, guidance_scale: float = 1.0) -> torch.Tensor:
         """Sample the student for ``steps`` of its own schedule without gradients (backward simulation, DMD2 / TDM)
         and return ``x_t`` at step ``steps``. Each step is the consistency rule of the sampling core: predict
         ``(x0, eps)``, then move to the next time with fresh noise (gamma 1) or with ``eps`` itself (gamma 0, the
-        deterministic DDIM / Euler move of TDM students)."""
+        deterministic DDIM / Euler move of TDM students). ``model``, ``times`` (native times on the device, the end
+        time last) and ``guidance_scale`` replace the student, its times and its gamma: the teacher's Euler ODE."""
         x = noise
-        deterministic = self.sampler_gamma(self.config) in (0.0, None)
+        deterministic = model is not None or self.scheduler.config.get("gamma") in (0.0, None)  # (TDMScheduler has none)
+        model = self.student if model is None else model
+        time_at = self.time_at if times is None else (lambda i, n, device: times[i].expand(n))
         with torch.no_grad():
             for i in range(steps):
-                x0, eps = self.teacher.predict(self.student, x, self.time_at(i, len(x), x.device), conditions)
-                alpha, sigma = self.teacher.coefficients(self.time_at(i + 1, len(x), x.device))
+                x0, eps = self.teacher.predict(model, x, time_at(i, len(x), x.device), conditions, guidance_scale=guidance_scale)
+                alpha, sigma = self.teacher.coefficients(time_at(i + 1, len(x), x.device))
                 x = consistency_step(x0, eps if deterministic else rng.normal_like(x), alpha, sigma)
         return x
 

@@ -18,7 +18,7 @@ import copy
 import torch
 
 from onestep_pipelines.sampling import consistency_step
-from .base import Method
+from .base import Method, distance
 
 
 class ConsistencyDistillation(Method):
@@ -65,12 +65,7 @@ class ConsistencyDistillation(Method):
             mapped = self._to_edge(self.target, x_s, self.teacher.native_time(s_model / N), edge, conditions)
             target = torch.where(at_edge, x_s, mapped)
         pred = self._to_edge(self.student, x_t, t, edge, conditions)
-        diff = ((pred - target) ** 2).flatten(1).sum(dim=1)
-        if self.config.loss == "huber":
-            c = 0.00054 * (x0[0].numel() ** 0.5)
-            loss = ((diff + c**2).sqrt() - c).mean()
-        else:
-            loss = diff.mean()
+        loss = distance(pred, target, self.config.loss).mean()
         self.update(loss, self.optimizer, "consistency")
         self.ema_(self.target, self.accelerator.unwrap_model(self.student), self.config.target_ema)  # LCM's EMA target
         return {"consistency": loss.detach()}
