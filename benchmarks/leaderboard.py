@@ -35,7 +35,8 @@ RECIPES = {  # name -> options (README's students table; every other option at i
     "meanflow (jvp)": {"method": "meanflow", "target": "jvp", "target_ema": 0.99, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
     "flowmap (jvp)": {"method": "flowmap", "target": "jvp", "target_ema": 0.95, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
     "shortcut": {"method": "meanflow", "target": "shortcut", "target_ema": 0.99, "learning_rate": 2e-4},
-}
+    "piflow": {"method": "piflow", "num_steps": 1},
+}  # (reflow is left out: most of its cost is generating its teacher couplings once, which a per-update budget misses)
 CALIBRATION_UPDATES = 12
 QUICK_MINUTES = 1.0  # x 11 methods, plus calibration and scoring (about 40 s per method): under 20 minutes on 2 cores
 

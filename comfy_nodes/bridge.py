@@ -65,10 +65,23 @@ def parse_labels(text: str) -> list[int]:
 
 
 def generate(pipe, prompt: str = "", class_labels: str = "", seed: int = 0, steps: int = 0, guidance: float = -1.0,
-             width: int = 0, height: int = 0, batch_size: int = 1, on_step=None) -> torch.Tensor:
+             width: int = 0, height: int = 0, batch_size: int = 1, on_step=None, substeps: int = 0) -> torch.Tensor:
     """Images ``(batch, height, width, 3)`` in ``[0, 1]`` (ComfyUI's IMAGE). ``steps=0`` and ``guidance<0`` use the
-    student's recorded defaults; ``width``/``height`` 0 the pipeline's. ``on_step(done, total)`` is called before the
-    first step and after each one (progress, and the place to stop an interrupted run by raising)."""
+    student's recorded defaults; ``width``/``height`` 0 the pipeline's; ``substeps`` > 0 the policy substeps of a pi-Flow
+    student (PolicyScheduler) for this call. ``on_step(done, total)`` is called before the first step and after each
+    one (progress, and the place to stop an interrupted run by raising)."""
+    if substeps > 0:
+        from onestep_pipelines.schedulers import PolicyScheduler
+
+        if not isinstance(pipe.scheduler, PolicyScheduler):
+            raise ValueError(f"substeps: {substeps} applies to pi-Flow policy students (PolicyScheduler); this student samples with "
+                             f"{type(pipe.scheduler).__name__}. Leave it at 0.")
+        recorded = pipe.scheduler
+        pipe.scheduler = PolicyScheduler.from_config(recorded.config, substeps=int(substeps))
+        try:
+            return generate(pipe, prompt, class_labels, seed, steps, guidance, width, height, batch_size, on_step)
+        finally:
+            pipe.scheduler = recorded
     kwargs = {"generator": torch.Generator("cpu").manual_seed(int(seed)), "output_type": "pt"}
     if on_step is not None:
         def after_step(pipeline, i, t, tensors):

@@ -191,12 +191,14 @@ class DiffusersStudent(io.ComfyNode):
                 io.Int.Input("width", default=0, min=0, max=8192, step=8, tooltip="0 = the pipeline's default."),
                 io.Int.Input("height", default=0, min=0, max=8192, step=8, tooltip="0 = the pipeline's default."),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("substeps", default=0, min=0, max=4096, optional=True,
+                             tooltip="pi-Flow policy students: Euler substeps of the policy per step (0 = recorded); no extra model calls."),
             ],
             outputs=[io.Image.Output()],
         )
 
     @classmethod
-    def execute(cls, student, prompt, class_labels, seed, steps, guidance, width, height, batch_size) -> io.NodeOutput:
+    def execute(cls, student, prompt, class_labels, seed, steps, guidance, width, height, batch_size, substeps=0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
@@ -211,9 +213,10 @@ class DiffusersStudent(io.ComfyNode):
             progress.update_absolute(done, total)
 
         try:
-            images = bridge.generate(pipe, prompt, class_labels, seed, steps, guidance, width, height, batch_size, on_step=on_step)
+            images = bridge.generate(pipe, prompt, class_labels, seed, steps, guidance, width, height, batch_size, on_step=on_step,
+                                     substeps=substeps or 0)
         except ValueError as error:
-            raise fail("prompt / class_labels / steps", error) from None
+            raise fail("prompt / class_labels / steps / substeps", error) from None
         return io.NodeOutput(images)
 
 

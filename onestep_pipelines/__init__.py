@@ -20,6 +20,7 @@ _EXPORTS = {
     "ConsistencyScheduler": "schedulers",
     "FewStepSchedulerOutput": "schedulers",
     "FlowMapScheduler": "schedulers",
+    "PolicyScheduler": "schedulers",
     "TDMScheduler": "schedulers",
     "DigitsPipeline": "pipelines",
     "FewStepFluxPipeline": "pipelines",
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
         FewStepStableDiffusionPipeline,
         FewStepStableDiffusionXLPipeline,
     )
-    from .schedulers import ConsistencyScheduler, FewStepSchedulerOutput, FlowMapScheduler, TDMScheduler
+    from .schedulers import ConsistencyScheduler, FewStepSchedulerOutput, FlowMapScheduler, PolicyScheduler, TDMScheduler
     from .students import load_student_lora, save_student_lora, write_model_card
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .schedulers import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
+from .schedulers import ConsistencyScheduler, FlowMapScheduler, PolicyScheduler, TDMScheduler
 
 FORMAT_VERSION = 1
 METADATA_KEY = "onestep_student"
-SCHEDULERS = {cls.__name__: cls for cls in (ConsistencyScheduler, FlowMapScheduler, TDMScheduler)}
+SCHEDULERS = {cls.__name__: cls for cls in (ConsistencyScheduler, FlowMapScheduler, PolicyScheduler, TDMScheduler)}
 ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "digits")
 
 
@@ -26,7 +26,7 @@ class StudentMetadata:
     Args:
         method: distillation method (``"dmd2"``, ``"consistency"``, ``"tdm"``, ``"meanflow"``, ``"flowmap"``, ...).
         architecture: model family the weights fit: one of ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"digits"``.
-        scheduler_class: ``"ConsistencyScheduler"``, ``"FlowMapScheduler"`` or ``"TDMScheduler"``.
+        scheduler_class: ``"ConsistencyScheduler"``, ``"FlowMapScheduler"``, ``"PolicyScheduler"`` or ``"TDMScheduler"``.
         scheduler_config: the scheduler's config (time type, prediction type, timestep preset, gamma, shift...).
         num_inference_steps: the default number of steps.
         recommended_steps: step counts the student was trained / evaluated for.

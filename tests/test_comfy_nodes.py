@@ -122,6 +122,29 @@ def test_diffusers_bridge_generates_an_image_with_the_recorded_scheduler(tmp_pat
         bridge.generate(loaded, class_labels="three")
     with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
         bridge.load_pipeline(str(tmp_path))
+    with pytest.raises(ValueError, match="substeps: 8 applies to pi-Flow policy students"):
+        bridge.generate(loaded, class_labels="3", substeps=8)
+
+
+def test_diffusers_bridge_samples_policy_students_with_a_substeps_knob(tmp_path):
+    from comfy_nodes import bridge
+
+    from onestep_pipelines import DigitsPipeline, PolicyScheduler, StudentMetadata
+    from onestep_pipelines.benchmark.digits import TEACHER_DIR
+    from onestep_pipelines.training.methods.piflow import policy_head
+
+    pipe = DigitsPipeline.from_pretrained(TEACHER_DIR)
+    policy_head(pipe.transformer, "dx", 3)
+    scheduler = PolicyScheduler.from_config(pipe.scheduler.config, policy="dx", num_components=3, substeps=4)
+    pipe.set_student(StudentMetadata.from_scheduler(scheduler, method="piflow", architecture="digits", num_inference_steps=2))
+    pipe.save_pretrained(tmp_path / "student")
+    loaded = bridge.load_pipeline(str(tmp_path / "student"))
+    recorded = bridge.generate(loaded, class_labels="3,7", seed=1)
+    finer = bridge.generate(loaded, class_labels="3,7", seed=1, substeps=32)
+    assert loaded.scheduler.config.substeps == 4  # the knob is for that call only
+    expected = loaded(class_labels=[3, 7], generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(recorded, expected.repeat(1, 3, 1, 1).permute(0, 2, 3, 1).clamp(0, 1))
+    assert 0 < float((recorded - finer).abs().max())
 
 
 def test_node_pack_imports_without_comfyui():

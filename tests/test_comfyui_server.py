@@ -10,6 +10,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +90,14 @@ def comfy(tmp_path_factory):
     digits.set_student(StudentMetadata.from_scheduler(ConsistencyScheduler.from_config(digits.scheduler.config, gamma=0.0), method="euler",
                                                       architecture="digits", num_inference_steps=4))
     digits.save_pretrained(str(base / "models" / "diffusers" / "digits-dmd2-student"))
+    from onestep_pipelines.schedulers import PolicyScheduler
+    from onestep_pipelines.training.methods.piflow import policy_head
+
+    policy = DigitsPipeline.from_pretrained(TEACHER_DIR)  # a pi-Flow policy student: the teacher with a 4-component GM head
+    policy_head(policy.transformer, "gmflow", 4, seed=0)
+    scheduler = PolicyScheduler.from_config(policy.scheduler.config, num_components=4, substeps=8)
+    policy.set_student(StudentMetadata.from_scheduler(scheduler, method="piflow", architecture="digits", num_inference_steps=2))
+    policy.save_pretrained(str(base / "models" / "diffusers" / "digits-piflow-student"))
     incomplete = base / "models" / "diffusers" / "incomplete-student"
     incomplete.mkdir()
     (incomplete / "model_index.json").write_text((base / "models" / "diffusers" / "digits-dmd2-student" / "model_index.json").read_text())
@@ -428,6 +437,42 @@ def test_errors_name_the_input_and_the_file_and_stay_short(comfy):
     entry = server.run({"1": student, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}})
     error = execution_error(entry) or ""
     assert "student incomplete-student: component 'scheduler' has no folder" in error or "component 'transformer' has no folder" in error, error
+
+
+def _saved_image(server, entry, node="2") -> np.ndarray:
+    from PIL import Image
+
+    item = entry["outputs"][node]["images"][0]
+    return np.asarray(Image.open(server.output_path(item.get("subfolder", ""), item["filename"])))
+
+
+@pytest.mark.parametrize("substeps", [0, 64])
+def test_policy_student_through_the_bridge_equals_its_pipeline(comfy, substeps):
+    """A pi-Flow policy student in ComfyUI (the diffusers bridge) gives the diffusers pipeline's images, with the
+    recorded substeps and with the substeps knob; SaveImage's PNG holds them to 8 bits (ComfyUI truncates 255 x)."""
+    from diffusers import DiffusionPipeline
+
+    from onestep_pipelines.schedulers import PolicyScheduler
+
+    server = comfy["server"]
+    student = {"class_type": "OneStepDiffusersStudent", "inputs": {"student": "digits-piflow-student", "prompt": "", "class_labels": "0,1,2,3",
+               "seed": 7, "steps": 0, "guidance": -1.0, "width": 0, "height": 0, "batch_size": 1, "substeps": substeps}}
+    entry = server.run({"1": student, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"policy{substeps}"}}})
+    assert execution_error(entry) is None, execution_error(entry)
+    pipe = DiffusionPipeline.from_pretrained(str(comfy["base"] / "models" / "diffusers" / "digits-piflow-student"))
+    if substeps:
+        pipe.scheduler = PolicyScheduler.from_config(pipe.scheduler.config, substeps=substeps)
+    images = pipe(class_labels=[0, 1, 2, 3], generator=torch.Generator().manual_seed(7), output_type="np").images
+    expected = np.clip(255.0 * np.repeat(images[0], 3, axis=-1), 0, 255).astype(np.uint8)
+    saved = _saved_image(server, entry)
+    assert saved.shape == expected.shape and np.abs(saved.astype(int) - expected.astype(int)).max() <= 1
+    if substeps:
+        entry8 = server.run({"1": {**student, "inputs": {**student["inputs"], "substeps": 0}},
+                             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "policy8"}}})
+        assert np.abs(_saved_image(server, entry8).astype(int) - saved.astype(int)).max() > 1  # the knob changes the roll-out
+    wrong = {**student, "inputs": {**student["inputs"], "student": "digits-dmd2-student", "substeps": 16}}
+    error = execution_error(server.run({"1": wrong, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "w"}}})) or ""
+    assert "substeps: 16 applies to pi-Flow policy students (PolicyScheduler)" in error, error
 
 
 def test_cancel_stops_the_diffusers_bridge_and_it_reports_progress(comfy):

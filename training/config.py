@@ -71,6 +71,9 @@ class DistillConfig:
     dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")
     tangent_time_step: float = option(0.01, "scm, meanflow / flowmap --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
     tangent_warmup: int = option(200, "scm: updates over which the tangent term's weight rises from 0 to 1 (0 = none)")
+    policy: str = option("gmflow", "piflow: the policy the student outputs: gmflow (Gaussian mixture) or dx (data estimates at evenly spaced times)", ("gmflow", "dx"))
+    policy_components: int = option(8, "piflow: mixture components (gmflow) or time nodes (dx) of the policy")
+    policy_substeps: int = option(32, "piflow: Euler substeps of the policy per step, in training and (recorded in the scheduler) in sampling")
     student: str = option("", "reward: the student folder to post-train (OUTPUT_DIR/student of an earlier run; sampled with ConsistencyScheduler)")
     reward: str = option("digits", "reward: digits (log p(class) under the shipped reward classifier), clip:FOLDER (CLIP score), or MODULE:NAME (a callable reward(images, conditions) -> scores)")
     reward_weight: float = option(1.0, "reward: weight of the reward against the DMD regulariser")
@@ -122,6 +125,8 @@ class DistillConfig:
             (0 <= self.tangent_time_step <= 0.2, "tangent_time_step", "must lie in [0, 0.2] (0 = exact JVP)"),
             (self.coupling_count >= 1, "coupling_count", "must be at least 1"),
             (self.reward_weight >= 0, "reward_weight", "must be 0 or positive"),
+            (self.policy_components >= (2 if self.policy == "dx" else 1), "policy_components", f"must be at least {2 if self.policy == 'dx' else 1} for --policy {self.policy}"),
+            (self.policy_substeps >= 1, "policy_substeps", "must be at least 1"),
             (self.reward_noise > 0, "reward_noise", "must be positive"),
             (self.lora_rank >= 0, "lora_rank", "must be 0 (train all weights) or positive"),
             (self.fake_lora_rank >= 0, "fake_lora_rank", "must be 0 (a full copy) or positive"),
@@ -157,6 +162,10 @@ class DistillConfig:
             raise ValueError("--method scm takes no GAN head: its score regulariser (--dmd-weight) is the reverse-KL DMD term.")
         if self.method != "reflow" and (self.coupling_dir or self.coupling_count != 16384):
             raise ValueError(f"--coupling-count and --coupling-dir apply to --method reflow, not {self.method}.")
+        if self.method != "piflow" and (self.policy, self.policy_components, self.policy_substeps) != ("gmflow", 8, 32):
+            raise ValueError(f"--policy, --policy-components and --policy-substeps apply to --method piflow, not {self.method}.")
+        if self.method == "piflow" and self.lora_rank:
+            raise ValueError("--method piflow trains a new policy head with the whole network: --lora-rank is not supported.")
         reward_options = {"student": "", "reward": "digits", "reward_weight": 1.0, "regularizer": "dmd", "reward_noise": 0.05}
         if self.method != "reward" and any(getattr(self, k) != v for k, v in reward_options.items()):
             raise ValueError(f"--student, --reward, --reward-weight, --regularizer and --reward-noise apply to --method reward, not {self.method}.")
@@ -173,7 +182,7 @@ class DistillConfig:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
                 "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
-                "student", "reward", "regularizer")
+                "student", "reward", "regularizer", "policy", "policy_components")
         return {k: getattr(self, k) for k in keep}
 
     def changed_options(self, previous: dict) -> dict[str, tuple]:

@@ -59,7 +59,8 @@ class DigitsTransformerBlock(nn.Module):
 
 @dataclass
 class DigitsTransformerOutput(BaseOutput):
-    """Output of :class:`DigitsTransformer2DModel`: ``sample``, the predicted velocity (same shape as the input)."""
+    """Output of :class:`DigitsTransformer2DModel`: ``sample``, the predicted velocity (the input's shape; a policy
+    student's: ``out_channels`` channels)."""
 
     sample: torch.Tensor
 
@@ -83,6 +84,8 @@ class DigitsTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         num_heads (`int`, defaults to 4): attention heads.
         num_classes (`int`, defaults to 10): number of real classes (one more embedding is the null class).
         num_train_timesteps (`int`, defaults to 1000): timesteps are ``sigma * num_train_timesteps``.
+        out_channels (`int`, *optional*): output channels (default: ``in_channels``); a pi-Flow policy student
+            outputs its policy's parameters (:func:`~onestep_pipelines.sampling.policies.policy_channels`).
     """
 
     _supports_gradient_checkpointing = False
@@ -99,6 +102,7 @@ class DigitsTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         num_heads: int = 4,
         num_classes: int = 10,
         num_train_timesteps: int = 1000,
+        out_channels: int | None = None,
     ):
         super().__init__()
         if sample_size % patch_size:
@@ -116,7 +120,7 @@ class DigitsTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.blocks = nn.ModuleList([DigitsTransformerBlock(hidden_size, num_heads) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-        self.out = nn.Linear(hidden_size, in_channels * patch_size**2)
+        self.out = nn.Linear(hidden_size, (out_channels or in_channels) * patch_size**2)
         for layer in (self.ada_out[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -156,7 +160,8 @@ class DigitsTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             x = block(x, cond)
         shift, scale = self.ada_out(cond)[:, None].chunk(2, dim=-1)
         x = self.out(self.norm_out(x) * (1 + scale) + shift)
-        x = x.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        c_out = cfg.out_channels or c
+        x = x.reshape(b, h // p, w // p, c_out, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c_out, h, w)
         if not return_dict:
             return (x,)
         return DigitsTransformerOutput(sample=x)

@@ -23,7 +23,7 @@ from huggingface_hub import snapshot_download
 from ..hub import HUB_KWARGS, push_student
 from ..models.digits_transformer import DigitsTransformer2DModel
 from ..models.r_conditioning import takes_r_timestep
-from ..schedulers import FlowMapScheduler
+from ..schedulers import FlowMapScheduler, PolicyScheduler
 from ..metadata import StudentMetadata
 from .loading import PICKLE_SUFFIXES, safetensors_kwargs, write_loading_files
 
@@ -75,6 +75,8 @@ class FewStepPipelineMixin:
                     "This student has guidance %.3g baked in; %s=%s applies classifier-free guidance on top of it.",
                     metadata.guidance_scale, self._guidance_argument, bound[self._guidance_argument],
                 )
+        if metadata is not None and metadata.scheduler_class == "PolicyScheduler":
+            self._check_policy_call(inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments | kwargs)
         scheduler = self.scheduler
         deferring = hasattr(scheduler, "raise_if_nonfinite")
         if deferring:  # our schedulers: the NaN / inf check is read after the call, not inside the denoising loop
@@ -88,6 +90,16 @@ class FewStepPipelineMixin:
         if deferring:
             scheduler.raise_if_nonfinite()
         return output
+
+    def _check_policy_call(self, arguments: dict) -> None:
+        """A pi-Flow policy student's output is a policy: only PolicyScheduler integrates it, and classifier-free
+        guidance (a difference of two outputs) has no meaning for it (its guidance is baked in)."""
+        if not isinstance(self.scheduler, PolicyScheduler):
+            raise ValueError(f"This is a pi-Flow policy student: its {self._denoiser} outputs a policy, which PolicyScheduler integrates "
+                             f"(got {type(self.scheduler).__name__}); restore it with pipe.set_student(pipe.student).")
+        if arguments.get(self._guidance_argument) not in (None, 0.0, 1.0):
+            raise ValueError(f"{self._guidance_argument}={arguments[self._guidance_argument]}: a policy student takes no classifier-free guidance "
+                             f"(its guidance, {self.student.guidance_scale:g}, is baked into its policy); leave it at 1.")
 
     @contextlib.contextmanager
     def _passing_r(self, metadata: StudentMetadata | None):

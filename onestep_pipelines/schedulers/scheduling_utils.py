@@ -278,11 +278,14 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
                 f"{type(self).__name__}.step() was called {i + 1} times for a schedule of {self.num_inference_steps} "
                 "steps; call set_timesteps() again for a new generation."
             )
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}.")
+        self._check_output_shape(model_output, sample)
         if self.config.check_finite and not torch.compiler.is_compiling() and i < self.num_inference_steps:
             self._watch_finite(model_output, i)
         return i
+
+    def _check_output_shape(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}.")
 
     # ---------------------------------------------------------------------------- step helpers
     @staticmethod
