@@ -114,7 +114,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     teacher.pipeline.to(device)
     student = copy.deepcopy(teacher.model).train()
-    scheduler = method_cls.start_from(teacher, student, config)  # reward post-training: a student's weights and sampler
+    scheduler = method_cls.start_from(teacher, student, config)  # reward: a student folder's weights and sampler; piflow: a policy head
     cast(teacher.model, weight_dtype)  # the frozen denoiser in the compute precision (as diffusers' training scripts do)
     if method_cls.uses_r:  # flow-map / MeanFlow students: the teacher plus a zero-initialised second-time embedding
         student = add_r_conditioning(student)

@@ -119,8 +119,9 @@ class Method:
 
     @classmethod
     def start_from(cls, teacher, student, config):
-        """Load the weights the student starts from when they are not the teacher's (reward post-training's
-        ``--student``) and return the scheduler it samples with; None: the student is the teacher, sampled as
+        """Make the student (a copy of the teacher, changed in place) what the method starts from, and return the
+        scheduler it samples with: reward post-training loads a ``--student`` folder's weights and keeps its sampler,
+        pi-Flow widens the output layer to a policy head. None: the student is the teacher, sampled as
         :attr:`scheduler_class` says."""
         return None
 
