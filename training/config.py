@@ -154,21 +154,15 @@ class DistillConfig:
             raise ValueError(f"--source {self.source!r} does not apply to --method {self.method}; choose one of {', '.join(spec.sources)}.")
         if not spec.sources and self.source != "teacher":
             raise ValueError(f"--source applies to meanflow; --method {self.method} learns from the teacher.")
-        if self.method != "sid" and (self.lsg_scale != 1.0 or self.sid_alpha != 1.2):
-            raise ValueError(f"--lsg-scale and --sid-alpha apply to --method sid, not {self.method}.")
-        if self.method != "scm" and self.dmd_weight:
-            raise ValueError(f"--dmd-weight applies to --method scm (rCM), not {self.method}.")
+        defaults = _defaults()
+        for label, names in METHOD_OPTIONS.items():  # an option of one method, set for another, is refused
+            if self.method != label.split()[0] and any(getattr(self, n) != defaults[n] for n in names):
+                listed = " and ".join(filter(None, [", ".join(flag(n) for n in names[:-1]), flag(names[-1])]))
+                raise ValueError(f"{listed} {'applies' if len(names) == 1 else 'apply'} to --method {label}, not {self.method}.")
         if self.method == "scm" and (self.gan_weight or self.divergence != "reverse-kl"):
             raise ValueError("--method scm takes no GAN head: its score regulariser (--dmd-weight) is the reverse-KL DMD term.")
-        if self.method != "reflow" and (self.coupling_dir or self.coupling_count != 16384):
-            raise ValueError(f"--coupling-count and --coupling-dir apply to --method reflow, not {self.method}.")
-        if self.method != "piflow" and (self.policy, self.policy_components, self.policy_substeps) != ("gmflow", 8, 32):
-            raise ValueError(f"--policy, --policy-components and --policy-substeps apply to --method piflow, not {self.method}.")
         if self.method == "piflow" and self.lora_rank:
             raise ValueError("--method piflow trains a new policy head with the whole network: --lora-rank is not supported.")
-        reward_options = {"student": "", "reward": "digits", "reward_weight": 1.0, "regularizer": "dmd", "reward_noise": 0.05}
-        if self.method != "reward" and any(getattr(self, k) != v for k, v in reward_options.items()):
-            raise ValueError(f"--student, --reward, --reward-weight, --regularizer and --reward-noise apply to --method reward, not {self.method}.")
         if self.method == "reward":
             if not self.student:
                 raise ValueError("--method reward post-trains a student: pass --student FOLDER (OUTPUT_DIR/student of an earlier run).")
@@ -190,7 +184,7 @@ class DistillConfig:
         ``previous`` ones (its ``run.json`` or a checkpoint's state). An option the run predates counts as its default;
         the batch per process is left out (it may change with the number of processes: the trainer checks the global
         batch)."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = _defaults()
         return {k: (previous.get(k, defaults[k]), v) for k, v in self.comparable().items()
                 if k != "batch_size" and previous.get(k, defaults[k]) != v}
 
@@ -270,6 +264,20 @@ class DistillConfig:
                 raise ValueError(f"--method {self.method} needs a flow teacher (time 1 = noise, velocity prediction); {source} is a VP (DDPM-family) model.")
         elif os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") != 1:
             raise ValueError(f"--teacher {source!r} is neither 'digits', a pipeline folder, nor a Hub id 'org/name'.")
+
+
+METHOD_OPTIONS = {  # options that belong to one method (its name, then how the error names it; options in the error's order)
+    "sid": ("lsg_scale", "sid_alpha"),
+    "scm (rCM)": ("dmd_weight",),
+    "reflow": ("coupling_count", "coupling_dir"),
+    "piflow": ("policy", "policy_components", "policy_substeps"),
+    "reward": ("student", "reward", "reward_weight", "regularizer", "reward_noise"),
+}
+
+
+def _defaults() -> dict:
+    """Every option's default."""
+    return {f.name: f.default for f in dataclasses.fields(DistillConfig)}
 
 
 REWARDS = ("digits", "clip:FOLDER", "MODULE:NAME")

@@ -8,7 +8,6 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (diffusers' loader looks the base up here)
 
 from ..sampling.policies import check_policy, make_policy, policy_channels, policy_rollout, policy_x0
-from .schedule import flow_shift
 from .scheduling_utils import FewStepSchedulerMixin
 
 
@@ -66,9 +65,6 @@ class PolicyScheduler(FewStepSchedulerMixin):
     @property
     def _gamma(self) -> float:
         return 0.0  # deterministic: the policy's own ODE
-
-    def apply_shift(self, sigmas, mu: float | None = None):
-        return flow_shift(self.config, sigmas, mu)
 
     def _columns(self, times: np.ndarray, gamma: float) -> dict:
         times = torch.as_tensor(np.asarray(times, dtype=np.float64))

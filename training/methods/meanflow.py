@@ -87,12 +87,16 @@ class MeanFlow(Method):
         cfg = self.config
         if self.target == "shortcut":
             return self.shortcut_pairs(rng)
-        t = torch.sigmoid(rng.normal() * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
+        t = self.logit_normal_times(rng)
         t = torch.where(rng.uniform() < cfg.endpoint_fraction, 1.0, t)  # start at pure noise
         r = t * rng.uniform()
         r = torch.where(rng.uniform() < cfg.endpoint_fraction, 0.0, r)  # jump to data
         r = torch.where(rng.uniform() < cfg.equal_fraction, t, r)
         return t, r
+
+    def logit_normal_times(self, rng) -> torch.Tensor:
+        """``sigmoid(N(--logit-mean, --logit-std))`` per sample, kept in ``[0.02, 1]``."""
+        return torch.sigmoid(rng.normal() * self.config.logit_std + self.config.logit_mean).clamp(0.02, 1.0)
 
     def shortcut_pairs(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """Shortcut models' pairs (Frans et al. 2024): a step ``d = 2^-k`` (``k`` uniform in ``0 .. log2 ode_steps``),
@@ -104,7 +108,7 @@ class MeanFlow(Method):
         t = (torch.floor(rng.uniform() * cells) + 1) / cells
         r = t - 1 / cells
         matching = rng.uniform() < cfg.equal_fraction
-        t_fm = torch.sigmoid(rng.normal() * cfg.logit_std + cfg.logit_mean).clamp(0.02, 1.0)
+        t_fm = self.logit_normal_times(rng)
         return torch.where(matching, t_fm, t), torch.where(matching, t_fm, r)
 
     def prediction_and_target(self, z, r, t, x, e, conditions):
