@@ -69,7 +69,7 @@ def test_generator_gradient_goes_through_both_denoisers(tiny_teacher, lsg_scale)
             w = 1 / (x - real).abs().mean()
             if fixed:  # DMD-style: the predictions as constants
                 return sid_generator_loss(x, real.detach(), method.fake_prediction(x_t, t, conditions).detach(), method.config.sid_alpha), w
-            return method.generator_losses(x, x_t, t, conditions)[0], w
+            return method.generator_losses(x, x_t, t, conditions, rng=None)[0], w
 
         x.requires_grad_(True)
         (full,) = torch.autograd.grad(loss_and_weight(x)[0], x)

@@ -331,6 +331,7 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
     method = FlowMap.__new__(FlowMap)
     method.config, method.target = SimpleNamespace(ode_steps=64, source="teacher", guidance_scale=1.0, jump_fraction=jump_fraction, tangent_time_step=0.0), target
     method.student = method.target_net = None
+    method.finest_step = 1 / 64  # (no pair below is a finest shortcut jump: see the next test)
     method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
     method.u = lambda model, z, r, t, cond: z * (1 - torch.exp(a * (r - t).view(-1, 1, 1, 1))) / (t - r).clamp_min(1e-12).view(-1, 1, 1, 1)
     method.teacher_velocity = lambda z, t, cond: a * z
@@ -344,12 +345,46 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
     assert not torch.allclose(wrong[3:] if target == "shortcut" else wrong[:2], pred[3:] if target == "shortcut" else pred[:2], rtol=1e-2)
 
 
+@pytest.mark.parametrize("source", ["teacher", "data"])
+def test_shortcut_finest_jump_is_two_euler_steps_of_the_velocity(source):
+    """Shortcut models' finest level is flow matching: the smallest jump's target is two Euler half steps of the
+    instantaneous velocity (the teacher's, or the EMA network's at r = t), not of the network's own half jumps."""
+    from types import SimpleNamespace
+
+    from onestep_pipelines.training.methods.meanflow import MeanFlow
+
+    method = MeanFlow.__new__(MeanFlow)
+    method.config, method.target = SimpleNamespace(ode_steps=32, source=source, guidance_scale=1.0), "shortcut"
+    method.finest_step, method.student, method.target_net = 1 / 32, "student", "ema"
+    velocity = lambda z, t: torch.sin(3 * z) + t.view(-1, 1, 1, 1)  # noqa: E731
+    half = lambda z, r, t: 2 * z - r.view(-1, 1, 1, 1)  # noqa: E731  (any other average velocity)
+    def u(model, z, r, t, cond):  # the EMA network at r = t is the flow-matching velocity
+        equal = (r == t).view(-1, 1, 1, 1) & (model == "ema") & (source == "data")
+        return torch.where(equal, velocity(z, t), half(z, r, t))
+
+    method.u = u
+    method.teacher_velocity = lambda z, t, cond: velocity(z, t)
+    method._velocity = lambda z, t, x, e, cond: velocity(z, t)
+    z = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0.5, 0.75, 1.0], dtype=torch.float64)
+    r = t - torch.tensor([1 / 32, 1 / 16, 1 / 32], dtype=torch.float64)
+    pred, target = method.prediction_and_target(z, r, t, None, None, {})
+    for i in (0, 2):  # finest: z_s = z - h v(z, t), u_tgt = (v(z, t) + v(z_s, s)) / 2 with h = 1/64
+        s = t[i : i + 1] - 1 / 64
+        z_s = z[i : i + 1] - velocity(z[i : i + 1], t[i : i + 1]) / 64
+        torch.testing.assert_close(target[i : i + 1], (velocity(z[i : i + 1], t[i : i + 1]) + velocity(z_s, s)) / 2)
+    s, one = t[1:2] - 1 / 32, slice(1, 2)  # a coarser jump: the network's own two half jumps
+    z_s = z[one] - half(z[one], s, t[one]) / 32
+    torch.testing.assert_close(target[one], (half(z[one], s, t[one]) + half(z_s, r[one], s)) / 2)
+
+
 def test_shortcut_pairs_are_dyadic_steps_on_their_grid(tiny_teacher):
     from onestep_pipelines.training.draws import Draws
     from onestep_pipelines.training.methods.meanflow import MeanFlow
 
     method = MeanFlow.__new__(MeanFlow)
-    method.target, method.config = "shortcut", tiny(tiny_teacher, "unused", method="meanflow", target="shortcut", ode_steps=48, equal_fraction=0.25)
+    method.target = "shortcut"
+    method.config = tiny(tiny_teacher, "unused", method="meanflow", target="shortcut", ode_steps=48, equal_fraction=0.25, endpoint_fraction=0.4)
     t, r = method.sample_pairs(Draws(0, 0, 0, 4096, "cpu"))
     d = t - r
     equal = d == 0
@@ -358,6 +393,7 @@ def test_shortcut_pairs_are_dyadic_steps_on_their_grid(tiny_teacher):
     k = -torch.log2(steps)
     torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-5)  # d = 2^-k
     assert set(k.round().int().tolist()) == {0, 1, 2, 3, 4, 5}  # down to 1/32 <= 1/48 rounded to a power of 2
+    assert abs(float((k.round() == 0).float().mean()) - (0.4 + 0.6 / 6)) < 0.03  # the whole interval, and k = 0 of 6 levels
     cells = t[~equal] / steps
     torch.testing.assert_close(cells, cells.round(), rtol=0, atol=1e-4)  # t on the grid of multiples of d
     assert float(r[~equal].min()) >= 0 and float(t.max()) <= 1

@@ -65,7 +65,7 @@ class DistillConfig:
     source: str = option("teacher", "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)")
     jump_fraction: float = option(0.5, "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps)")
     equal_fraction: float = option(0.25, "meanflow, flowmap: fraction of pairs with r = t")
-    endpoint_fraction: float = option(0.3, "meanflow, flowmap: fraction of t set to 1 and, independently, of r set to 0")
+    endpoint_fraction: float = option(0.3, "meanflow, flowmap: fraction of t set to 1 and, independently, of r set to 0 (--target shortcut: fraction of the jumps that are the whole interval, 1 to 0)")
     logit_mean: float = option(0.0, "meanflow, flowmap, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
     logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
     dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")

@@ -156,9 +156,9 @@ class DMD2(Method):
         """The fake score's x0 at ``(x_t, t)`` (plain; SiD's LSG option guides it)."""
         return self.teacher.predict(self.fake, x_t, t, conditions)[0]
 
-    def generator_losses(self, x, x_t, t, conditions) -> tuple[torch.Tensor, dict]:
+    def generator_losses(self, x, x_t, t, conditions, rng) -> tuple[torch.Tensor, dict]:
         """The DMD loss (and the GAN head's, weighted by ``--gan-weight``) of the student sample ``x`` noised to
-        ``x_t``; ``(total, {name: loss})``."""
+        ``x_t``; ``(total, {name: loss})``. ``rng``: the update's draws, for subclasses whose loss draws more."""
         with torch.no_grad():
             x0_real, _ = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
         if self.head is None:
@@ -194,7 +194,7 @@ class DMD2(Method):
             stashed = [(p, p.grad) for p in self._discriminator_params()]  # the head's) parameters: their own gradients
             for p, _ in stashed:  # are set aside and put back after it (freezing them instead would leave shards FSDP2
                 p.grad = None  # frees out of the graph)
-        total, losses = self.generator_losses(x, x_t, t, conditions)
+        total, losses = self.generator_losses(x, x_t, t, conditions, rng)
         self.update(total, self.optimizer, "generator")
         for p, g in stashed:
             p.grad = g

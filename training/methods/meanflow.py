@@ -12,7 +12,10 @@ The student ``u(z_t, r, t)`` predicts the average velocity over ``[r, t]`` (time
   wiggles of the ``1000 t`` time embedding; see :mod:`.scm`).
 - ``--target shortcut`` (Frans et al. 2024, "One Step Diffusion via Shortcut Models"): the split target below on
   dyadic pairs (``t - r = 2^-k`` on the grid of its multiples): two half jumps of the EMA student make one full jump,
-  and ``r = t`` is flow matching; from the teacher's velocity or, with ``--source data``, from data alone.
+  and ``r = t`` is flow matching; from the teacher's velocity or, with ``--source data``, from data alone. The
+  smallest jump's halves are Euler steps of the instantaneous velocity (the teacher's, or the EMA student's at
+  ``r = t``), as the paper's finest level is flow matching: the chain of bootstrapped targets is anchored there.
+  A further fraction ``--endpoint-fraction`` of the jumps is the whole interval (1 to 0), the one 1-step sampling makes.
 - ``--target split`` (SplitMeanFlow): with ``s = (t + r) / 2`` and ``z_s = z_t - (t - s) u(z_t, s, t)``,
   ``u_tgt = ((t - s) u(z_t, s, t) + (s - r) u(z_s, r, s)) / (t - r)``, both from the EMA network (no JVP).
 
@@ -53,6 +56,7 @@ class MeanFlow(Method):
             raise ValueError(f"{self.name} trains a flow map u(x, r, t): the student must take a second time r (add_r_conditioning); "
                              f"{type(student).__name__} does not.")
         self.target_net = copy.deepcopy(student).eval().requires_grad_(False)
+        self.finest_step = 2.0 ** (1 - max(1, config.ode_steps).bit_length())  # shortcut: the smallest dyadic jump
 
     def u(self, model, z, r, t, conditions):
         """Average velocity over ``[r, t]`` (native flow times)."""
@@ -99,12 +103,14 @@ class MeanFlow(Method):
         return torch.sigmoid(rng.normal() * self.config.logit_std + self.config.logit_mean).clamp(0.02, 1.0)
 
     def shortcut_pairs(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shortcut models' pairs (Frans et al. 2024): a step ``d = 2^-k`` (``k`` uniform in ``0 .. log2 ode_steps``),
-        ``t`` uniform on the grid of multiples of ``d`` and ``r = t - d``, so the split target is two half jumps; a
-        fraction ``--equal-fraction`` has ``d = 0`` (flow matching at a logit-normal ``t``)."""
+        """Shortcut models' pairs (Frans et al. 2024): a step ``d = 2^-k`` (``k`` uniform in ``0 .. log2 ode_steps``,
+        and ``d = 1``, the 1-step jump, for a further fraction ``--endpoint-fraction``), ``t`` uniform on the grid of
+        multiples of ``d`` and ``r = t - d``, so the split target is two half jumps; a fraction ``--equal-fraction``
+        has ``d = 0`` (flow matching at a logit-normal ``t``)."""
         cfg = self.config
         levels = max(1, cfg.ode_steps).bit_length()  # k = 0 .. floor(log2 ode_steps)
         cells = 2.0 ** rng.integers(levels).float()  # 1 / d
+        cells = torch.where(rng.uniform() < cfg.endpoint_fraction, 1.0, cells)  # the whole interval: the 1-step jump
         t = (torch.floor(rng.uniform() * cells) + 1) / cells
         r = t - 1 / cells
         matching = rng.uniform() < cfg.equal_fraction
@@ -125,11 +131,27 @@ class MeanFlow(Method):
         with torch.no_grad():
             s = (t + r) / 2
             ss = s.view(-1, 1, 1, 1)
-            u_ts = self.u(self.target_net, z, s, t, conditions)
+            u_ts = self.half_jump(z, s, t, conditions, velocity=v)
             z_s = z - (tt - ss) * u_ts
-            split = ((tt - ss) * u_ts + (ss - rr) * self.u(self.target_net, z_s, r, s, conditions)) / (tt - rr).clamp_min(1e-6)
+            split = ((tt - ss) * u_ts + (ss - rr) * self.half_jump(z_s, r, s, conditions)) / (tt - rr).clamp_min(1e-6)
             target = torch.where((t == r).view(-1, 1, 1, 1), v, split)
         return self.u(self.student, z, r, t, conditions), target
+
+    def half_jump(self, z, r, t, conditions, velocity=None):
+        """The EMA network's average velocity over ``[r, t]`` (half of a split jump). Shortcut's smallest jumps take the
+        velocity at ``t`` instead (flow matching's level): from data, the EMA network's at ``r = t``; else the
+        teacher's (``velocity`` where already computed at these points), called for those samples only (one host sync
+        for their number, rather than a teacher forward over the whole batch)."""
+        if self.target != "shortcut":
+            return self.u(self.target_net, z, r, t, conditions)
+        finest = (2 * (t - r) - self.finest_step).abs() < 1e-6
+        if self.config.source == "data":
+            return self.u(self.target_net, z, torch.where(finest, t, r), t, conditions)
+        u = self.u(self.target_net, z, r, t, conditions)
+        i = finest.nonzero()[:, 0]
+        if len(i):
+            u[i] = (velocity[i] if velocity is not None else self.teacher_velocity(z[i], t[i], {k: c[i] for k, c in conditions.items()})).to(u.dtype)
+        return u
 
     def checkpoint_modules(self) -> dict:
         return {"target": (self.target_net, self.student_trainable_names)}

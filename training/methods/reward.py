@@ -106,15 +106,14 @@ class RewardTuning(DMD2):
         return -(grad * x).flatten(1).sum(dim=1).mean(), scores.detach()
 
     def train_step(self, batch, rng) -> dict:
-        self._rng = rng  # the surrogate's perturbations come from the update's draws (exact resume)
         if self.fake is not None:
             return super().train_step(batch, rng)
         x = self._generate(batch["conditions"], rng)
-        loss, losses = self.generator_losses(x, None, None, batch["conditions"])
+        loss, losses = self.generator_losses(x, None, None, batch["conditions"], rng)
         self.update(loss, self.optimizer, "generator")
         return {k: v.detach() for k, v in losses.items()}
 
-    def generator_losses(self, x, x_t, t, conditions):
-        total, losses = super().generator_losses(x, x_t, t, conditions) if self.fake is not None else (0.0, {})
-        loss, scores = self.reward_loss(x, conditions, self._rng)
+    def generator_losses(self, x, x_t, t, conditions, rng):
+        total, losses = super().generator_losses(x, x_t, t, conditions, rng) if self.fake is not None else (0.0, {})
+        loss, scores = self.reward_loss(x, conditions, rng)  # (the surrogate's perturbations: the update's draws)
         return total + self.config.reward_weight * loss, losses | {"reward": scores.mean().detach()}

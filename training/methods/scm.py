@@ -167,7 +167,7 @@ class SCM(DMD2):
         if self.fake is not None:
             x = self._generate(conditions, rng)
             x_t, t, _ = self._noised(x, rng)
-            dmd, _ = self.generator_losses(x, x_t, t, conditions)  # DMD2's (no GAN head here)
+            dmd, _ = self.generator_losses(x, x_t, t, conditions, rng)  # DMD2's (no GAN head here)
             losses["dmd"] = dmd
             total = total + self.config.dmd_weight * dmd
         self.update(total, self.optimizer, self.name)

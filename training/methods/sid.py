@@ -40,7 +40,7 @@ class SiD(DMD2):
         """The fake score's x0, guided with ``--lsg-scale`` (LSG; 1 = plain)."""
         return self.teacher.predict(self.fake, x_t, t, conditions, guidance_scale=self.config.lsg_scale)[0]
 
-    def generator_losses(self, x, x_t, t, conditions):
+    def generator_losses(self, x, x_t, t, conditions, rng):
         x0_real, _ = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
         if self.head is None:
             x0_fake, weights, losses = self.fake_prediction(x_t, t, conditions), None, {}
