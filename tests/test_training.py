@@ -331,7 +331,6 @@ def test_flowmap_target_is_fixed_by_the_exact_flow_map(target, jump_fraction):
     method = FlowMap.__new__(FlowMap)
     method.config, method.target = SimpleNamespace(ode_steps=64, source="teacher", guidance_scale=1.0, jump_fraction=jump_fraction, tangent_time_step=0.0), target
     method.student = method.target_net = None
-    method.finest_step = 1 / 64  # (no pair below is a finest shortcut jump: see the next test)
     method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
     method.u = lambda model, z, r, t, cond: z * (1 - torch.exp(a * (r - t).view(-1, 1, 1, 1))) / (t - r).clamp_min(1e-12).view(-1, 1, 1, 1)
     method.teacher_velocity = lambda z, t, cond: a * z
@@ -355,7 +354,7 @@ def test_shortcut_finest_jump_is_two_euler_steps_of_the_velocity(source):
 
     method = MeanFlow.__new__(MeanFlow)
     method.config, method.target = SimpleNamespace(ode_steps=32, source=source, guidance_scale=1.0), "shortcut"
-    method.finest_step, method.student, method.target_net = 1 / 32, "student", "ema"
+    method.student, method.target_net = "student", "ema"  # (ode_steps 32: the smallest step is 1/32)
     velocity = lambda z, t: torch.sin(3 * z) + t.view(-1, 1, 1, 1)  # noqa: E731
     half = lambda z, r, t: 2 * z - r.view(-1, 1, 1, 1)  # noqa: E731  (any other average velocity)
     def u(model, z, r, t, cond):  # the EMA network at r = t is the flow-matching velocity

@@ -56,7 +56,6 @@ class MeanFlow(Method):
             raise ValueError(f"{self.name} trains a flow map u(x, r, t): the student must take a second time r (add_r_conditioning); "
                              f"{type(student).__name__} does not.")
         self.target_net = copy.deepcopy(student).eval().requires_grad_(False)
-        self.finest_step = 2.0 ** (1 - max(1, config.ode_steps).bit_length())  # shortcut: the smallest dyadic jump
 
     def u(self, model, z, r, t, conditions):
         """Average velocity over ``[r, t]`` (native flow times)."""
@@ -102,14 +101,17 @@ class MeanFlow(Method):
         """``sigmoid(N(--logit-mean, --logit-std))`` per sample, kept in ``[0.02, 1]``."""
         return torch.sigmoid(rng.normal() * self.config.logit_std + self.config.logit_mean).clamp(0.02, 1.0)
 
+    def shortcut_levels(self) -> int:
+        """Shortcut's step sizes ``d = 2^-k``, ``k = 0 .. floor(log2 ode_steps)``: how many."""
+        return max(1, self.config.ode_steps).bit_length()
+
     def shortcut_pairs(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """Shortcut models' pairs (Frans et al. 2024): a step ``d = 2^-k`` (``k`` uniform in ``0 .. log2 ode_steps``,
         and ``d = 1``, the 1-step jump, for a further fraction ``--endpoint-fraction``), ``t`` uniform on the grid of
         multiples of ``d`` and ``r = t - d``, so the split target is two half jumps; a fraction ``--equal-fraction``
         has ``d = 0`` (flow matching at a logit-normal ``t``)."""
         cfg = self.config
-        levels = max(1, cfg.ode_steps).bit_length()  # k = 0 .. floor(log2 ode_steps)
-        cells = 2.0 ** rng.integers(levels).float()  # 1 / d
+        cells = 2.0 ** rng.integers(self.shortcut_levels()).float()  # 1 / d
         cells = torch.where(rng.uniform() < cfg.endpoint_fraction, 1.0, cells)  # the whole interval: the 1-step jump
         t = (torch.floor(rng.uniform() * cells) + 1) / cells
         r = t - 1 / cells
@@ -144,7 +146,7 @@ class MeanFlow(Method):
         for their number, rather than a teacher forward over the whole batch)."""
         if self.target != "shortcut":
             return self.u(self.target_net, z, r, t, conditions)
-        finest = (2 * (t - r) - self.finest_step).abs() < 1e-6
+        finest = (2 * (t - r) - 2.0 ** (1 - self.shortcut_levels())).abs() < 1e-6  # halves of the smallest step
         if self.config.source == "data":
             return self.u(self.target_net, z, torch.where(finest, t, r), t, conditions)
         u = self.u(self.target_net, z, r, t, conditions)
