@@ -1,7 +1,9 @@
 """The distillation trainer on a tiny random digits teacher: runs, resumes exactly, stops on NaN, refuses bad input."""
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +69,33 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path, method):
     distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest", method=method))
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_rate_schedule_resumes_exactly_and_a_resumed_run_takes_its_new_learning_rate(tiny_teacher, tmp_path, monkeypatch):
+    """The schedule is a function of the update (warm-up, then cosine to 0 at --max-train-steps), so a resumed run
+    continues it exactly; a run resumed with another --learning-rate uses it (the checkpoint's optimizer moments are
+    restored, not its learning rate)."""
+    rates, fake_rates, step = [], [], torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        scheduled = "initial_lr" in self.param_groups[0]  # the student's optimizer (the fake score's has no schedule)
+        (rates if scheduled else fake_rates).append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    schedule = dict(lr_scheduler="cosine", lr_warmup_steps=1, learning_rate=2e-4, max_train_steps=4)
+    distill(tiny(tiny_teacher, tmp_path / "straight", **schedule))
+    assert rates == pytest.approx([0.0, 2e-4, 2e-4 * (1 + math.cos(math.pi / 3)) / 2, 2e-4 * (1 + math.cos(math.pi * 2 / 3)) / 2])
+    straight, rates[:] = list(rates), []
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "student")
+    distill(tiny(tiny_teacher, tmp_path / "resumed", **schedule, resume=str(tmp_path / "resumed" / "checkpoints" / "step-2")))
+    assert rates == straight[2:]
+    a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rates[:] = []
+    distill(tiny(tiny_teacher, tmp_path / "resumed", max_train_steps=5, learning_rate=3e-5, fake_learning_rate=7e-5, resume="latest"))
+    assert rates == [3e-5] and fake_rates[-1] == 7e-5
 
 
 def test_kill_9_then_resume_loses_no_completed_checkpoint(tiny_teacher, tmp_path):

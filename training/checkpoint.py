@@ -93,8 +93,11 @@ def load_optimizer_files(optimizer, modules: dict[str, torch.nn.Module], tensors
     if unknown:
         raise ValueError(f"the checkpoint's {what} trains parameters this run lacks ({unknown[:4]}): it belongs to another model or method.")
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in group.items()} for group in meta["param_groups"]]
+    options = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(_named(modules), optimizer, {"state": state, "param_groups": groups},
                              options=StateDictOptions(full_state_dict=distributed()))
+    for group, own_options in zip(optimizer.param_groups, options):  # this run's learning rate, betas... win over the
+        group.update(own_options)  # checkpoint's (a resumed run may lower the learning rate); the moments are restored
 
 
 def ema_files(ema, names: list[str]) -> tuple[dict, dict]:

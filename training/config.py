@@ -20,6 +20,7 @@ CONFIG_FILE = "config.yaml"  # the resolved options of a run, written in its fol
 DIVERGENCES = ("reverse-kl", "forward-kl", "js")
 LOSSES = ("huber", "l2")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")  # diffusers' get_scheduler
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -47,6 +48,8 @@ class DistillConfig:
     batch_size: int = option(128, "samples per micro-batch and process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (all optimizers)")
     learning_rate: float = option(1e-4, "student learning rate (AdamW)")
+    lr_scheduler: str = option("constant", "schedule of the student learning rate over --max-train-steps (diffusers' get_scheduler; the other networks keep theirs)", LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "updates of linear learning-rate warm-up from 0 (any --lr-scheduler but constant)")
     fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, scm with --dmd-weight: fake-score learning rate")
     fake_updates: int = option(1, "dmd2, tdm, sid, scm with --dmd-weight: fake-score updates per generator update")
     fake_lora_rank: int = option(0, "dmd2, tdm, sid, scm with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
@@ -102,6 +105,9 @@ class DistillConfig:
         checks = [
             (1 <= self.num_steps <= 4, "num_steps", "must be 1 to 4"),
             (self.max_train_steps > 0, "max_train_steps", "must be positive"),
+            (0 <= self.lr_warmup_steps < self.max_train_steps, "lr_warmup_steps", f"must lie in [0, --max-train-steps = {self.max_train_steps})"),
+            (self.lr_warmup_steps == 0 or self.lr_scheduler != "constant", "lr_warmup_steps",
+             "needs an --lr-scheduler with a warm-up (constant has none: use constant_with_warmup)"),
             (self.batch_size > 0, "batch_size", "must be positive"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1"),
             (self.learning_rate > 0, "learning_rate", "must be positive"),

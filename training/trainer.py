@@ -20,6 +20,7 @@ import time
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -190,6 +191,10 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         _load_checkpoint(path, method, accelerator, optimizer, ema, names)
         start, parts = saved["update"], saved.get("parts", [])
         accelerator.print(f"resumed from {path} (update {start}; {sum(p['seconds'] for p in parts):.0f} s of training so far)")
+    for group in optimizer.param_groups:  # the schedule starts from this run's --learning-rate, on resume too
+        group["initial_lr"] = config.learning_rate
+    lr_schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                num_training_steps=config.max_train_steps, last_epoch=start - 1)  # (a pure function of the update)
     if accelerator.is_main_process:
         write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
         write_atomically(os.path.join(config.output_dir, CONFIG_FILE), config_yaml(config))
@@ -218,6 +223,8 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
                 method.last_micro_step = micro == config.gradient_accumulation_steps - 1
                 with accelerator.autocast():  # every forward (teacher, fake score, student) in the mixed precision
                     logs = method.train_step(data.batch(rng), rng)
+            lr = lr_schedule.get_last_lr()[0]  # this update's
+            lr_schedule.step()
             # EMA
             if ema is not None:
                 ema.step(params)
@@ -229,9 +236,11 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
             if done % config.log_every == 0 or done == config.max_train_steps or done - start == 5:
                 guard.check()
                 means = {k: float(v) / summed for k, v in sums.items()}
+                if config.lr_scheduler != "constant":
+                    means["lr"] = lr
                 sums, summed = {}, 0
                 seconds = time.time() - started
-                progress.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | {"s/update": f"{seconds / (done - start):.3f}"})
+                progress.set_postfix({k: f"{v:.3g}" if k == "lr" else f"{v:.4f}" for k, v in means.items()} | {"s/update": f"{seconds / (done - start):.3f}"})
                 if log_with:
                     accelerator.log(means, step=done)
                 if done - start == 5 and config.max_train_steps - done > 0:
