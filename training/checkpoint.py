@@ -92,12 +92,14 @@ def load_optimizer_files(optimizer, modules: dict[str, torch.nn.Module], tensors
     unknown = sorted(set(state) - own)
     if unknown:
         raise ValueError(f"the checkpoint's {what} trains parameters this run lacks ({unknown[:4]}): it belongs to another model or method.")
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in group.items()} for group in meta["param_groups"]]
-    options = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    saved = meta["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's {what} has {len(saved)} parameter groups and this run's {len(optimizer.param_groups)}: "
+                         "it belongs to another model or method.")
+    # the checkpoint's moments with this run's learning rate, betas... (a resumed run may lower the learning rate)
+    groups = [{k: v for k, v in own.items() if k != "params"} | {"params": group["params"]} for own, group in zip(optimizer.param_groups, saved)]
     set_optimizer_state_dict(_named(modules), optimizer, {"state": state, "param_groups": groups},
                              options=StateDictOptions(full_state_dict=distributed()))
-    for group, own_options in zip(optimizer.param_groups, options):  # this run's learning rate, betas... win over the
-        group.update(own_options)  # checkpoint's (a resumed run may lower the learning rate); the moments are restored
 
 
 def ema_files(ema, names: list[str]) -> tuple[dict, dict]:
