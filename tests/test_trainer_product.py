@@ -231,3 +231,13 @@ def test_model_cards_link_what_exists_and_their_snippets_run(tiny_teacher, tmp_p
         # the card's repo id is the folder's name: run the snippet next to the folder, as a user who downloaded it
         result = run_python(block, cwd=os.path.dirname(folder))
         assert result.returncode == 0, f"{block}\n{result.stderr[-3000:]}"
+
+
+def test_an_optimizer_checkpoint_with_other_parameter_groups_is_refused():
+    from onestep_pipelines.training import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    tensors, meta = checkpoint.optimizer_files(torch.optim.AdamW(model.parameters()), {"m": model})
+    two_groups = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}])
+    with pytest.raises(ValueError, match="the checkpoint's optimizer has 1 parameter groups and this run's 2"):
+        checkpoint.load_optimizer_files(two_groups, {"m": model}, tensors, meta, "optimizer")
