@@ -1,7 +1,8 @@
 """Step-by-step parity of our schedulers with the diffusers schedulers they generalise.
 
 For every row: fresh random sample and model outputs (seeded), the same ``torch.Generator`` seed for
-both schedulers' noise, 1, 2 and 4 steps where the diffusers scheduler supports that count; each
+both schedulers' noise (or, with ``--per-image-generators``, a list of one generator per image of the batch, as
+pipelines pass with ``generator=[...]``), 1, 2 and 4 steps where the diffusers scheduler supports that count; each
 scheduler runs its own trajectory and the maximum absolute difference of ``prev_sample`` over all
 steps is reported, relative to the largest value of the stock trajectory (at least 1): a row passes at <= 1e-6,
 a few float32 rounding steps (our schedulers apply each step as per-step constants worked out in float64, so the
@@ -13,6 +14,7 @@ last bits differ from the stock schedulers' own order of operations).
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -50,14 +52,21 @@ class Row:
         return self.max_abs_diff <= TOLERANCE
 
 
-def _run(stock, ours, stock_timesteps, seed: int, stock_step_kwargs=None, start_scale: float = 1.0) -> float:
-    """Run both schedulers on the same model outputs and noise seed; max |prev_a - prev_b| / max(1, |prev_a|) over
+def _generators(seed: int, per_image: bool):
+    """One generator, or one per image of the batch (seeds ``seed, seed + 1, ...``)."""
+    if not per_image:
+        return torch.Generator().manual_seed(seed)
+    return [torch.Generator().manual_seed(seed + b) for b in range(SHAPE[0])]
+
+
+def _run(stock, ours, stock_timesteps, seed: int, stock_step_kwargs=None, start_scale: float = 1.0, per_image: bool = False) -> float:
+    """Run both schedulers on the same model outputs and noise seeds; max |prev_a - prev_b| / max(1, |prev_a|) over
     steps."""
     g = torch.Generator().manual_seed(seed)
     x_a = torch.randn(SHAPE, generator=g) * start_scale
     x_b = x_a.clone()
     outputs = [torch.randn(SHAPE, generator=g) for _ in stock_timesteps]
-    gen_a, gen_b = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    gen_a, gen_b = _generators(seed + 1, per_image), _generators(seed + 1, per_image)
     kwargs = dict(stock_step_kwargs or {})
     if "generator" in inspect.signature(stock.step).parameters:
         kwargs["generator"] = gen_a
@@ -69,14 +78,15 @@ def _run(stock, ours, stock_timesteps, seed: int, stock_step_kwargs=None, start_
     return worst
 
 
-def parity_rows(seed: int = 0) -> list[Row]:
+def parity_rows(seed: int = 0, per_image_generators: bool = False) -> list[Row]:
     rows: list[Row] = []
+    run = functools.partial(_run, per_image=per_image_generators)
     for n in STEPS:
         stock = LCMScheduler()
         ours = ConsistencyScheduler.from_config(LCMScheduler().config, gamma=1)
         stock.set_timesteps(n)
         ours.set_timesteps(n)
-        rows.append(Row("LCMScheduler vs Consistency(gamma=1)", n, _run(stock, ours, stock.timesteps, seed)))
+        rows.append(Row("LCMScheduler vs Consistency(gamma=1)", n, run(stock, ours, stock.timesteps, seed)))
 
     for g in (0.0, 0.3, 1.0):
         for n in STEPS:
@@ -85,7 +95,7 @@ def parity_rows(seed: int = 0) -> list[Row]:
             ours = ConsistencyScheduler.from_config(TCDScheduler().config, gamma=g, set_alpha_to_one=False)
             stock.set_timesteps(n)
             ours.set_timesteps(n)
-            diff = _run(stock, ours, stock.timesteps, seed, {"eta": g})
+            diff = run(stock, ours, stock.timesteps, seed, {"eta": g})
             rows.append(Row(f"TCDScheduler(eta={g}) vs Consistency(gamma={g})", n, diff))
 
     for n in STEPS:
@@ -93,26 +103,26 @@ def parity_rows(seed: int = 0) -> list[Row]:
         ours = ConsistencyScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, gamma=0, timestep_preset="linspace")
         stock.set_timesteps(n)
         ours.set_timesteps(n)  # the "linspace" preset is the stock default grid
-        rows.append(Row("FlowMatchEuler(shift=3) vs Consistency(gamma=0, linspace preset)", n, _run(stock, ours, stock.timesteps, seed)))
+        rows.append(Row("FlowMatchEuler(shift=3) vs Consistency(gamma=0, linspace preset)", n, run(stock, ours, stock.timesteps, seed)))
         stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
         sigmas = np.linspace(1.0, 1.0 / n, n).tolist()  # what the Flux pipeline passes; both shift it
         stock.set_timesteps(sigmas=sigmas)
         ours.set_timesteps(sigmas=sigmas)
-        rows.append(Row("FlowMatchEuler(shift=3) vs Consistency(gamma=0), sigmas", n, _run(stock, ours, stock.timesteps, seed)))
+        rows.append(Row("FlowMatchEuler(shift=3) vs Consistency(gamma=0), sigmas", n, run(stock, ours, stock.timesteps, seed)))
 
     for n in STEPS:
         stock = FlowMatchLCMScheduler(shift=3.0)
         ours = ConsistencyScheduler.from_config(FlowMatchLCMScheduler(shift=3.0).config, gamma=1, timestep_preset="linspace")
         stock.set_timesteps(n)
         ours.set_timesteps(n)
-        rows.append(Row("FlowMatchLCM(shift=3) vs Consistency(flow, gamma=1, linspace preset)", n, _run(stock, ours, stock.timesteps, seed)))
+        rows.append(Row("FlowMatchLCM(shift=3) vs Consistency(flow, gamma=1, linspace preset)", n, run(stock, ours, stock.timesteps, seed)))
 
     for n in STEPS:
         stock = SCMScheduler()
         ours = ConsistencyScheduler.from_config(SCMScheduler().config, gamma=1)
         stock.set_timesteps(n, intermediate_timesteps=1.3 if n == 2 else None)
         ours.set_timesteps(n)
-        diff = _run(stock, ours, stock.timesteps[:-1], seed, start_scale=stock.config.sigma_data)
+        diff = run(stock, ours, stock.timesteps[:-1], seed, start_scale=stock.config.sigma_data)
         rows.append(Row("SCMScheduler vs Consistency(trigflow, gamma=1)", n, diff))
 
     for n in STEPS:
@@ -121,7 +131,7 @@ def parity_rows(seed: int = 0) -> list[Row]:
         if FlowMapEulerDiscreteScheduler is not None:
             stock = FlowMapEulerDiscreteScheduler(shift=3.0)
             stock.set_timesteps(n)
-            diff = _run(stock, ours, stock.timesteps, seed)
+            diff = run(stock, ours, stock.timesteps, seed)
             rows.append(Row("FlowMapEulerDiscrete(shift=3) vs FlowMap(gamma=0)", n, diff))
         else:
             rows.append(Row("formula x_r = x_t - (t - r) u vs FlowMap(gamma=0)", n, _formula_flow_map(ours, seed)))
@@ -144,8 +154,9 @@ def _formula_flow_map(ours: FlowMapScheduler, seed: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-image-generators", action="store_true", help="one generator per image of the batch")
     args = parser.parse_args(argv)
-    rows = parity_rows(args.seed)
+    rows = parity_rows(args.seed, args.per_image_generators)
     width = max(len(r.name) for r in rows)
     print(f"{'comparison':<{width}}  steps  max |diff| / max(1, |x|)   pass (<= {TOLERANCE:g})")
     for r in rows:

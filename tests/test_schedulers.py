@@ -42,6 +42,29 @@ def test_parity_with_a_second_seed():
     assert all(r.passed for r in parity_rows(seed=123))
 
 
+def test_parity_with_one_generator_per_image():
+    """``generator=[g0, g1]`` draws image b's noise from g_b (diffusers' ``randn_tensor``), in every scheduler row."""
+    bad = [(r.name, r.steps, r.max_abs_diff) for r in parity_rows(seed=10, per_image_generators=True) if not r.passed]
+    assert not bad, bad
+
+
+def test_generator_lists_draw_each_image_from_its_own_generator():
+    ours = ConsistencyScheduler(gamma=1.0)
+    ours.set_timesteps(2)
+    x, out = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)), torch.zeros(SHAPE)
+
+    def first_step(generator):
+        ours.set_timesteps(2)
+        return ours.step(out, ours.timesteps[0], x, generator=generator).prev_sample
+
+    both = first_step([torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)])
+    torch.testing.assert_close(both[1:], first_step([torch.Generator().manual_seed(99), torch.Generator().manual_seed(11)])[1:])
+    torch.testing.assert_close(both[:1], first_step(torch.Generator().manual_seed(10))[:1])
+    assert not torch.allclose(both[:1], first_step(torch.Generator().manual_seed(11))[:1])
+    with pytest.raises(ValueError, match="list of 3 generators for a batch of 2"):
+        first_step([torch.Generator() for _ in range(3)])
+
+
 # ------------------------------------------------------------------------------------ from_config
 @pytest.mark.parametrize(
     "stock,time_type,prediction,preset",

@@ -139,3 +139,28 @@ def test_tcd_users_pass_eta_per_call():
     torch.testing.assert_close(call(pipe, "sd", "text", num_inference_steps=4, eta=0.3), runs[("stock", 0.3)], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="eta"):
         call(pipe, "sd", "text", num_inference_steps=4, eta=1.5)
+
+
+def _per_image_generators():
+    return [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
+
+
+@pytest.mark.parametrize("arch,stock_cls,kwargs", [
+    ("sd", LCMScheduler, {}),
+    ("sd", TCDScheduler, {"eta": 0.3}),
+    ("sdxl", LCMScheduler, {}),
+], ids=["sd-lcm", "sd-tcd", "sdxl-lcm"])
+def test_one_generator_per_image_equals_the_stock_scheduler(arch, stock_cls, kwargs):
+    """``pipe(..., num_images_per_prompt=2, generator=[g0, g1])``: every re-noising draws image b from g_b, as stock.
+    (The stock SD3 / Flux loops pass no generator to ``step``, so their stock schedulers draw from the global RNG; our
+    few-step pipelines pass the call's generator: ``test_students.py``. FlowMatchLCM's rows: ``benchmarks/parity.py``.)"""
+    pipe = build(arch, "text")
+    stock = stock_cls.from_config(pipe.scheduler.config)
+    pipe.scheduler = stock
+    run = dict(num_inference_steps=4, num_images_per_prompt=2, **kwargs)
+    expected = call(pipe, arch, "text", generator=_per_image_generators(), **run)
+    named = {**stock.config, "_class_name": stock_cls.__name__}
+    pipe.scheduler = ConsistencyScheduler.from_config(named)
+    got = call(pipe, arch, "text", generator=_per_image_generators(), **run)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1])

@@ -78,16 +78,19 @@ class FewStepPipelineMixin:
         if metadata is not None and metadata.scheduler_class == "PolicyScheduler":
             self._check_policy_call(inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments | kwargs)
         scheduler = self.scheduler
-        deferring = hasattr(scheduler, "raise_if_nonfinite")
-        if deferring:  # our schedulers: the NaN / inf check is read after the call, not inside the denoising loop
+        ours = hasattr(scheduler, "raise_if_nonfinite")
+        if ours:  # the NaN / inf check is read after the call, not inside the denoising loop; re-noising steps draw
+            # from the call's generator also where the stock loop does not pass it to step (SD3, Flux)
             scheduler.defer_finite_check = True
+            scheduler.call_generator = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments.get("generator")
         try:
             with self._passing_r(metadata):
                 output = super().__call__(*args, **kwargs)
         finally:
-            if deferring:
+            if ours:
                 scheduler.defer_finite_check = False
-        if deferring:
+                scheduler.call_generator = None
+        if ours:
             scheduler.raise_if_nonfinite()
         return output
 

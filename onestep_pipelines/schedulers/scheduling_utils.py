@@ -137,6 +137,9 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         self._schedule = None
         self._finite = None  # device state of the NaN / inf check of the current generation
         self.defer_finite_check = False  # set by the few-step pipelines: the check is read after the call
+        # The generator of the pipeline call in progress, set by the few-step pipelines: the stock SD3 and Flux loops
+        # call ``step`` without one, so a stochastic student would otherwise draw from the global RNG.
+        self.call_generator = None
 
     def _columns(self, times: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
         """The per-step constants of the subclass's rule (named as ``_table_names``)."""
@@ -302,17 +305,11 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         return sample.to(dtype), model_output.to(dtype)
 
     def _draw_noise(self, i: int, like: torch.Tensor, generator, gamma: float) -> torch.Tensor | None:
-        """Fresh noise for re-noising steps (``gamma > 0`` and not the last step), drawn like diffusers' ``randn_tensor``
-        (a CPU generator draws on the CPU, so results repeat across devices) but copied without stopping the host."""
+        """Fresh noise for re-noising steps (``gamma > 0`` and not the last step), drawn as diffusers' ``randn_tensor``
+        draws it (see :func:`draw_noise`)."""
         if gamma == 0 or i >= self.num_inference_steps - 1:
             return None
-        gen = generator[0] if isinstance(generator, list) else generator
-        if gen is not None and gen.device.type != like.device.type:
-            noise = torch.randn(like.shape, generator=gen, dtype=like.dtype)
-            if like.device.type == "cuda":
-                return noise.pin_memory().to(like.device, non_blocking=True)
-            return noise.to(like.device)
-        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+        return draw_noise(like, generator if generator is not None else self.call_generator)
 
     def _finish(self, prev_sample, denoised, dtype, return_dict):
         self._step_index += 1
@@ -320,6 +317,33 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         if not return_dict:
             return (prev_sample, denoised)
         return FewStepSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+
+def draw_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``, drawn as diffusers' ``randn_tensor`` draws it, so a scheduler's
+    samples equal the stock ones for the same generators: a list of generators draws image ``b`` of the batch from
+    ``generator[b]`` (a list of one is one generator), and a CPU generator draws on the CPU, so results repeat across
+    devices. The copy to an accelerator is non-blocking (from pinned memory), so the host is not stopped."""
+    if isinstance(generator, list):
+        if len(generator) == 1:
+            generator = generator[0]
+        elif len(generator) != like.shape[0]:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {like.shape[0]} samples; "
+                             "pass one generator per sample (or a single generator).")
+    gens = generator if isinstance(generator, list) else [generator]
+    device = gens[0].device if gens[0] is not None and gens[0].device.type != like.device.type else like.device
+    if device.type != like.device.type and gens[0].device.type != "cpu":
+        raise ValueError(f"cannot draw noise for a {like.device.type} sample with a {gens[0].device.type} generator; "
+                         f"use a CPU generator or one on {like.device.type}.")
+    shape = (1, *like.shape[1:]) if isinstance(generator, list) else like.shape
+    parts = [torch.randn(shape, generator=g, device=device, dtype=like.dtype) for g in gens]
+    noise = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if noise.device == like.device:
+        return noise
+    if like.device.type == "cuda":
+        return noise.pin_memory().to(like.device, non_blocking=True)
+    return noise.to(like.device)
+
 
 def step_arguments(args: tuple, eta, generator, return_dict):
     """Positional arguments of ``step`` after ``sample``: LCM's order ``(generator, return_dict)`` or TCD's

@@ -3,7 +3,7 @@ describes, which stock classes convert to and from ours, and how the stock optio
 
 ``from_config`` keeps a stock config's own values (betas, shift, prediction type...). Stock LCM and TCD configs are
 identical, so their differences (TCD's gamma, taken from ``step(eta=...)``, and trajectories ending at timestep 0;
-LCM's boundary condition) are applied only when the config names its class (``_class_name``, present in every saved
+LCM's boundary condition, and its last step returning the denoised sample even with ``set_alpha_to_one=False``) are applied only when the config names its class (``_class_name``, present in every saved
 ``scheduler_config.json``). FlowMatchEuler's ``shift_terminal``, ``time_shift_type`` and Karras / exponential / beta
 spacings are honoured; its ``invert_sigmas`` (Mochi's reversed time) is refused by the schedulers with an error.
 """
@@ -78,4 +78,5 @@ def infer_source_config(config: dict, infer_preset: bool = True, init_keys: set 
         out["gamma_from_eta"] = True
     elif name == "LCMScheduler":
         out["lcm_boundary_condition"] = True
+        out["set_alpha_to_one"] = True  # LCM's last step returns the denoised sample whatever its set_alpha_to_one
     return out
