@@ -91,6 +91,8 @@ def test_text_to_image_teacher_prints_no_torchvision_notice(tmp_path):
     (["distill", "--teacher", "{file}"], "--teacher {file} is not a diffusers pipeline folder"),
     (["distill", "--resume", "latest", "--output-dir", "{empty}"], "holds no run to continue"),
     (["evaluate", "{missing}"], "no such folder"),
+    (["distill", "--device", "cpu", "--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU, and --device cpu runs on the CPU"),
+    (["distill", "--push-to-hub", "me/x/y"], "--push-to-hub 'me/x/y' is not a Hub repo id"),
 ])
 def test_help_and_bad_options_answer_before_torch_loads(tmp_path, argv, message):
     paths = {"file": str(tmp_path / "afile"), "missing": str(tmp_path / "missing.yaml"), "empty": str(tmp_path / "empty")}
@@ -241,3 +243,162 @@ def test_an_optimizer_checkpoint_with_other_parameter_groups_is_refused():
     two_groups = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}])
     with pytest.raises(ValueError, match="the checkpoint's optimizer has 1 parameter groups and this run's 2"):
         checkpoint.load_optimizer_files(two_groups, {"m": model}, tensors, meta, "optimizer")
+
+
+# ------------------------------------------------------------------------------ the Hub: asked before anything loads
+@pytest.fixture
+def must_not_train(monkeypatch):
+    """The command must answer before the trainer (torch, diffusers, the teacher) loads."""
+    import onestep_pipelines.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "distill", lambda *a, **k: pytest.fail("the trainer started"))
+
+
+def closed_endpoint() -> str:
+    """The URL of a local port nothing listens on (a Hub that cannot be reached: connection refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def logged_in(hub, monkeypatch, tmp_path, token="hf_test", known=True, **user):
+    """huggingface_hub sees ``token`` (none when None) and no token file; the fake Hub knows it as ``user`` when
+    ``known``."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        return
+    monkeypatch.setenv("HF_TOKEN", token)
+    if known:
+        hub.add_token(token, **user)
+
+
+@pytest.mark.parametrize("repo_id, login, message", [
+    ("me/x/y", {}, "--push-to-hub 'me/x/y' is not a Hub repo id: use 'name' or 'user/name'"),
+    ("me/x", {"token": None}, "--push-to-hub me/x needs a Hub token with write access: set HF_TOKEN or run `hf auth login`"),
+    ("me/x", {"known": False}, "--push-to-hub me/x: the Hub (http://127.0.0.1:"),
+    ("me/x", {"role": "read"}, "--push-to-hub me/x: the Hub token is a read token"),
+    ("other/x", {"orgs": ("lab",)}, "--push-to-hub other/x: the Hub token is me's, which may write to me, lab, not other"),
+])
+def test_push_to_hub_that_cannot_upload_is_refused_before_anything_loads(tiny_teacher, tmp_path, hub, monkeypatch, capsys, must_not_train,
+                                                                           repo_id, login, message):
+    logged_in(hub, monkeypatch, tmp_path, **login)
+    assert main(["distill", "--teacher", tiny_teacher, "--output-dir", str(tmp_path / "run"), "--push-to-hub", repo_id]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if login.get("known") is False:
+        assert "refuses the token" in err
+    assert not (tmp_path / "run").exists() and not hub.repos
+
+
+def test_push_to_hub_without_network_or_offline_is_refused_in_seconds(tiny_teacher, tmp_path, hub, monkeypatch, capsys, must_not_train):
+    import time
+
+    from huggingface_hub import constants
+
+    logged_in(hub, monkeypatch, tmp_path)
+    monkeypatch.setattr(constants, "ENDPOINT", closed_endpoint())
+    started = time.time()
+    assert main(["distill", "--teacher", tiny_teacher, "--output-dir", str(tmp_path / "run"), "--push-to-hub", "me/x"]) == 2
+    assert time.time() - started < 5
+    err = capsys.readouterr().err
+    assert "--push-to-hub me/x: cannot reach the Hub (http://127.0.0.1:" in err and "onestep-train push RUN_DIR --repo-id me/x" in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["distill", "--teacher", tiny_teacher, "--output-dir", str(tmp_path / "run"), "--push-to-hub", "me/x"]) == 2
+    assert "--push-to-hub me/x uploads to the Hub, and HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_mixed_precision_fp16_on_the_cpu_is_refused_before_the_teacher_loads(tiny_teacher, tmp_path, monkeypatch):
+    import onestep_pipelines.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_teacher", lambda *a, **k: pytest.fail("the teacher loaded"))
+    with pytest.raises(ValueError, match=re.escape("--mixed-precision fp16 needs a GPU, and this run is on the CPU: use --mixed-precision bf16 or no.")):
+        distill(tiny(tiny_teacher, tmp_path / "auto", mixed_precision="fp16"))  # --device auto on a machine without a GPU
+    with pytest.raises(ValueError, match="--mixed-precision fp16 needs a GPU, and --device cpu runs on the CPU"):
+        tiny(tiny_teacher, tmp_path / "cpu", mixed_precision="fp16", device="cpu")  # (the CLI answers this before torch loads)
+
+
+def test_a_failed_upload_keeps_every_output_and_prints_the_command_that_retries_it(tiny_teacher, tmp_path, hub, monkeypatch, capsys):
+    """The run ends (student, model card, summary.json, FD table); the upload fails; the printed command uploads it."""
+    import shlex
+
+    from onestep_pipelines.testing.fake_hub import HubError
+
+    logged_in(hub, monkeypatch, tmp_path)
+    commit = hub._commit
+    monkeypatch.setattr(hub, "_commit", lambda *a, **k: (_ for _ in ()).throw(HubError(403, "this token cannot write to me/digits")))
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", tiny_teacher, "--output-dir", str(out), "--max-train-steps", "2", "--batch-size", "8", "--push-to-hub", "me/digits"]
+    assert main(argv) == 4
+    printed = capsys.readouterr()
+    assert "FD-digits" in printed.out and "student (dmd2)" in printed.out and "Traceback" not in printed.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores"] and "403" in summary["hub_error"] and (out / "student" / "model_index.json").is_file()
+    assert "the upload to me/digits failed" in printed.err and f"every output is kept in {out}" in printed.err
+    command = printed.err.strip().splitlines()[-1].strip()
+    assert command == summary["push_command"] == f"onestep-train push {shlex.quote(str(out))} --repo-id me/digits"
+    monkeypatch.setattr(hub, "_commit", commit)  # the Hub takes it now
+    assert main(shlex.split(command)[1:]) == 0
+    assert f"uploaded {out / 'student'} to " in capsys.readouterr().out
+    assert hub.repos["me/digits"]["model_index.json"] == (out / "student" / "model_index.json").read_bytes()
+
+
+def test_push_command_uploads_a_run_folder_or_a_student_folder_and_names_what_is_wrong(tiny_teacher, tmp_path, hub, monkeypatch, capsys):
+    logged_in(hub, monkeypatch, tmp_path)
+    distill(tiny(tiny_teacher, tmp_path / "run", max_train_steps=1, lora_rank=2))
+    assert main(["push", str(tmp_path / "run"), "--repo-id", "me/lora"]) == 0  # a LoRA run: its lora/ folder, as --push-to-hub
+    assert "pytorch_lora_weights.safetensors" in hub.repos["me/lora"] and "model_index.json" not in hub.repos["me/lora"]
+    assert main(["push", str(tmp_path / "run" / "student"), "--repo-id", "me/full"]) == 0
+    assert "model_index.json" in hub.repos["me/full"]
+    capsys.readouterr()
+    assert main(["push", str(tmp_path / "run" / "checkpoints"), "--repo-id", "me/x"]) == 2
+    assert "holds neither a saved pipeline" in capsys.readouterr().err
+    assert main(["push", str(tmp_path / "run"), "--repo-id", "other/x"]) == 2
+    assert "--repo-id other/x: the Hub token is me's, which may write to me, not other" in capsys.readouterr().err
+
+
+def test_a_hub_teacher_that_cannot_be_had_is_refused_in_seconds(tmp_path, hub, monkeypatch, capsys, must_not_train):
+    import time
+
+    from huggingface_hub import constants
+
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    argv = ["distill", "--teacher", "nobody/no-such-teacher", "--prompts", str(tmp_path / "prompts.txt"), "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert f"--teacher nobody/no-such-teacher: no such model on the Hub ({hub.endpoint}); if it is private, log in first" in capsys.readouterr().err
+    monkeypatch.setattr(constants, "ENDPOINT", closed_endpoint())
+    started = time.time()
+    assert main(argv) == 2
+    assert time.time() - started < 5
+    err = capsys.readouterr().err
+    assert "--teacher nobody/no-such-teacher: cannot reach the Hub (http://127.0.0.1:" in err and "the local cache holds no copy" in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(argv) == 2
+    assert "--teacher nobody/no-such-teacher: HF_HUB_OFFLINE is set and the Hub cache" in capsys.readouterr().err
+
+
+def test_a_cached_hub_teacher_loads_from_the_cache_when_the_hub_cannot_be_reached(tiny_teacher, tmp_path, hub, monkeypatch, capsys):
+    import time
+
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    from onestep_pipelines.training import hub_checks, load_teacher
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    HfApi().create_repo("me/teacher")
+    HfApi().upload_folder(folder_path=tiny_teacher, repo_id="me/teacher")
+    snapshot_download("me/teacher")  # the user's earlier download
+    config = DistillConfig(teacher="me/teacher", output_dir=str(tmp_path / "run"))
+    assert hub_checks.check_run(config) is False  # the Hub answers: diffusers checks for updates as usual
+    monkeypatch.setattr(constants, "ENDPOINT", closed_endpoint())
+    started = time.time()
+    assert hub_checks.check_run(config) is True
+    teacher = load_teacher("me/teacher", local_files_only=True)
+    assert time.time() - started < 5 and teacher.architecture == "digits"
+    printed = capsys.readouterr().out
+    assert "cannot be reached" in printed and "--teacher me/teacher loads from the local cache" in printed

@@ -160,7 +160,7 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
         (["--teacher", str(tmp_path)], "--teacher " + str(tmp_path) + " is not a diffusers pipeline"),
         (["--teacher", "no/such/teacher"], "nor a Hub id 'org/name'"),
         (["--teacher", "nobody/no-such-teacher"], "a text-to-image teacher needs --prompts FILE"),
-        (["--teacher", "nobody/no-such-teacher", "--prompts", str(prompts)], "could not be loaded as a diffusers pipeline"),
+        (["--teacher", "nobody/no-such-teacher", "--prompts", str(prompts)], "HF_HUB_OFFLINE is set and the Hub cache"),
         (["--lora-rank", "-1"], "--lora-rank must be 0 (train all weights) or positive, got -1"),
         (["--num-steps", "9"], "--num-steps must be 1 to 4, got 9"),
         (["--divergence", "js"], "set --gan-weight > 0"),
@@ -265,7 +265,9 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub, fresh_accelerate_state):
+def test_bf16_mixed_precision_and_push_to_hub(tiny_teacher, tmp_path, hub, fresh_accelerate_state, monkeypatch):
+    hub.add_token("hf_test")  # --push-to-hub asks the Hub who the token is before the run
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     result = distill(tiny(tiny_teacher, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16", push_to_hub="me/digits-student"))
     assert "model_index.json" in hub.repos["me/digits-student"] and "README.md" in hub.repos["me/digits-student"]
     assert hub.commits["me/digits-student"][-1] in result["hub_url"]

@@ -4,7 +4,9 @@
 6 minutes on 2 CPU cores) and prints teacher-vs-student FD-digits. Every option of
 :class:`~onestep_pipelines.training.config.DistillConfig` is a flag (``--help``), and ``--config run.yaml`` reads
 them from a file (flags given on the command line win). ``onestep-train evaluate STUDENT_DIR`` scores a digits
-student folder. Flags are parsed and checked before torch or diffusers load, so a mistake is answered at once.
+student folder; ``onestep-train push RUN_DIR --repo-id user/name`` uploads a run's student (what ``--push-to-hub``
+does, and the retry of an upload that failed). Exit codes: 2 bad options, 3 training diverged, 4 the run finished but
+its upload failed. Flags are parsed and checked before torch or diffusers load, so a mistake is answered at once.
 
 Several processes: ``accelerate launch --config_file training/configs/{ddp,fsdp,fsdp_lora}.yaml -m
 onestep_pipelines.training.cli distill ...`` on GPUs (DDP or FSDP2; DeepSpeed is refused); ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m
@@ -19,7 +21,8 @@ import logging
 import os
 import sys
 
-from .config import DistillConfig, flag, resolve
+from . import hub_checks
+from .config import RUN_FILE, DistillConfig, flag, resolve
 from .methods import METHODS, TrainingDiverged
 
 
@@ -58,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", default="", help="comma-separated step counts (default: the student's recommended steps)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu"), help="auto: CUDA / MPS when present, else the CPU")
     evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")
+    push = commands.add_parser(
+        "push", help="upload a run's student to the Hugging Face Hub (what --push-to-hub does; retries a failed upload)",
+        description="Upload a student to the Hugging Face Hub (token from HF_TOKEN / `hf auth login`); the repository is created when missing.",
+    )
+    push.add_argument("folder", metavar="RUN_DIR", help="a run folder (its lora/ folder when it has one, else its student/), or a student or LoRA folder")
+    push.add_argument("--repo-id", required=True, help="Hub repo id, 'user/name'")
     return parser
 
 
@@ -86,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     if command == "evaluate":
         return _evaluate(args)
+    if command == "push":
+        return _push(args)
     config_file = args.pop("config", None)
     try:
         config = resolve(args, config_file)
         config.check_paths()
+        hub_checks.check_run(config)  # a Hub id or an upload that cannot work: refused in seconds, before torch loads
     except ValueError as error:
         return _error(str(error))
     _silence_unused_torchvision_notice()
@@ -113,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"student: {result['student_dir']}  ({result['steps']} updates in {result['seconds']:.0f} s{part})")
     if "lora_dir" in result:
         print(f"LoRA: {result['lora_dir']}")
+    if "hub_url" in result:
+        print(f"Hub: {result['hub_url']}")
+    if "hub_error" in result:
+        print(f"onestep-train: the upload to {config.push_to_hub} failed ({result['hub_error']}); every output is kept in {config.output_dir}. "
+              f"Retry the upload with:\n  {result['push_command']}", file=sys.stderr)
+        return 4
     return 0
 
 
@@ -132,6 +150,27 @@ def _evaluate(args: dict) -> int:
     except ValueError as error:
         return _error(str(error))
     print(_table(rows))
+    return 0
+
+
+def _push(args: dict) -> int:
+    folder = args["folder"]
+    if not os.path.isdir(folder):
+        return _error(f"{folder}: no such folder.")
+    for part in ("lora", "student"):  # a run folder: what --push-to-hub uploads
+        if os.path.isfile(os.path.join(folder, RUN_FILE)) and os.path.isdir(os.path.join(folder, part)):
+            folder = os.path.join(folder, part)
+            break
+    from onestep_pipelines.hub import push_student  # (huggingface_hub only)
+
+    try:
+        hub_checks.check_push(args["repo_id"], flag="--repo-id")
+        url = push_student(folder, args["repo_id"])
+    except ValueError as error:
+        return _error(str(error))
+    except Exception as error:  # network, Hub, permission
+        return _error(f"the upload of {folder} to {args['repo_id']} failed ({hub_checks.error_reason(error)}); run this command again to retry.")
+    print(f"uploaded {folder} to {url}")
     return 0
 
 

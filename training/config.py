@@ -177,6 +177,8 @@ class DistillConfig:
                 raise ValueError("--regularizer none trains no fake score: --gan-weight and --divergence need --regularizer dmd.")
         if self.prompts and self.data:
             raise ValueError("pass --prompts FILE or --data FOLDER, not both.")
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            raise ValueError("--mixed-precision fp16 needs a GPU, and --device cpu runs on the CPU: use --mixed-precision bf16 or no.")
 
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""

@@ -203,9 +203,10 @@ def _encode(pipe, prompts: list[str], resolution: int) -> dict:
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids[None].expand(len(prompts), -1, -1)}
 
 
-def load_teacher(source: str = "digits", resolution: int = 512, allow_pickle: bool = False) -> Teacher:
+def load_teacher(source: str = "digits", resolution: int = 512, allow_pickle: bool = False, local_files_only: bool = False) -> Teacher:
     """The teacher named by ``source``: ``"digits"`` (the embedded digits teacher), or a folder or Hub id of a
-    diffusers pipeline with a UNet (SD 1.5 / SDXL, epsilon or v) or a transformer (SD3 / Flux, flow)."""
+    diffusers pipeline with a UNet (SD 1.5 / SDXL, epsilon or v) or a transformer (SD3 / Flux, flow);
+    ``local_files_only``: a Hub id from the local cache only (the Hub is unreachable)."""
     if source == "digits":
         return Teacher(load_digits_teacher(), "digits")  # the embedded teacher (load_digits_teacher())
     if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
@@ -213,7 +214,8 @@ def load_teacher(source: str = "digits", resolution: int = 512, allow_pickle: bo
     if not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") != 1):
         raise ValueError(f"teacher {source!r} is neither 'digits', a pipeline folder, nor a Hub id 'org/name'.")
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None if allow_pickle else True)
+        offline = {"local_files_only": True} if local_files_only else {}  # (else diffusers' default: HF_HUB_OFFLINE)
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None if allow_pickle else True, **offline)
     except (OSError, ValueError) as error:
         raise ValueError(f"teacher {source!r} could not be loaded as a diffusers pipeline: {error}") from None
     try:

@@ -33,7 +33,7 @@ from onestep_pipelines import pipelines
 from onestep_pipelines.pipelines.loading import write_atomically
 from onestep_pipelines.students import save_student_lora, write_model_card
 
-from . import checkpoint, sharding
+from . import checkpoint, hub_checks, sharding
 from .config import CONFIG_FILE, RUN_FILE, DistillConfig, config_yaml, flag
 from .data import make_data
 from .draws import Draws
@@ -45,12 +45,21 @@ from .teachers import load_teacher
 def choose_precision(config: DistillConfig, device: torch.device) -> tuple[str, str]:
     """``(mixed precision, why)``. ``auto``: full precision on the CPU and for the 1.3 M-parameter digits model (its
     updates are bound by kernel launches, which autocast only adds to); bf16 for text-to-image teachers on an
-    accelerator that supports it (fp16 otherwise), the precision their published recipes train in."""
+    accelerator that supports it (fp16 otherwise), the precision their published recipes train in. fp16 on the CPU
+    is refused (CPU autocast has no fp16: the first update would fail)."""
     if config.mixed_precision != "auto":
-        return config.mixed_precision, "as asked"
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launched:
-        return launched, "auto: from the accelerate config"
+        precision, why = config.mixed_precision, "as asked"
+    elif os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        precision, why = os.environ["ACCELERATE_MIXED_PRECISION"], "auto: from the accelerate config"
+    else:
+        return _auto_precision(config, device)
+    if precision == "fp16" and device.type == "cpu":
+        source = "--mixed-precision fp16" if why == "as asked" else "fp16 (ACCELERATE_MIXED_PRECISION, from the accelerate config)"
+        raise ValueError(f"{source} needs a GPU, and this run is on the CPU: use --mixed-precision bf16 or no.")
+    return precision, why
+
+
+def _auto_precision(config: DistillConfig, device: torch.device) -> tuple[str, str]:
     if device.type == "cpu":
         return "no", "auto: the CPU"
     if config.digits_teacher:
@@ -91,6 +100,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     replace ``config.teacher`` and the data the config names; ``export=False`` writes no checkpoint and no student
     (the GPU benchmark's real-size runs of a few updates)."""
     config.check_paths(teacher=teacher is None)
+    teacher_cached_only = hub_checks.check_run(config, teacher=teacher is None)  # Hub ids and uploads: seconds, not a retry loop
     sharding.check_launch()  # DeepSpeed, FSDP1: refused before anything loads
     cpu = config.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")  # (torchrun with CPU processes sets it)
     state = PartialState(cpu=cpu)
@@ -109,7 +119,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     set_seed(config.seed)
 
     # ------------------------------------------------------------------ teacher, student, method
-    teacher = teacher or load_teacher(config.teacher, resolution=config.resolution)
+    teacher = teacher or load_teacher(config.teacher, resolution=config.resolution, local_files_only=teacher_cached_only)
     method_cls = get_method(config.method)
     method_cls.check_teacher(teacher)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -295,6 +305,9 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         if accelerator.is_main_process:
             result.update(_export(teacher, model, ema_export, params_export, scheduler, config, device))
             write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
+            if config.push_to_hub:  # after every output is written: a failed upload loses nothing
+                result.update(_push(result, config))
+                write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
     if accelerator.num_processes > 1:  # free the DDP wrappers while every process and the process group are here:
         networks = ("student", *method.trained_networks(), *method.target_networks(), "optimizer", *method_optimizers)
         for attribute in networks:  # a gloo group destroyed later, from a wrapper's destructor, can deadlock
@@ -515,8 +528,15 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
         for folder, kind in ((student_dir, "full"), (out.get("lora_dir"), "lora")):
             if folder:
                 write_model_card(folder, metadata, kind, numbers=rows, grid=os.path.join(config.output_dir, "samples.png") if grid is not None else None)
-    if config.push_to_hub:
-        from onestep_pipelines.hub import push_student
-
-        out["hub_url"] = push_student(out.get("lora_dir") or student_dir, config.push_to_hub)
     return out
+
+
+def _push(result: dict, config: DistillConfig) -> dict:
+    """Upload the student (the LoRA folder of a LoRA run) to ``--push-to-hub``: ``{"hub_url"}``, or, when the upload
+    fails, ``{"hub_error", "push_command"}`` (the command that retries it); the run's outputs stay as they are."""
+    from onestep_pipelines.hub import push_student
+
+    try:
+        return {"hub_url": push_student(result.get("lora_dir") or result["student_dir"], config.push_to_hub)}
+    except Exception as error:  # network, Hub, permission: every way an upload fails must keep the run
+        return {"hub_error": hub_checks.error_reason(error), "push_command": hub_checks.push_command(config.output_dir, config.push_to_hub)}

@@ -15,7 +15,8 @@ the commit, binary files and ``*.safetensors`` through the LFS "basic" transfer)
 Only model repos and the ``main`` branch exist. Repos live in memory (``hub.repos``: repo id -> {path: bytes}
 at ``main``); every commit gets a new 40-hex sha (``hub.commits``). Every request is recorded in
 ``hub.requests``, headers included (so a test can check the ``Authorization`` header), but nothing is ever
-printed. Unknown repos, revisions and files answer 404 with the ``X-Error-Code`` that ``huggingface_hub`` maps
+printed. ``whoami`` (``GET /api/whoami-v2``) knows the tokens a test gives with ``hub.add_token(token, user, role)``
+and answers 401 to any other; the other routes accept any token or none. Unknown repos, revisions and files answer 404 with the ``X-Error-Code`` that ``huggingface_hub`` maps
 to ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``RemoteEntryNotFoundError``; routes the fake
 does not implement answer 501.
 
@@ -80,6 +81,7 @@ _REPO = r"(?P<repo_id>[^/]+/[^/]+)"
 _REV = r"(?P<revision>[^/]+)"
 # (method, path regex, handler name); HEAD is answered like GET without a body.
 _ROUTES = [
+    ("GET", r"/api/whoami-v2", "whoami"),
     ("POST", r"/api/repos/create", "create_repo"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
     ("GET", rf"/api/models/{_REPO}(?:/revision/{_REV})?", "model_info"),
@@ -99,6 +101,7 @@ class FakeHub:
         self.repos: dict[str, dict[str, bytes]] = {}  # repo id -> {path: content} at ``main``
         self.commits: dict[str, list[str]] = {}  # repo id -> commit shas, oldest first; the last one is ``main``
         self.requests: list[Request] = []
+        self.tokens: dict[str, dict] = {}  # token -> the whoami answer of its user (``add_token``)
         self._lfs_objects: dict[str, bytes] = {}  # sha256 -> content uploaded through LFS, waiting for a commit
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -146,6 +149,12 @@ class FakeHub:
             if getattr(module, "__dict__", {}).get("HF_HUB_OFFLINE") is True:  # no module __getattr__ triggered
                 monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
 
+    def add_token(self, token: str, user: str = "me", role: str = "write", orgs: tuple[str, ...] = ()) -> None:
+        """Make ``whoami`` know ``token``: a ``role`` ("read", "write" or "fineGrained") access token of ``user``, a
+        member of ``orgs``."""
+        self.tokens[token] = {"type": "user", "name": user, "orgs": [{"type": "org", "name": o} for o in orgs],
+                              "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}}
+
     # -- request dispatch ----------------------------------------------------------------------------------
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
@@ -159,6 +168,8 @@ class FakeHub:
                 match = re.fullmatch(pattern, path)
                 if match and route_method == method:
                     params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
+                    if name == "whoami":
+                        params["authorization"] = headers.get("authorization", "")
                     status, out_headers, out = getattr(self, "_" + name)(body, **params)
                     break
             else:
@@ -184,6 +195,12 @@ class FakeHub:
         if revision not in ("main", sha):
             raise HubError(404, f"Revision {revision} not found in {repo_id}", "RevisionNotFound")
         return files, sha
+
+    def _whoami(self, body: bytes, authorization: str):
+        token = authorization.removeprefix("Bearer ").strip()
+        if token not in self.tokens:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return _json(self.tokens[token])
 
     # -- repos ---------------------------------------------------------------------------------------------
 
