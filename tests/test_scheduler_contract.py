@@ -88,6 +88,22 @@ def test_compatibles_list_only_what_converts_and_round_trips_keep_the_time_type(
         assert "SCMScheduler" not in names
 
 
+@pytest.mark.parametrize("scheduler", [
+    ConsistencyScheduler(), ConsistencyScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction"),
+    TDMScheduler(), ConsistencyScheduler(time_type="flow", shift=3.0), FlowMapScheduler(), ConsistencyScheduler(time_type="trigflow"),
+], ids=["consistency-vp-defaults", "consistency-vp-linear-v", "tdm-vp", "consistency-flow", "flowmap-defaults", "consistency-trigflow"])
+def test_stock_classes_read_our_values_even_where_they_are_our_defaults(scheduler):
+    """``DDPMScheduler.from_config(ours.config)`` gives back the betas, prediction and shift ours samples with (diffusers
+    drops the keys a config marks as its class's defaults, and ours are not the stock classes' defaults)."""
+    for cls in scheduler.compatibles:
+        other = cls.from_config(scheduler.config)
+        differ = {k: (v, other.config[k]) for k, v in scheduler.config.items()
+                  if not k.startswith("_") and k in other.config and k not in ("gamma", "timestep_preset") and other.config[k] != v}
+        assert not differ, (cls.__name__, differ)
+        if hasattr(other, "alphas_cumprod") and scheduler.alphas_cumprod is not None:
+            torch.testing.assert_close(other.alphas_cumprod, scheduler.alphas_cumprod)
+
+
 def test_flow_map_is_not_built_from_a_vp_config():
     with pytest.raises(ValueError, match="time_type='vp'"):
         FlowMapScheduler.from_config(DDIMScheduler().config)
@@ -153,10 +169,24 @@ def test_custom_flow_timesteps_follow_the_stock_scheduler_stood_in_for():
     flow_map.set_timesteps(timesteps=[900, 700, 400, 100])  # shifted, as FlowMapEulerDiscreteScheduler does
     torch.testing.assert_close(flow_map.timesteps.double(), stock.timesteps.double(), rtol=1e-6, atol=1e-3)
     assert flow_map.timesteps.tolist() == pytest.approx([978.26, 921.05, 769.23, 357.14], abs=0.01)
-    consistency = ConsistencyScheduler(time_type="flow", shift=5.0)
-    consistency.set_timesteps(timesteps=[900, 700, 400, 100])  # as given: model timesteps and sigmas agree
-    assert consistency.timesteps.tolist() == pytest.approx([900, 700, 400, 100])
-    assert consistency.sigmas.tolist() == pytest.approx([0.9, 0.7, 0.4, 0.1, 0.0])
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=5.0)  # FlowMatchEuler: the model gets the timesteps as given, the
+    consistency = ConsistencyScheduler.from_config(euler.config, gamma=0.0)  # steps use their shifted sigmas
+    g = torch.Generator().manual_seed(0)
+    x, outs = torch.randn(SHAPE, generator=g), [torch.randn(SHAPE, generator=g) for _ in range(4)]
+    for extra in ({}, {"sigmas": [1.0, 0.6, 0.3, 0.1]}):  # timesteps alone, or with the sigmas they go with
+        for s in (euler, consistency):
+            s.set_timesteps(timesteps=[900, 700, 400, 100], **extra)
+        assert consistency.timesteps.tolist() == euler.timesteps.tolist() == [900, 700, 400, 100]
+        torch.testing.assert_close(consistency.sigmas, euler.sigmas, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(run(consistency, outs, x.clone()), run(euler, outs, x.clone()), rtol=1e-5, atol=1e-5)
+        noise, t = torch.randn(SHAPE), consistency.timesteps[1:2]  # image-to-image noising at a custom timestep
+        torch.testing.assert_close(consistency.scale_noise(x, t, noise), euler.scale_noise(x, t, noise), rtol=1e-6, atol=1e-6)
+    assert consistency.native_times(consistency.timesteps[1:2]).item() == pytest.approx(euler.sigmas[1].item())  # not 700 / T
+    with pytest.raises(ValueError, match="same length"):
+        consistency.set_timesteps(timesteps=[900, 100], sigmas=[1.0, 0.5, 0.2])
+    with pytest.raises(ValueError, match="flow only"):
+        ConsistencyScheduler().set_timesteps(timesteps=[900, 100], sigmas=[1.0, 0.5])
 
 
 # 7. FlowMapScheduler is a superset of FlowMapEulerDiscreteScheduler -------------------------------------------------------

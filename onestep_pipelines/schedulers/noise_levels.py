@@ -49,8 +49,19 @@ class NoiseLevelsMixin:
         """Native times of model ``timesteps`` (the inverse of the units of ``self.timesteps``)."""
         timesteps = torch.as_tensor(timesteps)
         if self.config.time_type == "flow":
-            return timesteps.double() / self.config.num_train_timesteps
+            return self._flow_sigmas(timesteps.double())
         return timesteps.double() if self.config.time_type == "trigflow" else timesteps.long()
+
+    def _flow_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Flow sigmas of model timesteps: ``t / T``; for the timesteps of a custom schedule whose model timesteps are
+        not ``sigma * T`` (FlowMatchEuler's custom ``timesteps`` with a shift), that schedule's sigmas, as
+        FlowMatchEulerDiscreteScheduler's ``scale_noise`` looks them up."""
+        sigmas = timesteps / self.config.num_train_timesteps
+        if self._model_sigmas is None:
+            return sigmas
+        model, native = (torch.as_tensor(a, device=timesteps.device, dtype=timesteps.dtype) for a in self._model_sigmas)
+        match = torch.isclose(timesteps.unsqueeze(-1), model, rtol=0, atol=1e-3).to(timesteps.dtype)
+        return torch.where(match.sum(-1) > 0, (match * native).sum(-1), sigmas)
 
     def _abar(self, times: torch.Tensor) -> torch.Tensor:
         """float32 ``alphas_cumprod`` at VP timesteps, 1 at the clean end (-1), on the device of ``times``."""
@@ -96,7 +107,7 @@ class NoiseLevelsMixin:
         """``(alpha, sigma)`` at model timesteps (model units), shaped to broadcast against ``ref``."""
         native = torch.as_tensor(timesteps, device=ref.device)
         if self.config.time_type == "flow":
-            native = native / self.config.num_train_timesteps
+            native = self._flow_sigmas(native.double())
         alpha, sigma = self._coefficients(native, dtype=self._compute_dtype(ref))
         shape = (-1,) + (1,) * (ref.ndim - 1)
         return alpha.to(ref.dtype).reshape(shape), sigma.to(ref.dtype).reshape(shape)

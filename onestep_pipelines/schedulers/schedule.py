@@ -64,19 +64,25 @@ def native_times(
     """Native times of the model evaluations (float64) from ``set_timesteps``' arguments.
 
     Custom ``timesteps`` are model timesteps: integers in ``[0, T)`` for VP (with ``strength < 1`` the first steps are
-    dropped, as LCM / TCD do), ``sigma * T`` in ``(0, T]`` for flow (used as given, or shifted like the preset's with
-    ``shift_custom_timesteps``, as FlowMapEulerDiscreteScheduler does), angles in ``(0, pi/2]`` for TrigFlow. Custom
-    flow ``sigmas`` go through the config's shift, as in FlowMatchEulerDiscreteScheduler.
+    dropped, as LCM / TCD do), values in ``(0, T]`` for flow, angles in ``(0, pi/2]`` for TrigFlow. Flow sigmas come
+    from custom ``sigmas`` when given, else from ``timesteps / T``, and go through the config's shift (and
+    ``shift_terminal`` / re-spacing) as in FlowMatchEulerDiscreteScheduler; with ``shift_custom_timesteps`` custom
+    timesteps get the static or ``mu`` shift alone, as FlowMapEulerDiscreteScheduler does. Which model timesteps go
+    with those sigmas is the scheduler's choice (:meth:`FewStepSchedulerMixin.set_timesteps`).
     """
     T = config.num_train_timesteps
     if timesteps is not None and sigmas is not None:
-        raise ValueError("Pass either `timesteps` or `sigmas` to set_timesteps, not both.")
+        if config.time_type != "flow":
+            raise ValueError("Pass either `timesteps` or `sigmas` to set_timesteps, not both (both together: flow only).")
+        if len(timesteps) != len(sigmas):
+            raise ValueError(f"`sigmas` ({len(sigmas)}) and `timesteps` ({len(timesteps)}) must have the same length.")
+        check_decreasing(_host(timesteps), "timesteps", 0, T, low_inclusive=False)
+        timesteps = None  # the sigmas set the noise levels; the scheduler gives the model the timesteps as passed
     custom = timesteps if timesteps is not None else sigmas
     if num_inference_steps is None and custom is None:
         raise ValueError("set_timesteps needs `num_inference_steps`, `timesteps` or `sigmas`.")
     if custom is not None:
-        if isinstance(custom, torch.Tensor):
-            custom = custom.detach().cpu().double().numpy()
+        custom = _host(custom)
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Pass either `num_inference_steps` or custom `timesteps` to set_timesteps, not both (as LCM / TCD).")
         if num_inference_steps is not None and len(custom) != num_inference_steps:
@@ -91,7 +97,7 @@ def native_times(
             return arr[len(arr) - keep:] if strength < 1 else arr
         if time_type == "flow":
             arr = check_decreasing(custom, "timesteps", 0, T, low_inclusive=False) / T
-            return flow_shift(config, arr, mu) if shift_custom_timesteps else arr
+            return flow_shift(config, arr, mu) if shift_custom_timesteps else shape_flow_sigmas(config, arr, mu)
         return check_decreasing(custom, "timesteps", 0, math.pi / 2 + 1e-4, low_inclusive=False)
     if sigmas is not None:
         if time_type != "flow":
@@ -127,6 +133,13 @@ def native_times(
             f"{time_type} grid: the timesteps {short_list(times)} are not strictly decreasing."
         )
     return times
+
+
+def _host(values) -> np.ndarray:
+    """Custom timesteps or sigmas (list, array or tensor) as a float64 host array."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
 
 
 def to_device(array, device, dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin
+from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
@@ -23,7 +23,7 @@ from ..sampling.presets import short_list
 from .finite_check import FiniteCheckMixin
 from .noise_levels import NoiseLevelsMixin
 from .schedule import LRU, StepTables, native_times, to_device
-from .stock_configs import ALL_COMPATIBLES, SPACING_FLAGS, compatible_names, infer_source_config
+from .stock_configs import ALL_COMPATIBLES, SHARED_KEYS, SPACING_FLAGS, compatible_names, infer_source_config
 
 
 @dataclass
@@ -82,6 +82,7 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         return float(self.config.gamma)
 
     def _setup(self) -> None:
+        self._keep_shared_values()
         cfg = self.config
         check_time_type(cfg.time_type)
         if cfg.time_type not in self._allowed_time_types:
@@ -131,6 +132,7 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         self.custom_timesteps = False
         self._native = None
         self._host_timesteps = None
+        self._model_sigmas = None
         self._step_index = None
         self._begin_index = None
         self._schedules = LRU(8)  # schedule -> device tensors and step tables
@@ -140,6 +142,15 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         # The generator of the pipeline call in progress, set by the few-step pipelines: the stock SD3 and Flux loops
         # call ``step`` without one, so a stochastic student would otherwise draw from the global RNG.
         self.call_generator = None
+
+    def _keep_shared_values(self) -> None:
+        """Unmark the keys the stock classes of our time type share (``SHARED_KEYS``) as this class's defaults:
+        diffusers' ``from_config`` of another class drops the keys marked so and takes *its* defaults, so
+        ``DDPMScheduler.from_config(ours.config)`` would turn our ``scaled_linear`` betas into DDPM's ``linear`` ones."""
+        defaults = self.config.get("_use_default_values")
+        if defaults and self.config.time_type in SHARED_KEYS:
+            kept = sorted(k for k in defaults if k not in SHARED_KEYS[self.config.time_type])  # in one order: configs compare equal
+            self._internal_dict = FrozenDict({**self._internal_dict, "_use_default_values": kept})
 
     def _columns(self, times: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
         """The per-step constants of the subclass's rule (named as ``_table_names``)."""
@@ -163,11 +174,13 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
             device (`str` or `torch.device`, *optional*): device of ``timesteps`` and of the step constants (copied
                 once per schedule and device; a later call with the same schedule copies nothing).
             timesteps (`list`, *optional*): custom model timesteps, strictly decreasing: integers in ``[0, T)`` (VP);
-                values in ``(0, T]`` equal to ``sigma * T`` (flow; :class:`ConsistencyScheduler` uses them as given,
-                :class:`FlowMapScheduler` shifts them as FlowMapEulerDiscreteScheduler does); angles in ``(0, pi/2]``
-                (TrigFlow). Not together with ``num_inference_steps``.
+                values in ``(0, T]`` (flow: as FlowMatchEulerDiscreteScheduler, the model gets them as passed and the
+                steps use the sigmas ``timesteps / T`` through the config's shift; :class:`FlowMapScheduler` shifts
+                both, as FlowMapEulerDiscreteScheduler does); angles in ``(0, pi/2]`` (TrigFlow). Not together with
+                ``num_inference_steps``.
             sigmas (`list`, *optional*): flow only: sigmas in ``(0, 1]``, strictly decreasing, shifted like the
-                preset's (this is what the Flux pipeline passes).
+                preset's (this is what the Flux pipeline passes). With ``timesteps`` too (same length), the sigmas set
+                the steps and the timesteps what the model gets, as in FlowMatchEulerDiscreteScheduler.
             mu (`float`, *optional*): resolution shift ``mu`` when ``use_dynamic_shifting``.
             original_inference_steps (`int`, *optional*): grid of the ``lcm`` / ``tcd`` presets for this call (the LCM
                 pipelines pass it); defaults to the config's.
@@ -178,9 +191,14 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
             self.config, self.alphas_cumprod, num_inference_steps, timesteps, sigmas, mu, strength, original_inference_steps,
             shift_custom_timesteps=self._shift_custom_timesteps,
         )
-        key = (times.tobytes(), str(torch.device(device) if device is not None else "cpu"))
+        host = own = self._model_timesteps(times)
+        if timesteps is not None and self.config.time_type == "flow" and not self._shift_custom_timesteps:
+            # FlowMatchEulerDiscreteScheduler: the model gets the timesteps as passed, the steps use the shifted sigmas
+            given = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps, dtype=np.float32)
+            host = own if np.allclose(given, own, rtol=0, atol=1e-4) else given
+        self._model_sigmas = None if host is own else (host, times)  # model timesteps that are not sigma * T
+        key = (times.tobytes(), host.tobytes(), str(torch.device(device) if device is not None else "cpu"))
         self._schedule = self._schedules.get_or_make(key, lambda: {"tables": {}, "device": {}})
-        host = self._model_timesteps(times)
         self.timesteps = self._on_device("timesteps", host, device, torch.long if self.config.time_type == "vp" else torch.float32)
         self.sigmas = self._on_device("sigmas", np.append(times, 0.0), device, torch.float32) if self.config.time_type == "flow" else None
         self._native = times

@@ -17,6 +17,17 @@ logger = logging.getLogger(__name__)
 VP_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas")
 FLOW_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift")
 SPACING_FLAGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential", "use_beta_sigmas": "beta"}
+# Keys that mean the same in the stock configs of a time parametrisation (the forward process, the prediction and the
+# options that shape a schedule or a step): a stock class that reads one of our configs must get our values, not its
+# own defaults.
+SHARED_KEYS = {
+    "vp": ("num_train_timesteps", "prediction_type", *VP_KEYS, "rescale_betas_zero_snr", "set_alpha_to_one",
+           "original_inference_steps", "timestep_scaling", "clip_sample", "clip_sample_range", "thresholding",
+           "dynamic_thresholding_ratio", "sample_max_value"),
+    "flow": ("num_train_timesteps", *FLOW_KEYS, *SPACING_FLAGS, "base_image_seq_len", "max_image_seq_len", "time_shift_type",
+             "shift_terminal", "invert_sigmas"),
+    "trigflow": ("num_train_timesteps", "prediction_type", "sigma_data"),
+}
 
 # Stock classes whose configs convert to ours and back, by time parametrisation.
 STOCK_BY_TIME_TYPE = {
