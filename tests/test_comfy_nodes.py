@@ -1,10 +1,14 @@
 """The node pack's ComfyUI-free parts (run in CI): sigma schedules against the diffusers schedulers, the LoRA key
-conversion ComfyUI's loader needs, the diffusers bridge, imports without ComfyUI, and the example workflows' files."""
+conversion ComfyUI's loader needs, the diffusers bridge, imports without ComfyUI (and nothing heavy at ComfyUI's start),
+node errors, and the example workflows' files and their install for pip users."""
 
+import ast
 import asyncio
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -42,6 +46,15 @@ def test_sigmas_follow_the_scheduler_on_vp_and_flow_models(preset, steps):
     torch.testing.assert_close(few_step_sigmas(SigmaSpace(flow=True), steps, preset, shift=3.0), got)  # an explicit shift
 
 
+def test_timestep_lists_read_as_written():
+    assert parse_timesteps(" 999, 749 ,499,249, ") == [999.0, 749.0, 499.0, 249.0]  # spaces around entries, a trailing comma
+    assert parse_timesteps("999.5,1e2,.5") == [999.5, 100.0, 0.5]
+    long = " ".join(str(t) for t in range(999, 0, -1))  # a long input is echoed with its middle left out
+    with pytest.raises(ValueError, match=r"'999 998 .* \.\.\. .* 2 1' is not a number") as error:
+        parse_timesteps(long)
+    assert len(str(error.value)) < 200
+
+
 def test_custom_timesteps_and_denoise():
     vp = ConsistencyScheduler()
     vp.set_timesteps(timesteps=[999, 749, 499, 249])
@@ -56,6 +69,13 @@ def test_custom_timesteps_and_denoise():
 @pytest.mark.parametrize("call,message", [
     (lambda s: parse_timesteps("999,seven,499"), "'seven' is not a number"),
     (lambda s: parse_timesteps(" , "), "the list is empty"),
+    (lambda s: parse_timesteps("999;500"), r"'999;500' separates with ';'; give comma-separated numbers such as '999,749,499,249'"),
+    (lambda s: parse_timesteps("999,5;500"), "separates with ';'"),  # a decimal comma: no safe reading
+    (lambda s: parse_timesteps("999,,500"), "'999,,500' has an empty entry between two commas"),
+    (lambda s: parse_timesteps("999 749 499"), "'999 749 499' is not a number; give comma-separated numbers"),
+    (lambda s: parse_timesteps("[999, 500]"), r"'\[999' is not a number"),
+    (lambda s: parse_timesteps("999,nan"), "'nan' is not a number"),
+    (lambda s: parse_timesteps("1_000,500"), "'1_000' is not a number"),
     (lambda s: few_step_sigmas(s, 0, timesteps=[499, 749, 249]), "strictly decreasing"),
     (lambda s: few_step_sigmas(s, 0, timesteps=[999, 500.5]), "integers"),
     (lambda s: few_step_sigmas(s, 0, timesteps=[1200, 500]), "timesteps"),
@@ -101,7 +121,7 @@ def test_rslora_alpha_and_kohya_pass_through():
 
 
 def test_diffusers_bridge_generates_an_image_with_the_recorded_scheduler(tmp_path):
-    from comfy_nodes import bridge
+    from onestep_pipelines.comfy_nodes import bridge
 
     from onestep_pipelines import DigitsPipeline, StudentMetadata
     from onestep_pipelines.benchmark.digits import TEACHER_DIR
@@ -127,7 +147,7 @@ def test_diffusers_bridge_generates_an_image_with_the_recorded_scheduler(tmp_pat
 
 
 def test_diffusers_bridge_samples_policy_students_with_a_substeps_knob(tmp_path):
-    from comfy_nodes import bridge
+    from onestep_pipelines.comfy_nodes import bridge
 
     from onestep_pipelines import DigitsPipeline, PolicyScheduler, StudentMetadata
     from onestep_pipelines.benchmark.digits import TEACHER_DIR
@@ -157,7 +177,7 @@ def test_node_pack_imports_without_comfyui():
         assert "from .comfy_nodes import comfy_entrypoint" in f.read()
 
 
-@pytest.mark.parametrize("api_path", sorted(glob.glob(os.path.join(REPO, "comfy_nodes", "workflows", "*.api.json"))))
+@pytest.mark.parametrize("api_path", sorted(glob.glob(os.path.join(REPO, "comfy_nodes", "example_workflows", "*.api.json"))))
 def test_example_workflows_agree_in_both_formats(api_path):
     with open(api_path) as f:
         api = json.load(f)
@@ -179,3 +199,109 @@ def test_sigma_space_timestep_round_trip():
     assert space.timestep(space.discrete_sigmas[t]).tolist() == t.tolist()
     assert space.timestep(torch.tensor(0.0)).item() == -1
     assert np.isclose(float(space.intermediate_sigma(space.discrete_sigmas[499], 1.0)), 0.0)
+
+
+# ------------------------------------------------------------------------------ what ComfyUI's start imports
+HEAVY = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "onestep_pipelines.pipelines", "onestep_pipelines.students",
+         "onestep_pipelines.models", "onestep_pipelines.schedulers", "onestep_pipelines.metadata", "onestep_pipelines.training")
+COMFYUI_OWN = {"folder_paths", "comfy_api.latest"}  # loaded by ComfyUI before any node pack
+
+
+def _module_level_imports(path: str, package: str) -> set[str]:
+    found = set()
+    for node in ast.parse(open(path, encoding="utf-8").read()).body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add(f"{package}.{node.module}" if node.level else node.module)
+    return found - {"__future__"}
+
+
+def test_comfyui_start_imports_nothing_heavy():
+    """ComfyUI imports nodes.py and builds every schema at start (for every start, whether the nodes are used or
+    not): its module-level imports are ComfyUI's own modules and ones that load no diffusers, transformers or peft
+    (checked in a fresh interpreter); the adapters and the bridge are imported by the nodes' execute."""
+    top = _module_level_imports(os.path.join(REPO, "comfy_nodes", "nodes.py"), "onestep_pipelines.comfy_nodes")
+    assert "onestep_pipelines.comfy_nodes.adapters" not in top and "onestep_pipelines.comfy_nodes.bridge" not in top
+    ours = sorted(top - COMFYUI_OWN)
+    code = (f"import sys\nfor name in {ours + ['onestep_pipelines.comfy_nodes']!r}:\n    __import__(name)\n"
+            f"print(sorted(m for m in sys.modules if m.startswith({HEAVY!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"loaded at ComfyUI's start: {out.stdout.strip()[:500]}"
+
+
+# ------------------------------------------------------------------------------------------- node errors
+def _error(call) -> ValueError:
+    try:
+        call()
+    except ValueError as error:
+        return error
+    raise AssertionError("no ValueError")
+
+
+@pytest.mark.parametrize("where,call,expected", [
+    ("timesteps", lambda: parse_timesteps("999,seven"), "timesteps: 'seven' is not a number;"),
+    ("timesteps", lambda: few_step_sigmas(SigmaSpace(flow=True), 0, timesteps=[499, 749]), "timesteps must be strictly decreasing, got [499.0, 749.0]."),
+    ("preset 'dmd2', steps 6", lambda: few_step_sigmas(SigmaSpace(flow=True), 6, "dmd2"), "preset 'dmd2', steps 6: "),
+    ("prompt / class_labels / steps / substeps", lambda: __import__("comfy_nodes.bridge").bridge.parse_labels("three"),
+     "class_labels: 'three' is not a comma-separated list of integers."),
+    ("r_embedder x.safetensors", lambda: (_ for _ in ()).throw(ValueError("r_embedder x.safetensors: not a readable safetensors file")),
+     "r_embedder x.safetensors: not a readable safetensors file"),
+])
+def test_node_errors_say_their_input_once(where, call, expected):
+    from comfy_nodes.errors import fail
+
+    message = str(fail(where, _error(call)))
+    assert message.startswith(expected), message
+    first = where.split()[0]
+    assert message.count(f"{first}: {first}") == 0 and message.count(where) <= 1, message
+
+
+def test_node_errors_are_not_cut():
+    """The fix at the end of a long reason arrives whole (errors used to be cut at 500 characters, hint first)."""
+    from comfy_nodes.errors import fail
+
+    unmapped = ", ".join(f"lora_unet_down_blocks_{i}_attentions_0_transformer_blocks_0_attn1_to_q" for i in range(8))
+    reason = ValueError(f"lora_name student.safetensors: only 2 of 10 LoRA modules map onto this model (unmapped: {unmapped}); "
+                        "set allow_partial to load them anyway.")
+    message = str(fail("", reason, "Or load the LoRA's base model."))
+    assert len(message) > 600 and message == f"{reason} Or load the LoRA's base model."
+
+
+# --------------------------------------------------------------------------------------- example workflows
+def test_a_clone_has_the_example_workflows_where_comfyui_looks():
+    """ComfyUI lists and serves templates from ``<custom node folder>/example_workflows/*.json`` only: in a clone that
+    is the repository's example_workflows/, equal to the UI files installed with the package (build.py writes both)."""
+    from comfy_nodes.install import EXAMPLES, ui_workflows
+
+    assert os.path.samefile(EXAMPLES, os.path.join(REPO, "comfy_nodes", "example_workflows"))
+    shipped = {os.path.basename(p): open(p, "rb").read() for p in ui_workflows()}
+    in_clone = {os.path.basename(p): open(p, "rb").read() for p in glob.glob(os.path.join(REPO, "example_workflows", "*"))}
+    assert len(shipped) == 13 and in_clone == shipped
+    assert all(json.loads(data)["nodes"] for data in shipped.values())  # UI format: templates load in the editor
+
+
+def test_pip_users_install_the_pack_with_its_example_workflows(tmp_path):
+    from comfy_nodes.install import ENTRY_POINT, install, ui_workflows
+
+    with pytest.raises(ValueError, match="no custom_nodes folder"):
+        install(str(tmp_path))
+    (tmp_path / "custom_nodes").mkdir()
+    target = install(str(tmp_path))
+    assert target == str(tmp_path / "custom_nodes" / "onestep")
+    assert sorted(os.listdir(os.path.join(target, "example_workflows"))) == sorted(os.path.basename(p) for p in ui_workflows())
+    assert open(os.path.join(target, "__init__.py")).read().endswith(ENTRY_POINT)
+    (tmp_path / "custom_nodes" / "onestep" / "example_workflows" / "old.json").write_text("{}")
+    install(str(tmp_path))  # again (after an upgrade): the copies are replaced
+    assert "old.json" not in os.listdir(os.path.join(target, "example_workflows"))
+    (tmp_path / "custom_nodes" / "theirs").mkdir()
+    with pytest.raises(ValueError, match="was not written by this command"):
+        install(str(tmp_path), "theirs")
+    (tmp_path / "custom_nodes" / "onestep.py").write_text(ENTRY_POINT)
+    with pytest.raises(ValueError, match="onestep.py also loads a node pack"):
+        install(str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "onestep_pipelines.comfy_nodes", str(tmp_path), "--name", "onestep2"], capture_output=True,
+                         text=True, cwd=str(tmp_path))
+    assert out.returncode == 0 and "13 example workflows" in out.stdout, out.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "custom_nodes" / "onestep2" / "example_workflows")) == 13

@@ -57,6 +57,9 @@ def test_pyproject_installs_every_package_from_its_folder():
     assert sorted(setuptools["packages"]) == sorted(package_folders())
     for package, folder in MAPPED.items():
         assert setuptools["package-dir"][package] == folder
+    root_init = ast.parse(open(os.path.join(REPO, "__init__.py")).read())  # a plain clone maps the same folders
+    (dirs,) = [ast.literal_eval(node.value) for node in root_init.body if isinstance(node, ast.Assign) and node.targets[0].id == "PACKAGE_DIRS"]
+    assert dirs == setuptools["package-dir"]
 
 
 def modules() -> dict[str, str]:
@@ -151,10 +154,14 @@ assert importlib.util.find_spec("onestep_pipelines") is None, "installed"
 spec = importlib.util.spec_from_file_location("onestep-pipelines", os.path.join(clone, "__init__.py"), submodule_search_locations=[clone])
 module = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = module
+path_before = list(sys.path)
 spec.loader.exec_module(module)
-import onestep_pipelines, onestep_pipelines.sampling, onestep_pipelines.students
-assert onestep_pipelines.__file__.startswith(clone), onestep_pipelines.__file__
-assert module.comfy_entrypoint.__module__ == "onestep-pipelines.comfy_nodes"
+assert sys.path == path_before, "the clone added to sys.path"
+import onestep_pipelines, onestep_pipelines.sampling, onestep_pipelines.students, onestep_pipelines.training.config
+for m in (onestep_pipelines, onestep_pipelines.training.config):
+    assert m.__file__.startswith(clone), m.__file__
+assert module.comfy_entrypoint.__module__ == "onestep_pipelines.comfy_nodes"  # one name per module
+assert importlib.util.find_spec("training") is None and importlib.util.find_spec("comfy_nodes") is None
 try:
     asyncio.run(module.comfy_entrypoint())
 except ImportError as error:  # no ComfyUI here: the nodes' own import of comfy_api is what fails
@@ -171,9 +178,10 @@ def test_wheel_from_the_clone_holds_every_part(windows_style_clone, tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("onestep_pipelines/training/cli.py", "onestep_pipelines/training/methods/dmd2.py", "onestep_pipelines/comfy_nodes/nodes.py",
                      "onestep_pipelines/model_cards/student_full.md", "onestep_pipelines/assets/digits/teacher/model_index.json",
-                     "onestep_pipelines/comfy_nodes/workflows/consistency_sampler.api.json"):
+                     "onestep_pipelines/comfy_nodes/example_workflows/consistency_sampler.api.json",
+                     "onestep_pipelines/comfy_nodes/example_workflows/consistency_sampler.json", "onestep_pipelines/comfy_nodes/install.py"):
         assert expected in names, expected
-    assert not any(name.startswith(("training/", "comfy_nodes/", "tests/")) for name in names)
+    assert not any(name.startswith(("training/", "comfy_nodes/", "tests/", "example_workflows/")) for name in names)
     code = STRIP_INSTALLED + f"""
 sys.path.insert(0, {target!r})
 import onestep_pipelines.training.cli, onestep_pipelines.comfy_nodes, onestep_pipelines.students.cards as cards
