@@ -102,11 +102,15 @@ def _learn_our_pipelines(pipeline_utils) -> None:
 
             try:
                 config = pipeline_cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
-            except Exception:  # not a pipeline, offline, ...: diffusers reports it in its own words
+            except (OSError, ValueError):  # no model_index.json, offline, not JSON: diffusers' own call reports it
                 config = {}
             name = _own_pipeline(config)
             if name is not None:
                 return getattr(sys.modules[__name__], name).from_pretrained(pretrained_model_name_or_path, **kwargs)
+            if any(isinstance(v, list) and v[:1] == ["transformers"] for v in config.values()):  # an SD-family pipeline
+                from ._image_processors import use_pil_image_processors
+
+                use_pil_image_processors()
         return original(cls, pretrained_model_name_or_path, **kwargs)
 
     from_pretrained._onestep_hook = True

@@ -271,3 +271,18 @@ def test_metadata_round_trips_and_rejects_bad_input():
         StudentMetadata.from_dict({"method": "dmd2"})
     with pytest.raises(ValueError, match="not valid JSON"):
         StudentMetadata.from_json("{")
+
+
+def test_the_from_pretrained_hook_hides_no_error(tmp_path, monkeypatch):
+    """``import onestep_pipelines`` teaches ``DiffusionPipeline.from_pretrained`` our pipeline classes; an error
+    other than "no model_index.json / not a pipeline" while it reads the config reaches the caller, and a folder that is
+    not ours is diffusers' own call, with diffusers' own error."""
+    with pytest.raises(OSError):
+        DiffusionPipeline.from_pretrained(str(tmp_path))  # diffusers' error for an empty folder
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug while reading the config")
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", broken)
+    with pytest.raises(RuntimeError, match="bug while reading"):
+        DiffusionPipeline.from_pretrained(str(tmp_path))
