@@ -402,3 +402,59 @@ def test_a_cached_hub_teacher_loads_from_the_cache_when_the_hub_cannot_be_reache
     assert time.time() - started < 5 and teacher.architecture == "digits"
     printed = capsys.readouterr().out
     assert "cannot be reached" in printed and "--teacher me/teacher loads from the local cache" in printed
+
+
+# ------------------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_exactly(tiny_teacher, tmp_path):
+    import shlex
+    import signal
+
+    from test_training import student_weights
+
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", tiny_teacher, "--output-dir", str(out), "--max-train-steps", "100000", "--batch-size", "8",
+            "--checkpoint-every", "100000", "--preview-every", "0", "--no-evaluate"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "onestep_pipelines.training.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    for line in proc.stdout:  # training is under way once the estimate (after 5 updates) is out
+        if line.startswith("estimate:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert "Ctrl-C: stopping after this update and saving a checkpoint" in stdout
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
+    assert len(saved) == 1 and saved[0] >= 5  # (--checkpoint-every 100000: the checkpoint Ctrl-C saved)
+    update = saved[0]
+    assert f"onestep-train: stopped after update {update} of 100000 (Ctrl-C); saved: {out / 'checkpoints' / f'step-{update}'}" in stderr
+    command = shlex.split(stderr.strip().splitlines()[-1])
+    assert command[0] == "onestep-train" and command[-2:] == ["--resume", "latest"]
+    command[command.index("--max-train-steps") + 1] = str(update + 2)  # the printed command, two updates further
+    assert main(command[1:]) == 0
+    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=update + 2, checkpoint_every=100000, preview_every=0))
+    a, b = student_weights(out), student_weights(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the stop fell between two updates: the resumed run is exact
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_launchers_echo_does_not(capsys):
+    import signal
+    import time
+
+    from onestep_pipelines.training.stopping import StopRequest, resume_command
+
+    said = []
+    with StopRequest(said.append, grace=0.2) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwards the terminal's Ctrl-C: the same request
+        time.sleep(0.05)
+        assert stop.requested and len(said) == 1
+        time.sleep(0.2)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert resume_command(["distill", "--config", "a b.yaml", "--output-dir=old", "--resume", "step-3", "--seed", "1"], "new") == \
+        "onestep-train distill --config 'a b.yaml' --seed 1 --output-dir new --resume latest"

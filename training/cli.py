@@ -5,8 +5,9 @@
 :class:`~onestep_pipelines.training.config.DistillConfig` is a flag (``--help``), and ``--config run.yaml`` reads
 them from a file (flags given on the command line win). ``onestep-train evaluate STUDENT_DIR`` scores a digits
 student folder; ``onestep-train push RUN_DIR --repo-id user/name`` uploads a run's student (what ``--push-to-hub``
-does, and the retry of an upload that failed). Exit codes: 2 bad options, 3 training diverged, 4 the run finished but
-its upload failed. Flags are parsed and checked before torch or diffusers load, so a mistake is answered at once.
+does, and the retry of an upload that failed). Ctrl-C during training finishes the update under way, saves a
+checkpoint and prints the command that resumes the run. Exit codes: 2 bad options, 3 training diverged, 4 the run
+finished but its upload failed, 130 stopped by Ctrl-C. Flags are parsed and checked before torch or diffusers load, so a mistake is answered at once.
 
 Several processes: ``accelerate launch --config_file training/configs/{ddp,fsdp,fsdp_lora}.yaml -m
 onestep_pipelines.training.cli distill ...`` on GPUs (DDP or FSDP2; DeepSpeed is refused); ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m
@@ -24,6 +25,7 @@ import sys
 from . import hub_checks
 from .config import RUN_FILE, DistillConfig, flag, resolve
 from .methods import METHODS, TrainingDiverged
+from .stopping import TrainingInterrupted, resume_command
 
 
 def _distill_arguments(sub: argparse.ArgumentParser) -> None:
@@ -91,6 +93,7 @@ def _error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     if command == "evaluate":
@@ -105,15 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         return _error(str(error))
     _silence_unused_torchvision_notice()
-    from .trainer import distill  # torch, diffusers and the teacher load from here on
-
     try:
+        from .trainer import distill  # torch, diffusers and the teacher load from here on
+
         result = distill(config)
     except (ValueError, FileNotFoundError) as error:
         return _error(str(error))
     except TrainingDiverged as error:
         print(f"onestep-train: training diverged at {error}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as stop:
+        return _interrupted(argv, config, f"stopped after update {stop.update} of {config.max_train_steps}", stop.checkpoint)
+    except KeyboardInterrupt:
+        return _interrupted(argv, config, "stopped", None)
     if "student_dir" not in result:  # not the main process of a distributed run
         return 0
     if "scores" in result:
@@ -151,6 +158,20 @@ def _evaluate(args: dict) -> int:
         return _error(str(error))
     print(_table(rows))
     return 0
+
+
+def _interrupted(argv: list[str], config: DistillConfig, what: str, saved: str | None) -> int:
+    """Ctrl-C: what was saved and the command that continues the run; exit status 130 (128 + SIGINT), as a shell's."""
+    folder = os.path.join(config.output_dir, "checkpoints")
+    if saved is None and os.path.isdir(folder) and any(n.startswith("step-") for n in os.listdir(folder)):
+        saved = f"the last checkpoint in {folder}"
+    if saved is None:
+        again = f"; {config.output_dir} holds no checkpoint: remove it (or choose another --output-dir) to start again" if os.path.isfile(
+            os.path.join(config.output_dir, RUN_FILE)) else ""
+        print(f"onestep-train: {what} (Ctrl-C) before the first checkpoint: nothing to resume{again}.", file=sys.stderr)
+    else:
+        print(f"onestep-train: {what} (Ctrl-C); saved: {saved}. Resume with:\n  {resume_command(argv, config.output_dir)}", file=sys.stderr)
+    return 130
 
 
 def _push(args: dict) -> int:

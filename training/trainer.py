@@ -31,7 +31,7 @@ from onestep_pipelines.metadata import StudentMetadata
 from onestep_pipelines.models import add_r_conditioning
 from onestep_pipelines import pipelines
 from onestep_pipelines.pipelines.loading import write_atomically
-from onestep_pipelines.students import save_student_lora, write_model_card
+from onestep_pipelines.students import base_model_name, save_student_lora, write_model_card
 
 from . import checkpoint, hub_checks, sharding
 from .config import CONFIG_FILE, RUN_FILE, DistillConfig, config_yaml, flag
@@ -39,6 +39,7 @@ from .data import make_data
 from .draws import Draws
 from .methods import TrainingDiverged, get_method
 from .methods.base import FiniteGuard, add_lora
+from .stopping import StopRequest, TrainingInterrupted
 from .teachers import load_teacher
 
 
@@ -224,7 +225,9 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     started = time.time()
     sums: dict[str, torch.Tensor] = {}
     summed = 0
+    stop = StopRequest(accelerator.print)  # Ctrl-C: finish the update under way, checkpoint, stop
     try:
+        stop.install()
         for step in progress:
             # step
             method.update_index = step
@@ -243,7 +246,8 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
                 sums[key] = sums.get(key, 0.0) + value
             summed += 1
             done = step + 1
-            if done % config.log_every == 0 or done == config.max_train_steps or done - start == 5:
+            log_point = done % config.log_every == 0 or done == config.max_train_steps or done - start == 5
+            if log_point:
                 guard.check()
                 means = {k: float(v) / summed for k, v in sums.items()}
                 if config.lr_scheduler != "constant":
@@ -257,9 +261,13 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
                     left = seconds / 5 * (config.max_train_steps - done)
                     accelerator.print(f"\nestimate: {_duration(left)} for the remaining {config.max_train_steps - done} updates "
                                       f"({seconds / 5:.3f} s each); peak memory {peak_memory_mb(device):.0f} MB")
-            # checkpoint, validation, preview
-            if export and (done % config.checkpoint_every == 0 or done == config.max_train_steps):
-                save_checkpoint(done)
+            # checkpoint, stop (Ctrl-C), validation, preview
+            stopping = _stop_agreed(stop, accelerator, log_point)
+            if export and (done % config.checkpoint_every == 0 or done == config.max_train_steps or stopping):
+                saved = save_checkpoint(done)
+            if stopping:
+                accelerator.end_training()
+                raise TrainingInterrupted(done, saved if export else None)
             validate = config.validation_every and done % config.validation_every == 0
             preview = config.preview_every and done % config.preview_every == 0
             if validate or preview:
@@ -275,6 +283,8 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         raise TrainingDiverged(
             f"{error}. Last good checkpoint: {last[-1] if last else 'none'} (lower the learning rate and --resume latest)."
         ) from None
+    finally:
+        stop.uninstall()
 
     accelerator.wait_for_everyone()
     part.update(to=config.max_train_steps, seconds=time.time() - started)
@@ -318,6 +328,18 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         accelerator.wait_for_everyone()
     accelerator.end_training()  # stops the trackers and destroys the process group
     return result
+
+
+def _stop_agreed(stop: StopRequest, accelerator, log_point: bool) -> bool:
+    """Whether the run stops after this update: a one-process run as soon as Ctrl-C came; the processes of a
+    distributed run together, at a log point (one small all-reduce, where they already exchange the NaN flag)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    if not log_point:
+        return False
+    flag = torch.tensor(int(stop.requested), device=accelerator.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
 
 
 def _duration(seconds: float) -> str:
@@ -385,11 +407,7 @@ class _EMAWeights:
 
 def _student_pipeline(teacher, model, scheduler, metadata=None):
     scheduler = type(scheduler).from_config(scheduler.config)
-    if teacher.architecture == "digits":
-        pipe = pipelines.DigitsPipeline(model.eval(), scheduler)
-    else:
-        components = {**teacher.pipeline.components, teacher.denoiser_name: model.eval(), "scheduler": scheduler}
-        pipe = getattr(pipelines, pipelines.PIPELINE_NAMES[teacher.architecture])(**components)
+    pipe = pipelines.student_pipeline(teacher.pipeline, model.eval(), scheduler)  # (keeps requires_safety_checker & co.)
     pipe.set_progress_bar_config(disable=True)
     if metadata is not None:
         pipe.set_student(metadata, set_scheduler=False)
@@ -493,7 +511,7 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
     metadata = StudentMetadata.from_scheduler(
         scheduler, method=config.method, architecture=teacher.architecture, num_inference_steps=config.num_steps,
         recommended_steps=_steps_to_score(config, method_cls.any_step_count), guidance_scale=config.guidance_scale,
-        guidance_baked=config.guidance_scale != 1.0, base_model=teacher.source, r_conditioning=uses_r,
+        guidance_baked=config.guidance_scale != 1.0, base_model=base_model_name(teacher.source), r_conditioning=uses_r,
     )
     out = {}
     with _EMAWeights(ema, params), torch.no_grad():
