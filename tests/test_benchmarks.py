@@ -8,6 +8,7 @@ import torch
 import gpu
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_end_to_end_on_tiny_models(tmp_path):
     """benchmarks/gpu.py on the CPU with tiny models: every section but the CUDA-only ones (compiled graphs, syncs)."""
     assert gpu.main(["--tiny", "--device", "cpu", "--sections", "inference,scheduler,training,memory", "--out", str(tmp_path)]) == 0
@@ -29,6 +30,7 @@ def test_gpu_benchmark_refuses_unknown_sections_and_missing_cuda(tmp_path, capsy
         assert "sees no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_leaderboard_trains_every_method_scores_each_nfe_and_resumes(tiny_teacher, tmp_path, monkeypatch):
     """benchmarks/leaderboard.py with a tiny teacher and a budget so small that every method gets the minimum of 50
     updates; a second call keeps what is done and trains only what is missing."""

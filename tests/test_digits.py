@@ -238,6 +238,7 @@ def test_shipped_teacher_loads_offline_and_samples():
     torch.testing.assert_close(images, again)  # fixed seeds: numbers repeat
 
 
+@pytest.mark.slow
 def test_quality_harness_writes_table_json_and_pngs(tmp_path, capsys):
     import quality
 

@@ -144,6 +144,7 @@ def windows_style_clone(tmp_path_factory):
 STRIP_INSTALLED = checkout.FORGET_INSTALLED
 
 
+@pytest.mark.slow
 def test_plain_clone_loads_as_a_custom_node(windows_style_clone):
     """ComfyUI imports ``custom_nodes/<folder>/__init__.py`` as a package named after the folder; without the package
     installed, the node pack and the library come from the clone."""
@@ -172,6 +173,7 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_wheel_from_the_clone_holds_every_part(windows_style_clone, tmp_path):
     target = checkout.wheel_site(str(windows_style_clone), str(tmp_path))
     (wheel,) = glob.glob(str(tmp_path / "wheel" / "*.whl"))

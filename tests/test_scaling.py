@@ -19,6 +19,8 @@ from onestep_pipelines.training.trainer import _resume_point, distill
 
 from test_training import tiny
 
+pytestmark = pytest.mark.slow  # every test here starts several processes
+
 CONFIGS = os.path.dirname(sharding.FSDP_CONFIG)
 FSDP = sharding.FSDP_CONFIG
 TOLERANCE = 1e-5  # gradients averaged over processes differ from one process's mean only in float rounding

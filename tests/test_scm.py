@@ -116,6 +116,7 @@ def test_scm_refuses_vp_teachers_models_without_forward_ad_and_bad_options(tiny_
         method.tangent(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 1.0]), torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([1, 2])})
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_end_with_the_one_process_rcm_student(tiny_teacher, tmp_path):
     """sCM's weighting network and rCM's fake score sharded over two processes; the same student as one process."""
     from test_scaling import FSDP, argv, assert_same_student, workers

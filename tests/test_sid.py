@@ -120,6 +120,7 @@ def test_sid_resumes_exactly(tiny_teacher, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_end_with_the_one_process_sid_student(tiny_teacher, tmp_path):
     """The generator's gradient through the sharded fake score's input, with the fake score's own set aside."""
     distill(tiny(tiny_teacher, tmp_path / "one", max_train_steps=4, batch_size=8, method="sid", lsg_scale=1.5))

@@ -201,6 +201,7 @@ def test_saved_student_loads_through_diffusion_pipeline_and_its_class_and_resave
     _same_pipeline(pipe, DiffusionPipeline.from_pretrained(tmp_path / "b"), arch)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_students_in_a_fresh_interpreter(tmp_path):
     folders = {}
     for arch in ARCHS + ["digits"]:
@@ -250,7 +251,8 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path):
 # ------------------------------------------------------------------------------------------ metadata
 def test_metadata_round_trips_and_rejects_bad_input():
     scheduler = FlowMapScheduler(shift=3.0)
-    m = StudentMetadata.from_scheduler(scheduler, method="flowmap", architecture="sd3", num_inference_steps=2, recommended_steps=[1, 2, 4], r_conditioning=True, base_model="org/teacher")
+    m = StudentMetadata.from_scheduler(scheduler, method="flowmap", architecture="sd3", num_inference_steps=2, recommended_steps=[1, 2, 4],
+                                       r_conditioning=True, base_model="org/teacher")
     assert StudentMetadata.from_json(m.to_json()) == m
     assert m.timesteps == [1000.0, 750.0] and m.time_type == "flow"
     assert type(m.make_scheduler()) is FlowMapScheduler and m.make_scheduler().config.shift == 3.0

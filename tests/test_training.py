@@ -98,6 +98,7 @@ def test_learning_rate_schedule_resumes_exactly_and_a_resumed_run_takes_its_new_
     assert rates == [3e-5] and fake_rates[-1] == 7e-5
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_loses_no_completed_checkpoint(tiny_teacher, tmp_path):
     out = tmp_path / "killed"
     args = ["distill", "--teacher", tiny_teacher, "--output-dir", str(out), "--max-train-steps", "100000", "--batch-size", "8",
@@ -200,6 +201,7 @@ def test_help_documents_every_flag(capsys):
         assert "--" + name.replace("_", "-") in text
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tiny_teacher, tmp_path):
     out = tmp_path / "ddp"
     # accelerate 1.15's `launch --cpu` starts a single process; torchrun + ACCELERATE_USE_CPU gives MULTI_CPU (gloo)
@@ -433,7 +435,8 @@ def test_flow_map_methods_refuse_vp_teachers_and_bad_options(stock_teachers, tmp
     folders, data = stock_teachers
     for method in ("meanflow", "flowmap"):
         with pytest.raises(ValueError, match=f"--method {method} needs a flow teacher.*is a VP"):
-            distill(DistillConfig(method=method, teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / method), max_train_steps=1, batch_size=2, evaluate=False))
+            distill(DistillConfig(method=method, teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / method),
+                                  max_train_steps=1, batch_size=2, evaluate=False))
     bad = (
         ({"method": "meanflow", "target": "newton"}, "--target 'newton' does not apply to --method meanflow; choose one of split, jvp"),
         ({"method": "meanflow", "source": "dream"}, "--source 'dream' does not apply to --method meanflow"),
