@@ -4,7 +4,8 @@ describes, which stock classes convert to and from ours, and how the stock optio
 ``from_config`` keeps a stock config's own values (betas, shift, prediction type...). Stock LCM and TCD configs are
 identical, so their differences (TCD's gamma, taken from ``step(eta=...)``, and trajectories ending at timestep 0;
 LCM's boundary condition, and its last step returning the denoised sample even with ``set_alpha_to_one=False``) are
-applied only when the config names its class (``_class_name``, present in every saved ``scheduler_config.json``). FlowMatchEuler's ``shift_terminal``, ``time_shift_type`` and Karras / exponential / beta
+applied only when the config names its class (``_class_name``, present in every saved ``scheduler_config.json``).
+FlowMatchEuler's ``shift_terminal``, ``time_shift_type`` and Karras / exponential / beta
 spacings are honoured; its ``invert_sigmas`` (Mochi's reversed time) is refused by the schedulers with an error.
 """
 
