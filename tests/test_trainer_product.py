@@ -93,10 +93,13 @@ def test_text_to_image_teacher_prints_no_torchvision_notice(tmp_path):
     (["evaluate", "{missing}"], "no such folder"),
     (["distill", "--device", "cpu", "--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU, and --device cpu runs on the CPU"),
     (["distill", "--push-to-hub", "me/x/y"], "--push-to-hub 'me/x/y' is not a Hub repo id"),
+    (["distill", "--learning_rate", "1e-3"], "unrecognized argument --learning_rate; did you mean --learning-rate?"),
+    (["distill", "--config", "{bad_yaml}"], "line 2, column 7: not valid YAML"),
 ])
 def test_help_and_bad_options_answer_before_torch_loads(tmp_path, argv, message):
-    paths = {"file": str(tmp_path / "afile"), "missing": str(tmp_path / "missing.yaml"), "empty": str(tmp_path / "empty")}
+    paths = {"file": str(tmp_path / "afile"), "missing": str(tmp_path / "missing.yaml"), "empty": str(tmp_path / "empty"), "bad_yaml": str(tmp_path / "bad.yaml")}
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "bad.yaml").write_text("method: dmd2\n  seed: 1\n")
     argv = [a.format(**paths) for a in argv]
     code = (
         "import sys\nfrom onestep_pipelines.training.cli import main\n"
@@ -183,11 +186,17 @@ def test_config_file_with_flags_on_top(tiny_teacher, tmp_path):
     assert DistillConfig(**saved).to_dict() == saved  # the saved file is a complete, valid config
     (tmp_path / "run.json").write_text(json.dumps({"teacher": tiny_teacher, "max_train_steps": 1}))
     assert read_config_file(str(tmp_path / "run.json")) == {"teacher": tiny_teacher, "max_train_steps": 1}
-    for text, message in (("numsteps: 2\n", "unknown option 'numsteps'"), ("num_steps: two\n", "num_steps must be an integer, got 'two'"), ("num_steps: 2.5\n", "must be an integer"),
-                          ("- a\n- b\n", "must hold a mapping"), ("a: [\n", "is not valid YAML")):
+    bad = str(tmp_path / "bad.yaml")
+    for text, message in (("numsteps: 2\n", "unknown option 'numsteps' (did you mean num_steps?)"), ("num_steps: two\n", "num_steps must be an integer, got 'two'"),
+                          ("num_steps: 2.5\n", "must be an integer"), ("- a\n- b\n", "must hold a mapping"),
+                          ("method: dmd2\nnum_steps: [\n", f"--config {bad}, line 3, column 1: not valid YAML (expected the node content, but found '<stream end>')."),
+                          ("method: dmd2\n  seed: 1\n", f"--config {bad}, line 2, column 7: not valid YAML (mapping values are not allowed here).")):
         (tmp_path / "bad.yaml").write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):
-            read_config_file(str(tmp_path / "bad.yaml"))
+            read_config_file(bad)
+    (tmp_path / "bad.json").write_text('{"seed": 1,\n "method": }')
+    with pytest.raises(ValueError, match=re.escape(f"--config {tmp_path / 'bad.json'}, line 2, column 12: not valid JSON (Expecting value).")):
+        read_config_file(str(tmp_path / "bad.json"))
 
 
 def test_validation_reports_estimate_and_evaluate_command(tiny_teacher, tmp_path, capsys):
@@ -208,6 +217,14 @@ def test_validation_reports_estimate_and_evaluate_command(tiny_teacher, tmp_path
     assert main(["evaluate", str(tmp_path), "--steps", "1"]) == 2
     assert "neither a pipeline folder" in capsys.readouterr().err
     assert main(["evaluate", result["student_dir"], "--steps", "0"]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--steps", "1"]) == 0  # the run folder, as README says: its student/
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["run", "1"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "student")  # a run that has not ended yet
+    assert main(["evaluate", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'run'} is a run folder without a student yet" in capsys.readouterr().err
 
 
 def python_blocks(card: str) -> list[str]:
@@ -223,6 +240,9 @@ def test_model_cards_link_what_exists_and_their_snippets_run(tiny_teacher, tmp_p
     result = distill(tiny(tiny_teacher, tmp_path / "run", max_train_steps=1, lora_rank=lora_rank))
     folder = result.get("lora_dir") or result["student_dir"]
     card = open(os.path.join(folder, "README.md")).read()
+    teacher_name = os.path.basename(tiny_teacher)  # a local teacher: named by its folder, never by this machine's path
+    assert f"a local teacher, `{teacher_name}`" in card and tiny_teacher not in card
+    os.symlink(tiny_teacher, tmp_path / "run" / teacher_name)  # a user who has that teacher folder next to the student
     for target in links(card):
         assert target.startswith("https://") or os.path.isfile(os.path.join(folder, target)), target
     blocks = python_blocks(card)
@@ -458,3 +478,71 @@ def test_a_second_ctrl_c_stops_at_once_and_a_launchers_echo_does_not(capsys):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     assert resume_command(["distill", "--config", "a b.yaml", "--output-dir=old", "--resume", "step-3", "--seed", "1"], "new") == \
         "onestep-train distill --config 'a b.yaml' --seed 1 --output-dir new --resume latest"
+
+
+# ---------------------------------------------------------------------------------- flags and config files
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--learning_rate", "1e-3"], "onestep-train distill: error: unrecognized argument --learning_rate; did you mean --learning-rate?"),
+    (["distill", "--max-train", "5"], "onestep-train distill: error: unrecognized argument --max-train; did you mean --max-train-steps?"),
+    (["distill", "--lr", "1e-3"], "onestep-train distill: error: unrecognized argument --lr; did you mean --lr-scheduler or --lr-warmup-steps?"),
+    (["distill", "--seed=1", "--numsteps=2"], "onestep-train distill: error: unrecognized argument --numsteps; did you mean --num-steps?"),
+    (["evaluate", "x", "--step", "1"], "onestep-train evaluate: error: unrecognized argument --step; did you mean --steps?"),
+])
+def test_misspelled_and_abbreviated_flags_get_the_commands_usage_and_a_suggestion(capsys, argv, message):
+    """No abbreviations (``--max-train`` is not ``--max-train-steps``): an unknown flag gets its command's usage (one line)
+    and the closest flags."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"usage: onestep-train {argv[0]} ") and err[1] == message
+
+
+@pytest.mark.parametrize("argv, lines", [
+    (["distill", "--method", "dmd"], ["onestep-train distill: error: argument --method: invalid choice: 'dmd' (choose from " + ", ".join(METHODS) + "); did you mean dmd2?"]),
+    (["distill", "--lr-scheduler", "exponential"], ["onestep-train distill: error: argument --lr-scheduler: invalid choice: 'exponential' (choose from "
+                                                    "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)"]),
+    (["distill", "--num-steps", "two"], ["onestep-train distill: error: argument --num-steps: invalid int value: 'two'"]),
+    (["distil"], ["usage: onestep-train [-h] {distill,evaluate,push} ...",
+                  "onestep-train: error: argument command: invalid choice: 'distil' (choose from 'distill', 'evaluate', 'push'); did you mean distill?"]),
+])
+def test_an_invalid_value_is_answered_on_one_line(capsys, argv, lines):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == lines
+
+
+def test_config_file_rule_a_folder_that_holds_a_run_sends_the_run_to_the_next_free_name(tmp_path, monkeypatch, capsys):
+    """--config FILE whose output_dir holds a run (a run's own config.yaml): NAME-2, NAME-3, ... (missing or empty), said
+    on the first line; a flag --output-dir or --resume keeps the folder (and its checks)."""
+    from onestep_pipelines.training.cli import _config
+    from onestep_pipelines.training.config import config_yaml
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("run")
+    (tmp_path / "run" / "run.json").write_text("{}")
+    (tmp_path / "run" / "config.yaml").write_text(config_yaml(DistillConfig(output_dir="run", resume="latest", seed=3)))
+    os.makedirs("run-2")
+    (tmp_path / "run-2" / "notes.txt").write_text("taken")
+    os.makedirs("run-3")  # empty: free
+    config = _config({"config": "run/config.yaml"})
+    assert (config.output_dir, config.seed, config.resume) == ("run-3", 3, "")  # (config.yaml never resumes: the run is repeated)
+    assert capsys.readouterr().out.splitlines() == [
+        "run folder: run-3 (new: run, the --output-dir of run/config.yaml, holds a run already; --output-dir chooses another)"]
+    assert _config({"config": "run/config.yaml", "output_dir": "run"}).output_dir == "run"
+    assert _config({"config": "run/config.yaml", "resume": "latest"}).output_dir == "run"
+    assert _config({"output_dir": "run"}).output_dir == "run" and not capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_runs_config_yaml_repeats_it_in_a_new_folder_named_on_the_first_line(tiny_teacher, tmp_path, monkeypatch, capsys):
+    from test_training import student_weights
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", "--output-dir", "run", "--teacher", tiny_teacher, "--max-train-steps", "2", "--batch-size", "8", "--no-evaluate"]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--config", "run/config.yaml"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "run folder: run-2 (new: run, the --output-dir of run/config.yaml, holds a run already; --output-dir chooses another)"
+    a, b = student_weights("run"), student_weights("run-2")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run
+    assert main(["distill", "--config", "run/config.yaml", "--output-dir", "run"]) == 2  # a folder named by a flag is never replaced
+    assert "--output-dir run holds another run; pass --resume latest" in capsys.readouterr().err

@@ -2,12 +2,14 @@
 
 ``onestep-train distill`` with no options distils the embedded digits teacher into a 1-step student with DMD2 (about
 6 minutes on 2 CPU cores) and prints teacher-vs-student FD-digits. Every option of
-:class:`~onestep_pipelines.training.config.DistillConfig` is a flag (``--help``), and ``--config run.yaml`` reads
-them from a file (flags given on the command line win). ``onestep-train evaluate STUDENT_DIR`` scores a digits
-student folder; ``onestep-train push RUN_DIR --repo-id user/name`` uploads a run's student (what ``--push-to-hub``
-does, and the retry of an upload that failed). Ctrl-C during training finishes the update under way, saves a
-checkpoint and prints the command that resumes the run. Exit codes: 2 bad options, 3 training diverged, 4 the run
-finished but its upload failed, 130 stopped by Ctrl-C. Flags are parsed and checked before torch or diffusers load, so a mistake is answered at once.
+:class:`~onestep_pipelines.training.config.DistillConfig` is a flag (``--help``; whole names only, a misspelled one
+gets the closest), and ``--config run.yaml`` reads them from a file (flags given on the command line win; a run's own
+``config.yaml`` repeats it in a new folder, ``NAME-2``, named on the first line). ``onestep-train evaluate RUN_DIR``
+scores a run's student (or any digits student folder); ``onestep-train push RUN_DIR --repo-id user/name`` uploads it
+(what ``--push-to-hub`` does, and the retry of an upload that failed). Ctrl-C during training finishes the update
+under way, saves a checkpoint and prints the command that resumes the run. Exit codes: 2 bad options, 3 training
+diverged, 4 the run finished but its upload failed, 130 stopped by Ctrl-C. Flags, config files and Hub access are
+checked before torch or diffusers load, so a mistake is answered at once.
 
 Several processes: ``accelerate launch --config_file training/configs/{ddp,fsdp,fsdp_lora}.yaml -m
 onestep_pipelines.training.cli distill ...`` on GPUs (DDP or FSDP2; DeepSpeed is refused); ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m
@@ -18,14 +20,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
+import re
 import sys
 
 from . import hub_checks
-from .config import RUN_FILE, DistillConfig, flag, resolve
+from .config import RUN_FILE, DistillConfig, flag, free_output_dir, resolve
 from .methods import METHODS, TrainingDiverged
 from .stopping import TrainingInterrupted, resume_command
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with whole flags only (no abbreviations: ``--lr`` is not ``--lr-scheduler``) and errors on one line.
+    ``main`` answers an unknown flag with this command's usage and the closest flag."""
+
+    command_parsers: dict[str, argparse.ArgumentParser] = {}  # the top level's subcommands (a mistyped one gets a suggestion)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        typo = re.match(r"argument command: invalid choice: '([^']*)'", message)
+        if typo and self.command_parsers:
+            message += _did_you_mean(typo.group(1), self.command_parsers)
+        if self.command_parsers:  # the top level: its usage is one line and lists the commands
+            self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _did_you_mean(word: str, known) -> str:
+    """``; did you mean X?``: the names ``word`` begins (an abbreviation, refused), else the closest one."""
+    starting = [k for k in known if k.startswith(word)] if word.startswith("--") else []
+    close = starting[:3] or difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _one_of(choices: tuple[str, ...]):
+    """An argparse ``type`` that accepts one of ``choices`` and answers anything else on one line, with the closest
+    choice."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(choices)}){_did_you_mean(value, choices)}")
+        return value
+
+    return check
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> int:
+    """An unknown flag: the command's usage, and the flag it most resembles (``--learning_rate``: ``--learning-rate``)."""
+    flags = [a for a in extras if a.startswith("-")]
+    word = (flags or extras)[0].split("=")[0]
+    known = [option for action in parser._actions for option in action.option_strings]
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: unrecognized argument {word}{_did_you_mean(word.replace('_', '-'), known)}", file=sys.stderr)
+    return 2
 
 
 def _distill_arguments(sub: argparse.ArgumentParser) -> None:
@@ -41,34 +92,39 @@ def _distill_arguments(sub: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             sub.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            metavar = None if f.metadata.get("choices") else {"int": "N", "float": "X", "str": "VALUE"}[f.type]
-            sub.add_argument(flag(f.name), type=kind, choices=f.metadata.get("choices"), metavar=metavar, **kwargs)
+            choices = f.metadata.get("choices")
+            kind = _one_of(choices) if choices else {"int": int, "float": float, "str": str}[f.type]
+            metavar = "{" + ",".join(choices) + "}" if choices else {"int": "N", "float": "X", "str": "VALUE"}[f.type]
+            sub.add_argument(flag(f.name), type=kind, metavar=metavar, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onestep-train", description="Distil a diffusion teacher into a 1-4 step student.")
+    parser = _Parser(prog="onestep-train", description="Distil a diffusion teacher into a 1-4 step student.")
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser(
         "distill", help="distil a teacher into a few-step student",
-        description="Distil a teacher into a 1-4 step student. Defaults: the embedded digits teacher, DMD2, 1 step.",
+        usage="%(prog)s [--config FILE] [--FLAG VALUE ...]  (every flag: %(prog)s --help)",
+        description="Distil a teacher into a 1-4 step student. Defaults: the embedded digits teacher, DMD2, 1 step. "
+                    "--config FILE reads options from a file; when its --output-dir already holds a run (a run's own config.yaml), "
+                    "the run goes to a new folder NAME-2, NAME-3, ... (the first line says which), unless --output-dir or --resume is given.",
     )
     _distill_arguments(distill)
     evaluate = commands.add_parser(
-        "evaluate", help="score a digits student folder (FD-digits and accuracy)",
-        description="Score a digits student (a pipeline folder, or a LoRA folder of the digits teacher) on the embedded benchmark: "
+        "evaluate", help="score a digits student (FD-digits and accuracy)", usage="%(prog)s RUN_DIR [--steps N,N,...] [--device {auto,cpu}] [--json FILE]",
+        description="Score a digits student (a run folder, a pipeline folder, or a LoRA folder of the digits teacher) on the embedded benchmark: "
                     "FD-digits and class accuracy of 898 samples from fixed seeds, at each step count.",
     )
-    evaluate.add_argument("student", metavar="STUDENT_DIR", help="a student pipeline folder, or a LoRA student folder of the digits teacher")
+    evaluate.add_argument("student", metavar="RUN_DIR", help="a run folder (its student/), a student pipeline folder, or a LoRA student folder of the digits teacher")
     evaluate.add_argument("--steps", default="", help="comma-separated step counts (default: the student's recommended steps)")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu"), help="auto: CUDA / MPS when present, else the CPU")
+    evaluate.add_argument("--device", default="auto", type=_one_of(("auto", "cpu")), metavar="{auto,cpu}", help="auto: CUDA / MPS when present, else the CPU")
     evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")
     push = commands.add_parser(
-        "push", help="upload a run's student to the Hugging Face Hub (what --push-to-hub does; retries a failed upload)",
+        "push", help="upload a run's student to the Hugging Face Hub (what --push-to-hub does; retries a failed upload)", usage="%(prog)s RUN_DIR --repo-id USER/NAME",
         description="Upload a student to the Hugging Face Hub (token from HF_TOKEN / `hf auth login`); the repository is created when missing.",
     )
     push.add_argument("folder", metavar="RUN_DIR", help="a run folder (its lora/ folder when it has one, else its student/), or a student or LoRA folder")
     push.add_argument("--repo-id", required=True, help="Hub repo id, 'user/name'")
+    parser.command_parsers = dict(commands.choices)
     return parser
 
 
@@ -94,15 +150,18 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = vars(_parser().parse_args(argv))
+    parser = _parser()
+    namespace, extras = parser.parse_known_args(argv)
+    args = vars(namespace)
     command = args.pop("command")
-    if command == "evaluate":
-        return _evaluate(args)
-    if command == "push":
-        return _push(args)
-    config_file = args.pop("config", None)
+    if extras:
+        return _unrecognized(parser.command_parsers[command], extras)
+    return {"distill": _distill, "evaluate": _evaluate, "push": _push}[command](args, argv)
+
+
+def _distill(args: dict, argv: list[str]) -> int:
     try:
-        config = resolve(args, config_file)
+        config = _config(args)
         config.check_paths()
         hub_checks.check_run(config)  # a Hub id or an upload that cannot work: refused in seconds, before torch loads
     except ValueError as error:
@@ -121,6 +180,25 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted(argv, config, f"stopped after update {stop.update} of {config.max_train_steps}", stop.checkpoint)
     except KeyboardInterrupt:
         return _interrupted(argv, config, "stopped", None)
+    return _report(result, config)
+
+
+def _config(flags: dict) -> DistillConfig:
+    """The run's options: defaults, ``--config`` file, flags. A config file whose ``output_dir`` holds a run already
+    (a run's own config.yaml, repeated) sends the run to a new folder, said on the first line, unless the flags name
+    ``--output-dir`` or ``--resume``."""
+    config_file = flags.pop("config", None)
+    config = resolve(flags, config_file)
+    if config_file and "output_dir" not in flags and not config.resume:
+        new = free_output_dir(config.output_dir)
+        if new != config.output_dir:
+            print(f"run folder: {new} (new: {config.output_dir}, the --output-dir of {config_file}, holds a run already; --output-dir chooses another)")
+            config = dataclasses.replace(config, output_dir=new)
+    return config
+
+
+def _report(result: dict, config: DistillConfig) -> int:
+    """The run's scores, folders and upload, on stdout; 4 when the upload failed."""
     if "student_dir" not in result:  # not the main process of a distributed run
         return 0
     if "scores" in result:
@@ -141,19 +219,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate(args: dict) -> int:
+def _run_part(folder: str, parts: tuple[str, ...]) -> str:
+    """``folder``, or for a run folder (it has run.json) the first of its ``parts`` (``student``, ``lora``) it holds."""
+    if os.path.isfile(os.path.join(folder, RUN_FILE)):
+        for part in parts:
+            if os.path.isdir(os.path.join(folder, part)):
+                return os.path.join(folder, part)
+    return folder
+
+
+def _evaluate(args: dict, argv: list[str]) -> int:
     try:
         steps = [int(s) for s in args["steps"].replace(";", ",").split(",") if s.strip()] if args["steps"] else None
     except ValueError:
         return _error(f"--steps {args['steps']!r} is not a comma-separated list of integers, e.g. 1,2,4.")
     if steps is not None and (not steps or min(steps) < 1):
         return _error(f"--steps {args['steps']!r}: step counts are positive integers.")
-    if not os.path.isdir(args["student"]):
-        return _error(f"{args['student']}: no such folder.")
+    folder = args["student"]
+    if not os.path.isdir(folder):
+        return _error(f"{folder}: no such folder.")
+    student = _run_part(folder, ("student", "lora"))
+    if student == folder and os.path.isfile(os.path.join(folder, RUN_FILE)):
+        return _error(f"{folder} is a run folder without a student yet: the run writes {os.path.join(folder, 'student')} when it ends "
+                      "(continue it with onestep-train distill ... --resume latest).")
     from .evaluate import evaluate_student
 
+    name = os.path.basename(os.path.normpath(folder)) if student != folder else None  # a run folder: the run's name
     try:
-        rows = evaluate_student(args["student"], steps, args["device"], args["json"] or None)
+        rows = evaluate_student(student, steps, args["device"], args["json"] or None, name=name)
     except ValueError as error:
         return _error(str(error))
     print(_table(rows))
@@ -174,14 +267,10 @@ def _interrupted(argv: list[str], config: DistillConfig, what: str, saved: str |
     return 130
 
 
-def _push(args: dict) -> int:
-    folder = args["folder"]
-    if not os.path.isdir(folder):
-        return _error(f"{folder}: no such folder.")
-    for part in ("lora", "student"):  # a run folder: what --push-to-hub uploads
-        if os.path.isfile(os.path.join(folder, RUN_FILE)) and os.path.isdir(os.path.join(folder, part)):
-            folder = os.path.join(folder, part)
-            break
+def _push(args: dict, argv: list[str]) -> int:
+    if not os.path.isdir(args["folder"]):
+        return _error(f"{args['folder']}: no such folder.")
+    folder = _run_part(args["folder"], ("lora", "student"))  # a run folder: what --push-to-hub uploads
     from onestep_pipelines.hub import push_student  # (huggingface_hub only)
 
     try:

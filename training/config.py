@@ -9,6 +9,7 @@ resume) with the same care, so that a run that starts is a run that can finish.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -334,15 +335,7 @@ def read_config_file(path: str) -> dict:
         raise ValueError(f"--config {path}: no such file.")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as error:  # yaml.YAMLError or json.JSONDecodeError: say where
-        raise ValueError(f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}".split("\n")[0]) from None
+    data = _parse(path, text)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"--config {path} must hold a mapping of options (e.g. `method: dmd2`), not {type(data).__name__}.")
@@ -351,9 +344,29 @@ def read_config_file(path: str) -> dict:
     for key, value in data.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in fields:
-            raise ValueError(f"--config {path}: unknown option {key!r} (see onestep-train distill --help).")
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"did you mean {close[0]}?" if close else "see onestep-train distill --help"
+            raise ValueError(f"--config {path}: unknown option {key!r} ({hint}).")
         out[name] = _typed(value, fields[name].type, f"--config {path}: {key}")
     return out
+
+
+def _parse(path: str, text: str):
+    """The file's content (JSON for ``.json``, else YAML); a syntax error names its line and column."""
+    if path.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config {path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}).") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"--config {path}{where}: not valid YAML ({problem}).") from None
 
 
 def _typed(value, kind: str, what: str):
@@ -376,6 +389,17 @@ def _typed(value, kind: str, what: str):
     raise ValueError(f"{what} must be {'a number' if kind == 'float' else 'an integer' if kind == 'int' else kind}, got {value!r}.")
 
 
+def free_output_dir(out: str) -> str:
+    """``out`` when it holds no run, else the first of ``out-2``, ``out-3``, ... that is missing or empty (the folder of
+    a run that repeats another's config file)."""
+    if not os.path.isfile(os.path.join(out, RUN_FILE)):
+        return out
+    base, n = out.rstrip("/" + os.sep), 2
+    while os.path.exists(f"{base}-{n}") and not (os.path.isdir(f"{base}-{n}") and not os.listdir(f"{base}-{n}")):
+        n += 1
+    return f"{base}-{n}"
+
+
 def resolve(flags: dict, config_file: str | None = None) -> DistillConfig:
     """Defaults, then the config file, then the flags given on the command line (``flags`` holds only those)."""
     values = read_config_file(config_file) if config_file else {}
@@ -387,4 +411,6 @@ def config_yaml(config: DistillConfig) -> str:
     """The resolved options as YAML, in field order (written as ``config.yaml`` in the run folder)."""
     import yaml
 
-    return "# onestep-train distill --config config.yaml reproduces this run\n" + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    options = config.to_dict() | {"resume": ""}  # a repeated run starts afresh (in a new folder: see cli._config)
+    return ("# onestep-train distill --config config.yaml repeats this run, in a new folder (NAME-2, ...) unless --output-dir is given\n"
+            + yaml.safe_dump(options, sort_keys=False))

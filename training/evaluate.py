@@ -38,15 +38,17 @@ def load_student(folder: str):
     raise ValueError(f"{folder} is neither a pipeline folder (model_index.json) nor a LoRA student folder ({DIFFUSERS_WEIGHT_NAME}).")
 
 
-def evaluate_student(folder: str, steps: list[int] | None = None, device: str = "auto", json_path: str | None = None) -> list[dict]:
-    """Rows ``{"model", "NFE", "FD-digits", "accuracy", "copies"}`` at ``steps`` (default: the student's recommended steps)."""
+def evaluate_student(folder: str, steps: list[int] | None = None, device: str = "auto", json_path: str | None = None,
+                     name: str | None = None) -> list[dict]:
+    """Rows ``{"model", "NFE", "FD-digits", "accuracy", "copies"}`` at ``steps`` (default: the student's recommended
+    steps); ``name`` (the rows' model, default: the folder's name)."""
     pipe = load_student(folder)
     if getattr(pipe, "student", None) is None and steps is None:
         raise ValueError(f"{folder} records no student metadata (a teacher?): pass --steps, e.g. --steps 4,8,16.")
     steps = steps or sorted(set(pipe.student.recommended_steps) | {pipe.student.num_inference_steps})
     where = pick_device(device)
     pipe.to(where)
-    rows, _ = score_digits(pipe, steps, DigitsMetric(device=where), name=os.path.basename(os.path.normpath(folder))[:22])
+    rows, _ = score_digits(pipe, steps, DigitsMetric(device=where), name=(name or os.path.basename(os.path.normpath(folder)))[:22])
     if json_path:
         write_atomically(json_path, json.dumps({"student": folder, "rows": rows}, indent=2) + "\n")
     return rows
