@@ -89,7 +89,9 @@ def _own_pipeline(config: dict) -> str | None:
 
 def _learn_our_pipelines(pipeline_utils) -> None:
     """Wrap ``DiffusionPipeline.from_pretrained``: a folder or repo naming one of our pipeline classes loads through
-    that class (our installed code; the folder's ``pipeline.py`` is not run); anything else is diffusers' own call."""
+    that class (our installed code; the folder's ``pipeline.py`` is not run); anything else is diffusers' own call,
+    after binding transformers' PIL image processors when the pipeline has transformers components (no torchvision
+    notice; see ``_image_processors.py``)."""
     pipeline_cls = pipeline_utils.DiffusionPipeline
     original = pipeline_cls.from_pretrained.__func__
     if getattr(original, "_onestep_hook", False):

@@ -25,6 +25,7 @@ from onestep_pipelines import (
     save_student_lora,
     write_model_card,
 )
+from onestep_pipelines.pipelines.loading import INSTALL_COMMAND, REPOSITORY_URL
 from onestep_pipelines.students.lora import comfyui_unmapped_keys
 from onestep_pipelines.testing import tiny_pipeline
 
@@ -234,8 +235,30 @@ def test_model_cards_render_with_snippets_numbers_and_grid(tmp_path):
         m = StudentMetadata.from_scheduler(scheduler, method="tdm", architecture=arch, **extra)
         text = write_model_card(tmp_path / "full", m, "full").text
         assert f"`{type(scheduler).__name__}`" in text and ("second time r | yes" in text) == bool(extra)
+    for card in (ModelCard.load(tmp_path / "lora" / "README.md"), ModelCard.load(tmp_path / "full" / "README.md")):  # not on PyPI
+        assert INSTALL_COMMAND in card.text and "pip install onestep-pipelines" not in card.text and f"]({REPOSITORY_URL})" in card.text
     with pytest.raises(FileNotFoundError, match="save_student_lora"):
         write_model_card(tmp_path / "full", full_meta, "lora")
+
+
+def test_digits_cards_are_class_conditional_and_local_teachers_are_named_not_linked(tmp_path):
+    """The Hub has no class-conditional task: class-conditional ImageNet models (DiT / SiT / MAR) are filed under
+    unconditional-image-generation with a class-conditional tag, and so are digits students. A teacher folder that is
+    not on the Hub is named by its folder (also for an old student that recorded a path), never linked."""
+    (tmp_path / "full").mkdir()
+    for base_model in ("teacher0", "/tmp/xyz/teacher0"):
+        m = StudentMetadata.from_scheduler(FlowMapScheduler(), method="dmd2", architecture="digits", base_model=base_model)
+        card = write_model_card(tmp_path / "full", m, "full")
+        data = card.data.to_dict()
+        assert data["pipeline_tag"] == "unconditional-image-generation" and "class-conditional" in data["tags"]
+        assert data.get("base_model") is None and "a local teacher, `teacher0`" in card.text and "/tmp/xyz" not in card.text
+    shipped = write_model_card(tmp_path / "full", StudentMetadata.from_scheduler(FlowMapScheduler(), method="dmd2", architecture="digits", base_model="digits"), "full")
+    assert "load_digits_teacher()" in shipped.text and shipped.data.to_dict().get("base_model") is None
+    on_hub = write_model_card(tmp_path / "full", StudentMetadata.from_scheduler(FlowMapScheduler(), method="dmd2", architecture="digits", base_model="me/digits-teacher"), "full")
+    assert on_hub.data.to_dict()["base_model"] == "me/digits-teacher" and "](https://huggingface.co/me/digits-teacher)" in on_hub.text
+    sd = write_model_card(tmp_path / "full", StudentMetadata.from_scheduler(TDMScheduler(), method="tdm", architecture="sd", base_model="my-sd"), "full")
+    assert sd.data.to_dict()["pipeline_tag"] == "text-to-image" and "class-conditional" not in sd.data.to_dict()["tags"]
+    assert sd.data.to_dict().get("base_model") is None and "a local teacher, `my-sd`" in sd.text
 
 
 def test_push_student_then_load_from_the_hub(hub, tmp_path, caplog):

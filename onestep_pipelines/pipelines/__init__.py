@@ -7,6 +7,7 @@ processors) on first use, so the digits pipeline and the trainer's digits job lo
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import TYPE_CHECKING
 
 from .mixin import FewStepPipelineMixin, architecture_of
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
         FewStepStableDiffusionXLPipeline,
     )
 
-__all__ = sorted(_LAZY | {"DigitsPipeline", "FewStepPipelineMixin", "PIPELINE_NAMES", "architecture_of"})
+__all__ = sorted(_LAZY | {"DigitsPipeline", "FewStepPipelineMixin", "PIPELINE_NAMES", "architecture_of", "student_pipeline"})
 
 
 def __getattr__(name: str):
@@ -39,3 +40,21 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(".few_step", __name__), name)
     globals()[name] = value
     return value
+
+
+def student_pipeline(teacher, denoiser, scheduler):
+    """The few-step pipeline of ``teacher``'s architecture holding the teacher's components, with ``denoiser`` and
+    ``scheduler`` in place of its own. Options of the class that are not components keep the teacher's recorded values
+    instead of the class defaults (SD's ``requires_safety_checker``, SDXL's ``force_zeros_for_empty_prompt``): a
+    student of a teacher without a safety checker records ``requires_safety_checker`` as the teacher did (False), so
+    loading it does not warn about the missing checker. Guidance is the student's own (its metadata), not copied."""
+    architecture = architecture_of(teacher)
+    cls = DigitsPipeline if architecture == "digits" else __getattr__(PIPELINE_NAMES[architecture])
+    components = {**teacher.components, cls._denoiser: denoiser, "scheduler": scheduler}
+    own = {"self", "student", "default_guidance_scale"}  # the student's metadata and the digits pipeline's guidance
+    options = {
+        name: teacher.config[name]
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in components and name not in own and name in teacher.config and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return cls(**components, **options)

@@ -1,6 +1,6 @@
 """Few-step pipelines: the stock SD / SDXL / SD3 / Flux pipelines plus what a student needs.
 
-Each class is the stock pipeline (same ``__call__``, same components) with :class:`FewStepPipelineMixin` (see
+Each class is the stock pipeline (same ``__call__`` signature, same components) with :class:`FewStepPipelineMixin` (see
 ``mixin.py``): r passing for flow-map students, defaults from the student's metadata, safe loading and the files
 that make ``DiffusionPipeline.from_pretrained`` find it. Without a student they behave exactly like the stock ones.
 """
@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import inspect
 
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from .._image_processors import use_pil_image_processors
 
-from .mixin import FewStepPipelineMixin
+use_pil_image_processors()  # before diffusers' SD modules import transformers' image processors: no torchvision notice
+
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
+
+from .calling import with_stock_call  # noqa: E402
+from .mixin import FewStepPipelineMixin  # noqa: E402
 
 
 def _with_student_argument(base):
@@ -28,18 +33,21 @@ def _with_student_argument(base):
     return __init__
 
 
+@with_stock_call
 class FewStepStableDiffusionPipeline(FewStepPipelineMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` for few-step students (see :class:`FewStepPipelineMixin`)."""
 
     __init__ = _with_student_argument(StableDiffusionPipeline)
 
 
+@with_stock_call
 class FewStepStableDiffusionXLPipeline(FewStepPipelineMixin, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` for few-step students (see :class:`FewStepPipelineMixin`)."""
 
     __init__ = _with_student_argument(StableDiffusionXLPipeline)
 
 
+@with_stock_call
 class FewStepStableDiffusion3Pipeline(FewStepPipelineMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` for few-step students (see :class:`FewStepPipelineMixin`)."""
 
@@ -47,6 +55,7 @@ class FewStepStableDiffusion3Pipeline(FewStepPipelineMixin, StableDiffusion3Pipe
     __init__ = _with_student_argument(StableDiffusion3Pipeline)
 
 
+@with_stock_call
 class FewStepFluxPipeline(FewStepPipelineMixin, FluxPipeline):
     """``FluxPipeline`` for few-step students (see :class:`FewStepPipelineMixin`). CFG-mode students use
     ``true_cfg_scale`` (Flux's ``guidance_scale`` is the distilled-guidance embedding)."""

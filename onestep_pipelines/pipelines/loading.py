@@ -25,12 +25,16 @@ import os
 
 SHIM_NAME = "pipeline"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack")
+REPOSITORY_URL = "https://github.com/onestep-pipelines/onestep-pipelines"  # pyproject's [project.urls] Repository
+# onestep-pipelines is not on PyPI (yet): what students' files and cards tell readers to run
+INSTALL_COMMAND = f'pip install "git+{REPOSITORY_URL}"'
 
 
 def shim_source(class_name: str) -> str:
     return (
         "# Written by onestep-pipelines: lets DiffusionPipeline.from_pretrained(..., trust_remote_code=True) load this\n"
-        "# student in an interpreter that has not imported the package. Requires `pip install onestep-pipelines`.\n"
+        "# student in an interpreter that has not imported the package. Requires onestep-pipelines, which is not on PyPI:\n"
+        f"# {INSTALL_COMMAND}  (or `pip install .` in a clone of the repository)\n"
         f"from onestep_pipelines.pipelines import {class_name}  # noqa: F401\n"
     )
 

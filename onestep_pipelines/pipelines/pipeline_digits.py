@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..benchmark.digits import parse_class_labels
 from ..models.digits_transformer import DigitsTransformer2DModel
 from ..sampling import check_num_steps
+from .calling import with_stock_call
 from .mixin import FewStepPipelineMixin
 
 
@@ -120,6 +121,7 @@ class _DigitsGeneration(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
+@with_stock_call
 class DigitsPipeline(FewStepPipelineMixin, _DigitsGeneration):
     r"""Class-conditional generation of 8x8 digits with a :class:`DigitsTransformer2DModel`.
 

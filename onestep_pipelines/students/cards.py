@@ -9,7 +9,7 @@ import shutil
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..pipelines import PIPELINE_NAMES
-from ..pipelines.loading import write_atomically
+from ..pipelines.loading import INSTALL_COMMAND, REPOSITORY_URL, write_atomically
 from ..metadata import StudentMetadata
 
 try:  # installed (wheel or editable): model_cards/ is the data package onestep_pipelines.model_cards
@@ -64,6 +64,36 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
 
 
+def base_model_name(source: str | None) -> str | None:
+    """What a student records as its base model, for a teacher loaded from ``source`` (a Hub id, a local folder or
+    ``"digits"``): a name that means something off the machine it was distilled on, never a local path.
+
+    A Hub id and ``"digits"`` stay as they are. A local folder gives the Hub id it is a copy of when it shows one: a
+    Hub cache snapshot (``.../models--org--name/snapshots/<revision>``) or a ``_name_or_path`` Hub id recorded in its
+    ``model_index.json``; otherwise the folder's own name (no ``/``: the model card calls it a local teacher).
+    """
+    if source is None or source == "digits" or not os.path.isdir(os.path.expanduser(source)):
+        return source
+    folder = os.path.abspath(os.path.expanduser(source))
+    parts = folder.split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):  # huggingface_hub's cache
+        return parts[-3][len("models--"):].replace("--", "/")  # (Hub ids hold no "--")
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+            recorded = json.load(f).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and _looks_like_hub_id(recorded) and "\\" not in recorded:
+        return recorded
+    return os.path.basename(folder)
+
+
+def _local_name(base_model: str) -> str:
+    """The name a card shows for a base model that is not on the Hub (a folder's name, also for an old student that
+    recorded a path)."""
+    return os.path.basename(os.path.normpath(base_model))
+
+
 def numbers_table(rows: list[dict]) -> str:
     """A markdown table from a list of dicts with the same keys (floats to 4 significant digits)."""
     if not rows:
@@ -115,23 +145,30 @@ def write_model_card(
         else:
             grid.save(os.path.join(folder, grid_name))
     digits = m.architecture == "digits"
-    on_hub = m.base_model is not None and not digits and _looks_like_hub_id(m.base_model)
+    shipped = digits and m.base_model in (None, "digits")
+    on_hub = m.base_model is not None and not shipped and _looks_like_hub_id(m.base_model)
+    local = m.base_model is not None and not shipped and not on_hub  # a teacher folder that is not on the Hub
     card_data = ModelCardData(
         library_name="diffusers",
+        # the Hub has no class-conditional task: class-conditional models (DiT / SiT / MAR on ImageNet) are filed under
+        # unconditional-image-generation and tagged class-conditional
         pipeline_tag="unconditional-image-generation" if digits else "text-to-image",
         base_model=m.base_model if on_hub else None,
-        tags=["few-step", m.method, "onestep-pipelines", *(["lora"] if kind == "lora" else [])],
+        tags=["few-step", m.method, "onestep-pipelines", *(["class-conditional"] if digits else []), *(["lora"] if kind == "lora" else [])],
         license=license,
     )
     if card_data.base_model:
         card_data.base_model_relation = "adapter" if kind == "lora" else "finetune"
-    shipped = digits and m.base_model in (None, "digits")
+    base = _local_name(m.base_model) if local else m.base_model
     if shipped:
         base_ref = "the onestep-pipelines digits teacher (shipped with the package: `onestep_pipelines.load_digits_teacher()`)"
     elif on_hub:
         base_ref = f"[{m.base_model}](https://huggingface.co/{m.base_model})"
+    elif local:
+        base_ref = f"a local teacher, `{base}` (a pipeline folder on the machine it was distilled on, not on the Hub)"
     else:
-        base_ref = f"`{m.base_model}`" if m.base_model else "its base model"
+        base_ref = "its base model"
+    base_comment = "  # the local teacher's folder" if local else ""
     pipeline_class = PIPELINE_NAMES[m.architecture]
     device = 'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
     dtype = "torch_dtype=torch.float16 if device == \"cuda\" else torch.float32"
@@ -143,15 +180,17 @@ def write_model_card(
         method=m.method,
         papers=_papers(m.method),
         base_ref=base_ref,
-        base_model_name=m.base_model if on_hub else ("the digits teacher" if digits else "the base model"),
+        base_model_name=m.base_model if on_hub else f"local teacher `{base}`" if local else ("the digits teacher" if digits else "the base model"),
         load_base=(
             "from onestep_pipelines import load_digits_teacher, load_student_lora\n\npipe = load_digits_teacher()"
             if shipped
-            else f'from onestep_pipelines import DigitsPipeline, load_student_lora\n\npipe = DigitsPipeline.from_pretrained("{m.base_model}")'
+            else f'from onestep_pipelines import DigitsPipeline, load_student_lora\n\npipe = DigitsPipeline.from_pretrained("{base}"){base_comment}'
             if digits
             else f"import torch\nfrom onestep_pipelines import {pipeline_class}, load_student_lora\n\n{device}"
-            f'pipe = {pipeline_class}.from_pretrained("{m.base_model or "<base model id>"}", {dtype}).to(device)'
+            f'pipe = {pipeline_class}.from_pretrained("{base or "<base model id>"}", {dtype}).to(device){base_comment}'
         ),
+        repository_url=REPOSITORY_URL,
+        install_command=INSTALL_COMMAND,
         imports="import onestep_pipelines  # lets DiffusionPipeline load this student's classes" if digits
         else "import torch\nimport onestep_pipelines  # lets DiffusionPipeline load this student's classes",
         device_line="" if digits else device,

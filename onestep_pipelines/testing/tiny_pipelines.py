@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from .._image_processors import use_pil_image_processors
+
 ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "dit")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -152,6 +154,7 @@ def _eval(pipe):
 
 def tiny_sd_pipeline(seed: int = 0):
     """Stable Diffusion 1.x layout: UNet2DConditionModel (epsilon, scaled-linear VP), one CLIP text encoder."""
+    use_pil_image_processors()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -166,6 +169,7 @@ def tiny_sd_pipeline(seed: int = 0):
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """SDXL layout: text-time conditioned UNet, two CLIP text encoders (the second with projection)."""
+    use_pil_image_processors()
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
@@ -189,6 +193,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 def tiny_sd3_pipeline(seed: int = 0):
     """SD3 layout: SD3Transformer2DModel (flow velocity, shift 3), two CLIP encoders and a T5 encoder."""
+    use_pil_image_processors()
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
@@ -209,6 +214,7 @@ def tiny_sd3_pipeline(seed: int = 0):
 
 def tiny_flux_pipeline(seed: int = 0):
     """Flux layout: FluxTransformer2DModel (packed 2x2 latents, dynamic shift), CLIP and T5 encoders."""
+    use_pil_image_processors()
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -230,6 +236,7 @@ def tiny_flux_pipeline(seed: int = 0):
 
 def tiny_dit_pipeline(seed: int = 0):
     """DiT layout: class-conditional DiTTransformer2DModel (epsilon + learned sigma, linear VP)."""
+    use_pil_image_processors()
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
