@@ -125,6 +125,7 @@ def _python(code: str, cwd=None) -> subprocess.CompletedProcess:
 NO_TORCHVISION = "import sys\nsys.modules['torchvision'] = None  # not installed\n"
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_loading_sd_pipelines_prints_no_torchvision_notice(tmp_path):
     """transformers 5 without torchvision says "`CLIPImageProcessor` requires torchvision (not installed); falling
     back ..." (and the same for Siglip) when diffusers' SD modules import those names; the package binds the PIL
@@ -163,6 +164,7 @@ def test_base_model_is_a_hub_id_or_a_folder_name_never_a_local_path(tmp_path):
     assert base_model_name(str(snapshot)) == "stabilityai/sd-turbo"  # huggingface_hub's cache: the repo it holds
 
 
+@pytest.mark.slow  # a training run
 def test_a_trained_students_metadata_and_card_name_a_local_teacher_by_its_folder(tmp_path):
     """The trainer on a local SD teacher folder: the student records the folder's name (not its path) and the teacher's
     requires_safety_checker, and its card says the teacher is local."""
