@@ -4,12 +4,16 @@ The update rules, presets and LoRA key conversion live in ``onestep_pipelines`` 
 this module only translates ComfyUI's conventions: a model's ``model_sampling`` becomes a
 :class:`~onestep_pipelines.sampling.SigmaSpace`, the target time ``r`` travels in
 ``model_options["transformer_options"]`` and reaches an r-conditioned model through a model patch.
+
+The samplers and sigmas need only the sampling core; the LoRA and r-embedding functions import the library's metadata,
+students and models (diffusers, peft) when first called, so a workflow without them never loads those.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -18,9 +22,10 @@ import comfy.lora
 import comfy.model_sampling
 import comfy.samplers
 
-from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
 from onestep_pipelines.sampling import SigmaSpace, few_step_sigmas, sample_consistency, sample_flow_map
-from onestep_pipelines.students.lora import COMFYUI_R_PREFIX, comfyui_ready
+
+if TYPE_CHECKING:  # the LoRA functions import these (and with them diffusers and peft) when first called
+    from onestep_pipelines.metadata import StudentMetadata
 
 R_KEY = "onestep_r_sigma"  # transformer_options entry carrying the flow-map target sigma
 R_PATCH_KEY = "onestep_r_conditioning"  # model_options flag set by the r-conditioning patch
@@ -128,19 +133,19 @@ class RTimeEmbedding(torch.nn.Module):
 def r_embedder_from_file(path: str) -> torch.nn.Module:
     """The second-time embedding saved with an r-conditioned student (``r_embedder.safetensors``)."""
     tensors, _ = read_safetensors(path, "r_embedder")
-    return r_embedder_from_tensors({k.removeprefix("r_embedder."): v for k, v in tensors.items()}, path)
+    return r_embedder_from_tensors({k.removeprefix("r_embedder."): v for k, v in tensors.items()}, path, "r_embedder")
 
 
-def r_embedder_from_tensors(tensors: dict, source: str) -> torch.nn.Module:
+def r_embedder_from_tensors(tensors: dict, source: str, what: str) -> torch.nn.Module:
     """The second-time embedding from its tensors (an r_embedder file, or the ``onestep_r_embedder.*`` keys of a
-    student's ComfyUI LoRA file)."""
+    student's ComfyUI LoRA file); errors name the node input ``what`` and the file ``source``."""
     from diffusers.models.embeddings import Timesteps
 
     from onestep_pipelines.models.r_conditioning import IntervalEmbedding
 
     expected = {"embedding.linear_1.weight", "embedding.linear_1.bias", "embedding.linear_2.weight", "embedding.linear_2.bias"}
     if set(tensors) != expected:
-        raise ValueError(f"{os.path.basename(source)} holds no second-time embedding of this package (keys {sorted(tensors)[:4]}); "
+        raise ValueError(f"{what} {os.path.basename(source)} holds no second-time embedding of this package (keys {sorted(tensors)[:4]}); "
                          "use the r_embedder.safetensors or the _comfyui.safetensors file written with the student.")
     channels, embed_dim = tensors["embedding.linear_1.weight"].shape[1], tensors["embedding.linear_2.weight"].shape[0]
     module = IntervalEmbedding(Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0), embed_dim)
@@ -192,16 +197,18 @@ def read_safetensors(path: str, what: str) -> tuple[dict, dict]:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as error:  # safetensors raises its own SafetensorError for damaged files
-        raise ValueError(f"{what} {os.path.basename(path)}: not a readable safetensors file ({str(error)[:120]}); "
+        raise ValueError(f"{what} {os.path.basename(path)}: not a readable safetensors file ({error}); "
                          "download or copy it again.") from None
 
 
 def read_lora(path: str) -> tuple[dict, StudentMetadata | None, dict]:
+    from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
+
     tensors, header = read_safetensors(path, "lora_name")
     try:
         metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
     except ValueError as error:
-        raise ValueError(f"lora_name {os.path.basename(path)}: its onestep sampling metadata is invalid ({str(error)[:200]}).") from None
+        raise ValueError(f"lora_name {os.path.basename(path)}: its onestep sampling metadata is invalid ({error}).") from None
     return tensors, metadata, header
 
 
@@ -211,6 +218,8 @@ def model_architecture(model) -> str | None:
 
 def lora_patches(model, tensors: dict, header: dict) -> tuple[dict, int, list[str]]:
     """``(ComfyUI patches, modules in the file, file modules that match nothing in this model)``."""
+    from onestep_pipelines.students.lora import comfyui_ready
+
     ready, n_modules = comfyui_ready(tensors, header)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(ready, key_map, log_missing=False)
@@ -227,6 +236,8 @@ def load_lora(model, path: str, strength: float, allow_partial: bool):
     """``(patched model, metadata, report)``; refuses a LoRA for another architecture, and a partial load unless
     ``allow_partial``. An r-conditioned (flow-map / MeanFlow) student also gets its second-time embedding (from the
     file's ``onestep_r_embedder.*`` keys, or an ``r_embedder.safetensors`` beside it)."""
+    from onestep_pipelines.students.lora import COMFYUI_R_PREFIX
+
     name = os.path.basename(path)
     tensors, metadata, header = read_lora(path)
     r_tensors = {k[len(COMFYUI_R_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(COMFYUI_R_PREFIX)]}
@@ -248,7 +259,7 @@ def load_lora(model, path: str, strength: float, allow_partial: bool):
     if metadata is not None and metadata.r_conditioning:
         beside = os.path.join(os.path.dirname(path), "r_embedder.safetensors")
         if r_tensors:
-            r_embedder = r_embedder_from_tensors(r_tensors, path)
+            r_embedder = r_embedder_from_tensors(r_tensors, path, "lora_name")
         elif os.path.isfile(beside):
             r_embedder = r_embedder_from_file(beside)
         else:

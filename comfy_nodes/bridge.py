@@ -30,7 +30,7 @@ def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dt
             try:
                 pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
             except (OSError, ValueError) as error:
-                raise ValueError(f"student {os.path.basename(path)} could not be loaded: {str(error)[:300]}") from None
+                raise ValueError(f"student {os.path.basename(path)} could not be loaded: {error}") from None
             _CACHE[key] = pipe.to(device)
         return _CACHE[key]
 

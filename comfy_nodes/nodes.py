@@ -1,5 +1,9 @@
 """The node pack (ComfyUI V3 ``comfy_api`` schema). Each node's ``execute`` delegates to :mod:`.adapters` or
-:mod:`.bridge`; errors are raised as ValueError with the reason, which ComfyUI reports on the node."""
+:mod:`.bridge`; errors are raised as ValueError with the reason (:func:`.errors.fail`), which ComfyUI reports on the node.
+
+ComfyUI imports this module and builds every schema at start, so it imports only what the schemas need (the sampling
+core's preset names: no diffusers, transformers or peft); :mod:`.adapters` and :mod:`.bridge`, and through them the
+library's LoRA, metadata and pipeline code, are imported by the first ``execute`` that needs them."""
 
 from __future__ import annotations
 
@@ -10,17 +14,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from onestep_pipelines.sampling import PRESETS, parse_timesteps
 
-from . import adapters, bridge
+from .errors import fail
 
 CATEGORY = "sampling/onestep"
 PRESET_OPTIONS = [p for p in PRESETS if p != "uniform"] + ["custom"]
 TIMESTEP_RANGE = "integers in [0, 999] for SD 1.5 / SDXL; values in (0, 1000] (sigma x 1000) for flow models"
-
-
-def fail(where: str, error: Exception, fix: str = "") -> ValueError:
-    """A node error of at most 500 characters: the node input(s), what is wrong, and the fix."""
-    message = (f"{where}: {error}" if where else str(error)) + (f" {fix}" if fix else "")
-    return ValueError(message if len(message) <= 500 else message[:497] + "...")
 
 
 class ConsistencySampler(io.ComfyNode):
@@ -40,6 +38,8 @@ class ConsistencySampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
+        from . import adapters
+
         return io.NodeOutput(adapters.consistency_sampler(gamma))
 
 
@@ -57,6 +57,8 @@ class TDMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
+        from . import adapters
+
         return io.NodeOutput(adapters.consistency_sampler(0.0))
 
 
@@ -77,6 +79,8 @@ class FlowMapSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
+        from . import adapters
+
         return io.NodeOutput(adapters.flow_map_sampler(gamma))
 
 
@@ -98,6 +102,8 @@ class FlowMapConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, r_embedder) -> io.NodeOutput:
+        from . import adapters
+
         path = folder_paths.get_full_path_or_raise("loras", r_embedder)
         try:
             return io.NodeOutput(adapters.patch_r_conditioning(model, adapters.r_embedder_from_file(path)))
@@ -116,9 +122,10 @@ class FewStepSigmas(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("preset", options=PRESET_OPTIONS, default="trailing",
-                               tooltip="lcm/tcd: 50-step LCM grid; dmd2: 999,749,499,249; tdm: uniform boundaries; rcm/scm: TrigFlow times; trailing: evenly spaced from pure noise; custom: the list below."),
+                               tooltip="lcm/tcd: 50-step LCM grid; dmd2: 999,749,499,249; tdm: uniform boundaries; rcm/scm: TrigFlow times; "
+                                       "trailing: evenly spaced from pure noise; custom: the list below."),
                 io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Model evaluations (ignored for custom)."),
-                io.String.Input("timesteps", default="999,749,499,249", tooltip=f"custom only: strictly decreasing training timesteps, {TIMESTEP_RANGE}."),
+                io.String.Input("timesteps", default="999,749,499,249", tooltip=f"custom only: comma-separated, strictly decreasing training timesteps, {TIMESTEP_RANGE}."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Flow models: 0 keeps the model's own shift; > 0 replaces it (SD3 uses 3)."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip="< 1 keeps the last steps of a longer schedule (img2img)."),
@@ -128,6 +135,8 @@ class FewStepSigmas(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, steps, timesteps, shift, denoise) -> io.NodeOutput:
+        from . import adapters
+
         try:
             custom = parse_timesteps(timesteps) if preset == "custom" else None
             return io.NodeOutput(adapters.model_sigmas(model, steps, "trailing" if custom else preset, custom, shift, denoise))
@@ -143,7 +152,8 @@ class StudentLoraLoader(io.ComfyNode):
             node_id="OneStepLoraLoader",
             display_name="Student LoRA Loader (onestep)",
             category=CATEGORY,
-            description="Loads a onestep student LoRA or any diffusers / peft / kohya LoRA; every module must map (or allow_partial). With sampling metadata in the file, also outputs the matching SAMPLER and SIGMAS.",
+            description="Loads a onestep student LoRA or any diffusers / peft / kohya LoRA; every module must map (or allow_partial). "
+                        "With sampling metadata in the file, also outputs the matching SAMPLER and SIGMAS.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
@@ -156,6 +166,8 @@ class StudentLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength, allow_partial, fallback_steps) -> io.NodeOutput:
+        from . import adapters
+
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         try:
             patched, metadata, report = adapters.load_lora(model, path, strength, allow_partial)
@@ -201,6 +213,8 @@ class DiffusersStudent(io.ComfyNode):
     def execute(cls, student, prompt, class_labels, seed, steps, guidance, width, height, batch_size, substeps=0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
+
+        from . import bridge
 
         try:
             pipe = bridge.load_pipeline(_folder(student), comfy.model_management.get_torch_device())

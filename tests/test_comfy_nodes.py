@@ -174,7 +174,7 @@ def test_node_pack_imports_without_comfyui():
     with pytest.raises(ImportError):  # the nodes need ComfyUI; only calling the entry point imports them
         asyncio.run(installed.comfy_entrypoint())
     with open(os.path.join(REPO, "__init__.py")) as f:  # the "cloned into custom_nodes" entry point
-        assert "from .comfy_nodes import comfy_entrypoint" in f.read()
+        assert "from onestep_pipelines.comfy_nodes import comfy_entrypoint" in f.read()
 
 
 @pytest.mark.parametrize("api_path", sorted(glob.glob(os.path.join(REPO, "comfy_nodes", "example_workflows", "*.api.json"))))
@@ -217,6 +217,7 @@ def _module_level_imports(path: str, package: str) -> set[str]:
     return found - {"__future__"}
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_comfyui_start_imports_nothing_heavy():
     """ComfyUI imports nodes.py and builds every schema at start (for every start, whether the nodes are used or
     not): its module-level imports are ComfyUI's own modules and ones that load no diffusers, transformers or peft
@@ -232,6 +233,12 @@ def test_comfyui_start_imports_nothing_heavy():
 
 
 # ------------------------------------------------------------------------------------------- node errors
+def _bridge():
+    from onestep_pipelines.comfy_nodes import bridge
+
+    return bridge
+
+
 def _error(call) -> ValueError:
     try:
         call()
@@ -244,13 +251,13 @@ def _error(call) -> ValueError:
     ("timesteps", lambda: parse_timesteps("999,seven"), "timesteps: 'seven' is not a number;"),
     ("timesteps", lambda: few_step_sigmas(SigmaSpace(flow=True), 0, timesteps=[499, 749]), "timesteps must be strictly decreasing, got [499.0, 749.0]."),
     ("preset 'dmd2', steps 6", lambda: few_step_sigmas(SigmaSpace(flow=True), 6, "dmd2"), "preset 'dmd2', steps 6: "),
-    ("prompt / class_labels / steps / substeps", lambda: __import__("comfy_nodes.bridge").bridge.parse_labels("three"),
+    ("prompt / class_labels / steps / substeps", lambda: _bridge().parse_labels("three"),
      "class_labels: 'three' is not a comma-separated list of integers."),
     ("r_embedder x.safetensors", lambda: (_ for _ in ()).throw(ValueError("r_embedder x.safetensors: not a readable safetensors file")),
      "r_embedder x.safetensors: not a readable safetensors file"),
 ])
 def test_node_errors_say_their_input_once(where, call, expected):
-    from comfy_nodes.errors import fail
+    from onestep_pipelines.comfy_nodes.errors import fail
 
     message = str(fail(where, _error(call)))
     assert message.startswith(expected), message
@@ -260,7 +267,7 @@ def test_node_errors_say_their_input_once(where, call, expected):
 
 def test_node_errors_are_not_cut():
     """The fix at the end of a long reason arrives whole (errors used to be cut at 500 characters, hint first)."""
-    from comfy_nodes.errors import fail
+    from onestep_pipelines.comfy_nodes.errors import fail
 
     unmapped = ", ".join(f"lora_unet_down_blocks_{i}_attentions_0_transformer_blocks_0_attn1_to_q" for i in range(8))
     reason = ValueError(f"lora_name student.safetensors: only 2 of 10 LoRA modules map onto this model (unmapped: {unmapped}); "
@@ -273,7 +280,7 @@ def test_node_errors_are_not_cut():
 def test_a_clone_has_the_example_workflows_where_comfyui_looks():
     """ComfyUI lists and serves templates from ``<custom node folder>/example_workflows/*.json`` only: in a clone that
     is the repository's example_workflows/, equal to the UI files installed with the package (build.py writes both)."""
-    from comfy_nodes.install import EXAMPLES, ui_workflows
+    from onestep_pipelines.comfy_nodes.install import EXAMPLES, ui_workflows
 
     assert os.path.samefile(EXAMPLES, os.path.join(REPO, "comfy_nodes", "example_workflows"))
     shipped = {os.path.basename(p): open(p, "rb").read() for p in ui_workflows()}
@@ -282,8 +289,9 @@ def test_a_clone_has_the_example_workflows_where_comfyui_looks():
     assert all(json.loads(data)["nodes"] for data in shipped.values())  # UI format: templates load in the editor
 
 
+@pytest.mark.slow  # a fresh interpreter (python -m)
 def test_pip_users_install_the_pack_with_its_example_workflows(tmp_path):
-    from comfy_nodes.install import ENTRY_POINT, install, ui_workflows
+    from onestep_pipelines.comfy_nodes.install import ENTRY_POINT, install, ui_workflows
 
     with pytest.raises(ValueError, match="no custom_nodes folder"):
         install(str(tmp_path))

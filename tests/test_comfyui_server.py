@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from onestep_pipelines.testing.checkout import wheel_site, windows_style_clone
-from onestep_pipelines.testing.comfyui import ComfyServer, comfyui_dir, execution_error, sd15_unet, write_sd15_checkpoint
+from onestep_pipelines.testing.checkout import FORGET_INSTALLED, wheel_site, windows_style_clone
+from onestep_pipelines.testing.comfyui import ComfyServer, comfyui_dir, execution_error, node_pack_start_cost, sd15_unet, write_sd15_checkpoint
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run the server tests")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKFLOWS = os.path.join(REPO, "comfy_nodes", "workflows")
+WORKFLOWS = os.path.join(REPO, "comfy_nodes", "example_workflows")
 SEED, SIZE = 7, 64  # 64 px = an 8x8 latent
 SD15_LATENT_SCALE = 0.18215  # ComfyUI returns latents divided by the SD 1.5 latent format's scale (process_latent_out)
 NODE_IDS = ["OneStepConsistencySampler", "OneStepTDMSampler", "OneStepFlowMapSampler", "OneStepFlowMapConditioning", "OneStepSigmas",
@@ -219,6 +219,7 @@ def test_bad_input_gives_node_errors_and_the_server_keeps_serving(comfy):
     consistency = {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.0}}
     cases = [
         (_sigmas(("1", 0), "custom", 4, timesteps="999,seven,499"), consistency, "'seven' is not a number"),
+        (_sigmas(("1", 0), "custom", 4, timesteps="999;500"), consistency, "timesteps: '999;500' separates with ';'; give comma-separated numbers"),
         (_sigmas(("1", 0), "custom", 4, timesteps="499,749,249"), consistency, "strictly decreasing"),
         (_sigmas(("1", 0), "dmd2", 6), consistency, "at most 4"),
         (_sigmas(("1", 0), "trailing", 2, shift=2.0), consistency, "flow models only"),
@@ -268,6 +269,51 @@ def test_pip_installed_package_loads_through_the_one_line_shim(tmp_path):
     (tmp_path / "custom_nodes" / "onestep.py").write_text("from onestep_pipelines.comfy_nodes import comfy_entrypoint  # noqa: F401\n")
     with ComfyServer(str(tmp_path), pythonpath=(site,), forget_installed=True) as server:
         assert set(NODE_IDS) <= set(server.get("/object_info"))
+
+
+def _ui_workflows() -> dict[str, dict]:
+    return {n[: -len(".json")]: json.load(open(os.path.join(WORKFLOWS, n))) for n in os.listdir(WORKFLOWS) if n.endswith(".json") and not n.endswith(".api.json")}
+
+
+def _templates_served(server, pack: str) -> None:
+    """ComfyUI's template browser lists every UI workflow under ``pack`` and serves each file as shipped."""
+    expected = _ui_workflows()
+    assert sorted(server.get("/workflow_templates").get(pack, [])) == sorted(expected)
+    for name, workflow in expected.items():
+        assert server.get(f"/api/workflow_templates/{pack}/{name}.json") == workflow, name
+
+
+def test_a_clone_offers_the_example_workflows_as_templates(comfy):
+    _templates_served(comfy["server"], "onestep-pipelines")
+
+
+def test_pip_users_get_the_example_workflows_as_templates(tmp_path):
+    """pip route with templates: ``python -m onestep_pipelines.comfy_nodes <ComfyUI>`` from the installed wheel writes
+    custom_nodes/onestep (entry point + example_workflows copied from the wheel's package data)."""
+    import subprocess
+    import sys
+
+    clone = windows_style_clone(REPO, str(tmp_path / "clone"))
+    site = wheel_site(clone, str(tmp_path / "build"))
+    base = tmp_path / "comfy"
+    (base / "custom_nodes").mkdir(parents=True)
+    code = FORGET_INSTALLED + (f"sys.path.insert(0, {site!r})\nimport runpy\nsys.argv = ['x', {str(base)!r}]\n"
+                               "runpy.run_module('onestep_pipelines.comfy_nodes', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0 and f"{len(_ui_workflows())} example workflows" in out.stdout, out.stderr[-3000:]
+    with ComfyServer(str(base), pythonpath=(site,), forget_installed=True) as server:
+        assert set(NODE_IDS) <= set(server.get("/object_info"))
+        _templates_served(server, "onestep")
+
+
+def test_the_pack_adds_under_a_second_to_comfyui_start(comfy):
+    """ComfyUI's own import time for the pack (import, comfy_entrypoint, node list, schemas) stays under 1 s, and
+    loading it the way ComfyUI does imports none of diffusers, transformers, peft or the library's heavy parts."""
+    printed = {os.path.basename(path): seconds for path, seconds in comfy["server"].custom_node_import_seconds().items()}
+    assert printed["onestep-pipelines"] < 1.0, printed
+    cost = node_pack_start_cost(str(comfy["base"] / "custom_nodes" / "onestep-pipelines"), forget_installed=True)
+    assert cost["loaded"] and set(NODE_IDS) <= set(cost["nodes"]), cost["nodes"]
+    assert cost["heavy"] == [], cost["heavy"][:20]
 
 
 # ------------------------------------------------------------------------- exact on ComfyUI's own schedules
@@ -421,17 +467,21 @@ def test_errors_name_the_input_and_the_file_and_stay_short(comfy):
     consistency = {"class_type": "OneStepConsistencySampler", "inputs": {"gamma": 1.0}}
     long_list = ",".join(str(t) for t in range(999, 0, -1)) + ",5"  # a 1000-entry list, not decreasing at the end
     cases = [
-        (_sigmas(("1", 0), "custom", 4, timesteps=long_list), consistency, "timesteps: timesteps must be strictly decreasing"),
-        (_sigmas(("1", 0), "lcm", 1000), consistency, "preset 'lcm', steps 1000: num_inference_steps=1000 is more than"),
-        (_sigmas(("1", 0), "custom", 4, timesteps="1000,500"), consistency, "timesteps must lie in [0, 999]"),
+        (_sigmas(("1", 0), "custom", 4, timesteps=long_list), consistency, "OneStepSigmas: timesteps must be strictly decreasing, got [999.0"),
+        (_sigmas(("1", 0), "lcm", 1000), consistency, "OneStepSigmas: preset 'lcm', steps 1000: num_inference_steps=1000 is more than"),
+        (_sigmas(("1", 0), "custom", 4, timesteps="1000,500"), consistency, "OneStepSigmas: timesteps must lie in [0, 999]"),
+        (_sigmas(("1", 0), "custom", 4, timesteps="999,seven"), consistency, "OneStepSigmas: timesteps: 'seven' is not a number"),
     ]
     for sigmas, sampler, message in cases:
         error = execution_error(server.run(_zero_cond_workflow(sampler, sigmas))) or ""
-        assert message in error and len(error) < 560, error  # node type + ": " + at most 500 characters
+        assert message in error and "timesteps: timesteps" not in error and len(error) < 400, error  # each input named once; lists shortened
     damaged = {"class_type": "OneStepLoraLoader", "inputs": {"model": ["1", 0], "lora_name": "damaged.safetensors", "strength": 1.0,
                                                              "allow_partial": False, "fallback_steps": 4}}
     error = execution_error(server.run(_zero_cond_workflow(consistency, _sigmas(("9", 0), "lcm", 2), {"9": damaged}, ("9", 0)))) or ""
     assert "lora_name damaged.safetensors: not a readable safetensors file" in error and "download or copy it again" in error, error
+    conditioning = {"class_type": "OneStepFlowMapConditioning", "inputs": {"model": ["1", 0], "r_embedder": "damaged.safetensors"}}
+    error = execution_error(server.run(_zero_cond_workflow(consistency, _sigmas(("9", 0), "lcm", 2), {"9": conditioning}, ("9", 0)))) or ""
+    assert error.startswith("OneStepFlowMapConditioning: r_embedder damaged.safetensors: not a readable") and error.count("r_embedder") == 1, error
     student = {"class_type": "OneStepDiffusersStudent", "inputs": {"student": "incomplete-student", "prompt": "", "class_labels": "1", "seed": 0,
                "steps": 0, "guidance": -1.0, "width": 0, "height": 0, "batch_size": 1}}
     entry = server.run({"1": student, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}})

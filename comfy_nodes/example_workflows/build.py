@@ -1,11 +1,14 @@
 """Writes the example workflows of the node pack: ``<name>.api.json`` (ComfyUI's API format, for ``/prompt``) and
-``<name>.json`` (the UI format, for drag and drop), from one description per workflow below.
+``<name>.json`` (the UI format, for drag and drop and ComfyUI's template browser), from one description per workflow
+below, into this folder (``comfy_nodes/example_workflows/``, installed with the package) and the UI files also into the
+repository's ``example_workflows/`` (the folder ComfyUI reads in a clone in ``custom_nodes``: it looks for
+``example_workflows`` only directly in a custom node's folder).
 
 The UI format needs each node's widget order, which comes from a running ComfyUI's ``/object_info``:
 
-    COMFYUI_DIR=/path/to/ComfyUI python comfy_nodes/workflows/build.py
+    COMFYUI_DIR=/path/to/ComfyUI python comfy_nodes/example_workflows/build.py
 
-starts one (with this repository as a custom node) and rewrites both files of every workflow.
+starts one (with this repository as a custom node) and rewrites every file.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CLONE_EXAMPLES = os.path.join(REPO, "example_workflows")  # what ComfyUI serves from a clone of the repository
 
 
 class Graph:
@@ -106,7 +111,7 @@ def diffusers_student() -> dict:
     """A diffusers-format student folder (models/diffusers/<name>) generating with its recorded scheduler."""
     g = Graph()
     image = g.node("OneStepDiffusersStudent", student="digits-dmd2-student", prompt="", class_labels="0,1,2,3,4,5,6,7,8,9", seed=0,
-                   steps=0, guidance=-1.0, width=0, height=0, batch_size=1)
+                   steps=0, guidance=-1.0, width=0, height=0, batch_size=1, substeps=0)
     g.node("SaveImage", images=image[0], filename_prefix="onestep_diffusers")
     return g.nodes
 
@@ -232,8 +237,8 @@ def to_ui(api: dict, object_info: dict) -> dict:
     return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def write(name: str, data: dict) -> None:
-    path = os.path.join(HERE, name)
+def write(name: str, data: dict, folder: str = HERE) -> None:
+    path = os.path.join(folder, name)
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
@@ -243,7 +248,7 @@ def write(name: str, data: dict) -> None:
 def main() -> None:
     import tempfile
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+    sys.path.insert(0, REPO)
     from onestep_pipelines.testing.comfyui import ComfyServer
 
     with tempfile.TemporaryDirectory() as base:
@@ -252,11 +257,14 @@ def main() -> None:
             f.write("from onestep_pipelines.comfy_nodes import comfy_entrypoint  # noqa: F401\n")
         with ComfyServer(base) as server:
             object_info = server.get("/object_info")
+    os.makedirs(CLONE_EXAMPLES, exist_ok=True)
     for name, make in WORKFLOWS.items():
         api = make()
+        ui = to_ui(api, object_info)
         write(f"{name}.api.json", api)
-        write(f"{name}.json", to_ui(api, object_info))
-        print(f"wrote {name}.json and {name}.api.json")
+        write(f"{name}.json", ui)
+        write(f"{name}.json", ui, CLONE_EXAMPLES)
+        print(f"wrote {name}.json and {name}.api.json (and example_workflows/{name}.json)")
 
 
 if __name__ == "__main__":

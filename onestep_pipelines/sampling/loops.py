@@ -21,6 +21,7 @@ loops give the diffusers schedulers' samples on the same model, initial noise an
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -162,18 +163,31 @@ def sample_flow_map(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+TIMESTEP_LIST_FORMAT = "comma-separated numbers such as '999,749,499,249' (a decimal point for fractions: '999.5')"
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
 def parse_timesteps(text: str) -> list[float]:
-    """``"999, 749, 499, 249"`` -> ``[999.0, 749.0, 499.0, 249.0]``, with an error naming a bad entry."""
-    values = []
-    for item in text.replace(";", ",").split(","):
-        if item.strip():
-            try:
-                values.append(float(item))
-            except ValueError:
-                raise ValueError(f"timesteps: {item.strip()!r} is not a number (expected a list such as '999,749,499,249').") from None
-    if not values:
-        raise ValueError("timesteps: the list is empty (expected a list such as '999,749,499,249').")
-    return values
+    """``"999, 749, 499, 249"`` -> ``[999.0, 749.0, 499.0, 249.0]``: decimal numbers separated by commas (spaces around
+    them and a trailing comma allowed). Anything else is refused with an error naming the input, not guessed: a ``;``
+    (the list separator where the comma is the decimal mark, so ``'999,5;500'`` has no safe reading), an empty entry
+    (``'999,,500'``), numbers separated by spaces, brackets, ``nan`` or ``inf``."""
+    if ";" in text:
+        raise ValueError(f"timesteps: {_echo(text)} separates with ';'; give {TIMESTEP_LIST_FORMAT}.")
+    items = [item.strip() for item in text.strip().removesuffix(",").split(",")]
+    if items == [""]:
+        raise ValueError(f"timesteps: the list is empty; give {TIMESTEP_LIST_FORMAT}.")
+    for item in items:
+        if not item:
+            raise ValueError(f"timesteps: {_echo(text)} has an empty entry between two commas; give {TIMESTEP_LIST_FORMAT}.")
+        if not _NUMBER.fullmatch(item):
+            raise ValueError(f"timesteps: {_echo(item)} is not a number; give {TIMESTEP_LIST_FORMAT}.")
+    return [float(item) for item in items]
+
+
+def _echo(text: str, limit: int = 60) -> str:
+    """A user's input quoted in an error message, its middle left out when it is long."""
+    return repr(text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2:]}")
 
 
 def few_step_sigmas(

@@ -1,5 +1,5 @@
-"""A real ComfyUI server for tests and benchmarks: random-weight models shaped the way ComfyUI detects them, and a
-client for ``/object_info``, ``/prompt`` and ``/history``.
+"""A real ComfyUI server for tests and benchmarks: random-weight models shaped the way ComfyUI detects them, a
+client for ``/object_info``, ``/prompt`` and ``/history``, and what a node pack adds to ComfyUI's start.
 
 Needs a ComfyUI checkout (``COMFYUI_DIR``) and a Python that can run it (``COMFYUI_PYTHON``, default this one).
 ComfyUI's own modules are imported only to build checkpoints (key names and the tiny TAESD layout); the server runs
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -69,9 +71,8 @@ def write_sd15_checkpoint(path: str, unet, seed: int = 0) -> str:
     """A single-file SD 1.5 checkpoint for ComfyUI's CheckpointLoaderSimple: ``unet`` in ComfyUI's (LDM) layout, a
     random full-size CLIP-L text encoder (ComfyUI's is fixed-size) and a random tiny TAESD-layout VAE."""
     comfy = _import_comfy()
+    import comfy.taesd.taesd  # noqa: F811  (a submodule of the package _import_comfy returns)
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    import comfy.taesd.taesd
 
     names = comfy.utils.unet_to_diffusers(SD15_COMFY_LAYOUT)
     tensors = {f"model.diffusion_model.{names[k]}": v.contiguous() for k, v in unet.state_dict().items()}
@@ -209,6 +210,12 @@ class ComfyServer:
         with open(self.log_path) as f:
             return f.read()
 
+    def custom_node_import_seconds(self) -> dict[str, float]:
+        """ComfyUI's own start-up measure, ``{custom node path: seconds}`` from its "Import times for custom nodes"
+        lines (one decimal; import, ``comfy_entrypoint``, node list and schemas)."""
+        found = re.findall(r"^\s*([\d.]+) seconds(?: \(IMPORT FAILED\))?: (.+)$", self.read_log(), flags=re.M)
+        return {path.strip(): float(seconds) for seconds, path in found}
+
     def get(self, route: str):
         with urllib.request.urlopen(self.url + route, timeout=30) as response:
             return json.loads(response.read())
@@ -252,3 +259,51 @@ def execution_error(entry: dict) -> str | None:
         if kind == "execution_error":
             return f"{data.get('node_type')}: {data.get('exception_message', '').strip()}"
     return None
+
+
+# ----------------------------------------------------------------------------- what a node pack adds to a start
+# Modules a node pack must not import while ComfyUI starts: they cost seconds and only some nodes need them, at run time.
+HEAVY_MODULES = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "sklearn", "matplotlib", "onestep_pipelines.pipelines",
+                 "onestep_pipelines.students", "onestep_pipelines.models", "onestep_pipelines.schedulers", "onestep_pipelines.metadata",
+                 "onestep_pipelines.training", "onestep_pipelines.benchmark", "onestep_pipelines.hub")
+
+_LOAD_NODE_PACK = """
+import asyncio, json, sys, time
+pack = sys.argv[1]
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import nodes  # what the server has imported before it loads custom nodes (torch, comfy, comfy_api, folder_paths)
+from comfy_config import config_parser  # noqa: F401  (imported by ComfyUI's loader for its built-in nodes first)
+before = set(sys.modules)
+start = time.perf_counter()
+loaded = asyncio.run(nodes.load_custom_node(pack, set(nodes.NODE_CLASS_MAPPINGS)))
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "loaded": loaded, "nodes": sorted(nodes.NODE_CLASS_MAPPINGS), "modules": sorted(set(sys.modules) - before)}))
+"""
+
+
+def node_pack_start_cost(pack: str, python: str | None = None, pythonpath: tuple[str, ...] = (), forget_installed: bool = False) -> dict:
+    """What loading the custom node ``pack`` (a folder or ``.py`` file) adds to a ComfyUI start, measured as ComfyUI's
+    "Import times for custom nodes" measures it (``nodes.load_custom_node``: import, ``comfy_entrypoint``, node list,
+    every schema), in a fresh process that has already imported what the server imports before custom nodes.
+
+    Returns ``{"seconds", "loaded", "nodes": node ids registered, "modules": modules the pack imported}``; ``heavy``
+    lists those of :data:`HEAVY_MODULES` (and their submodules) among them."""
+    python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
+    code = _LOAD_NODE_PACK
+    if forget_installed:
+        from .checkout import FORGET_INSTALLED
+
+        code = FORGET_INSTALLED + code
+    with tempfile.TemporaryDirectory() as folder:
+        env = dict(os.environ)
+        standin = torchvision_standin(python, folder)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*pythonpath, standin, env.get("PYTHONPATH")) if p)
+        out = subprocess.run([python, "-c", code, os.path.abspath(pack)], cwd=comfyui_dir(), env=env, capture_output=True, text=True,
+                             timeout=600)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise RuntimeError(f"loading {pack} in ComfyUI failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["heavy"] = [m for m in result["modules"] if m in HEAVY_MODULES or m.startswith(tuple(f"{h}." for h in HEAVY_MODULES))]
+    return result
