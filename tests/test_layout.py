@@ -62,6 +62,21 @@ def test_pyproject_installs_every_package_from_its_folder():
     assert dirs == setuptools["package-dir"]
 
 
+def test_every_module_has_one_import_name():
+    """No file of the repository imports the mapped folders by their folder names (``import training``): they are
+    ``onestep_pipelines.training`` etc. everywhere, so one file is never loaded twice under two names (two method
+    registries) and a clone on ``sys.path`` shadows nothing."""
+    top_level = {folder for folder in MAPPED.values()}
+    offenders = []
+    for path in glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True):
+        if os.sep + "." in path or "site-packages" in path:
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{os.path.relpath(path, REPO)}: {n}" for n in names if n.split(".")[0] in top_level]
+    assert not offenders, offenders
+
+
 def modules() -> dict[str, str]:
     """``{dotted module name: path}`` of every Python module of the installed package."""
     out = {}
