@@ -546,3 +546,75 @@ def test_a_runs_config_yaml_repeats_it_in_a_new_folder_named_on_the_first_line(t
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same run
     assert main(["distill", "--config", "run/config.yaml", "--output-dir", "run"]) == 2  # a folder named by a flag is never replaced
     assert "--output-dir run holds another run; pass --resume latest" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- CPU threads
+def scripted_load(monkeypatch, cores, others):
+    """CpuThreads on ``cores`` cores where other processes use ``others[i]`` cores' worth of CPU in the i-th interval
+    between measurements (this process using 1 core throughout, which must not count)."""
+    from onestep_pipelines.training import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
+    marks = [(0.0, 0.0, 0.0)]
+    for i, used in enumerate(others):
+        busy, own, wall = marks[-1]
+        marks.append((busy + used + 1.0, own + 1.0, wall + 1.0))
+    monkeypatch.setattr(threads.CpuThreads, "_measure", lambda self: marks.pop(0))
+
+
+def test_auto_cpu_threads_leave_the_cores_other_work_holds_and_follow_the_load(monkeypatch):
+    from onestep_pipelines.training.threads import CpuThreads
+
+    scripted_load(monkeypatch, cores=2, others=[0.1, 1.0, 0.25, 0.0, 2.0])
+    threads = CpuThreads()
+    assert threads.start() == (2, "auto: 2 core(s), 0 busy with other work; follows the load")  # idle at the start
+    assert threads.follow(10) == 1  # another process took a core
+    assert threads.follow(20) == 2  # it left (a quarter of a core is not busy)
+    assert threads.follow(30) is None  # still idle: no change
+    assert threads.follow(40) == 1  # two cores of other work: one thread, never none
+    assert threads.history == [[0, 2], [10, 1], [20, 2], [40, 1]]
+    scripted_load(monkeypatch, cores=4, others=[1.5])
+    assert CpuThreads().start() == (2, "auto: 4 core(s), 2 busy with other work; follows the load")
+
+
+def test_cpu_threads_as_asked_or_as_a_launcher_says_are_fixed(monkeypatch):
+    from onestep_pipelines.training.threads import CpuThreads
+
+    scripted_load(monkeypatch, cores=8, others=[])  # (no measurement is taken: _measure would fail)
+    fixed = CpuThreads(requested=3)
+    assert fixed.start() == (3, "as asked") and fixed.follow(10) is None
+    assert CpuThreads(processes=2).start() == (4, "auto: 4 core(s) per process")  # several processes share the cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun sets it per process
+    launched = CpuThreads()
+    assert launched.start() == (1, "auto: OMP_NUM_THREADS") and launched.follow(10) is None
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/stat"), reason="Linux /proc/stat")
+def test_cpu_use_is_read_in_seconds_of_this_machines_cores():
+    """A 0.3 s busy loop in this process shows in /proc/stat's sum as 0.3 s (units: seconds, our cores summed); the
+    other processes' use is what is left, in cores (0 to the number of cores)."""
+    import time
+
+    from onestep_pipelines.training.threads import CpuThreads
+
+    threads = CpuThreads()
+    threads._mark = start = threads._measure()
+    while time.monotonic() < start[2] + 0.3:
+        pass
+    end = threads._measure()
+    threads._mark = start
+    own, busy = end[1] - start[1], end[0] - start[0]
+    assert own > 0.2 and busy >= own - 0.05  # (clock ticks of 10 ms)
+    assert 0 <= threads._others() <= threads.cores + 0.1
+
+
+def test_the_first_line_says_the_cpu_thread_count_and_the_callers_count_comes_back(tiny_teacher, tmp_path, capsys):
+    before = torch.get_num_threads()
+    result = distill(tiny(tiny_teacher, tmp_path / "run", max_train_steps=1, cpu_threads=3))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("device: cpu x 1 process(es), 3 CPU thread(s) (as asked); precision: no"), first
+    assert result["cpu_threads"] == {"why": "as asked", "changes": [[0, 3]]} and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=re.escape("--cpu-threads must be 0 (auto) or positive, got -1.")):
+        tiny(tiny_teacher, tmp_path / "bad", cpu_threads=-1)

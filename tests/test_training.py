@@ -22,7 +22,8 @@ from onestep_pipelines.training.trainer import DistillConfig, distill
 
 
 def tiny(tiny_teacher, out, **overrides):
-    values = dict(teacher=tiny_teacher, output_dir=str(out), max_train_steps=3, batch_size=8, evaluate=False, checkpoint_every=2, preview_every=2)
+    values = dict(teacher=tiny_teacher, output_dir=str(out), max_train_steps=3, batch_size=8, evaluate=False, checkpoint_every=2, preview_every=2,
+                  cpu_threads=1)  # (a tiny model gains nothing from more; a fixed count skips auto's measuring)
     return DistillConfig(**{**values, **overrides})
 
 

@@ -89,6 +89,7 @@ class DistillConfig:
     ema_decay: float = option(0.99, "EMA decay of the student weights (0 = no EMA)")
     seed: int = option(0, "seed of the whole run")
     device: str = option("auto", "auto (the accelerator accelerate finds: CUDA, MPS, XPU..., else the CPU) or cpu")
+    cpu_threads: int = option(0, "CPU threads torch computes with; 0 = auto: OMP_NUM_THREADS when set, else the cores other work leaves free (at least 1), followed during the run")
     mixed_precision: str = option("auto", "auto (the accelerate launch config's; else bf16 for text-to-image teachers on an accelerator that has it, else no), no, fp16 or bf16", PRECISIONS)
     checkpoint_every: int = option(200, "save a resumable checkpoint every N updates")
     checkpoints_to_keep: int = option(2, "checkpoints kept on disk")
@@ -144,6 +145,7 @@ class DistillConfig:
             (self.preview_every >= 0, "preview_every", "must be 0 (never) or positive"),
             (self.validation_every >= 0, "validation_every", "must be 0 (never) or positive"),
             (self.log_every >= 1, "log_every", "must be at least 1"),
+            (self.cpu_threads >= 0, "cpu_threads", "must be 0 (auto) or positive"),
             (self.device == "auto" or self.device == "cpu", "device", "must be auto or cpu"),
         ]
         for ok, name, message in checks:

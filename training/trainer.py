@@ -40,6 +40,7 @@ from .draws import Draws
 from .methods import TrainingDiverged, get_method
 from .methods.base import FiniteGuard, add_lora
 from .stopping import StopRequest, TrainingInterrupted
+from .threads import CpuThreads
 from .teachers import load_teacher
 
 
@@ -99,7 +100,17 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
 
     ``teacher`` (a :class:`~onestep_pipelines.training.teachers.Teacher`) and ``data`` (an object with ``batch(rng)``)
     replace ``config.teacher`` and the data the config names; ``export=False`` writes no checkpoint and no student
-    (the GPU benchmark's real-size runs of a few updates)."""
+    (the GPU benchmark's real-size runs of a few updates). torch's CPU thread count is the run's (``--cpu-threads``)
+    while it runs, and the caller's again after."""
+    threads = CpuThreads(config.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    previous = torch.get_num_threads()
+    try:
+        return _distill(config, teacher, data, export, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThreads) -> dict:
     config.check_paths(teacher=teacher is None)
     teacher_cached_only = hub_checks.check_run(config, teacher=teacher is None)  # Hub ids and uploads: seconds, not a retry loop
     sharding.check_launch()  # DeepSpeed, FSDP1: refused before anything loads
@@ -115,8 +126,11 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
     kind = sharding.engine(accelerator)  # (fp16 under FSDP refused)
     resume_from = _resume_point(config, accelerator.num_processes)  # a checkpoint of another run is refused here
     device = accelerator.device
+    count, count_why = threads.start()
+    torch.set_num_threads(count)
     accelerator.print(f"device: {describe_device(device)} x {accelerator.num_processes} process(es)"
-                      f"{' (FSDP2: student, method networks and EMA sharded)' if kind == 'fsdp' else ''}; precision: {precision} ({why})")
+                      f"{' (FSDP2: student, method networks and EMA sharded)' if kind == 'fsdp' else ''}, {count} CPU thread(s) ({count_why}); "
+                      f"precision: {precision} ({why})")
     set_seed(config.seed)
 
     # ------------------------------------------------------------------ teacher, student, method
@@ -248,6 +262,8 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
             done = step + 1
             log_point = done % config.log_every == 0 or done == config.max_train_steps or done - start == 5
             if log_point:
+                if threads.follow(done):  # other work came or went
+                    torch.set_num_threads(threads.count)
                 guard.check()
                 means = {k: float(v) / summed for k, v in sums.items()}
                 if config.lr_scheduler != "constant":
@@ -302,6 +318,7 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         "processes": accelerator.num_processes,
         "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
         "peak_memory_mb": peak_memory_mb(device),
+        "cpu_threads": {"why": count_why, "changes": threads.history},  # [update, count] at the start and at each change
         "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process (DDP replicas, FSDP gathers)
     }
     if export:
