@@ -254,7 +254,10 @@ def _evaluate(args: dict, argv: list[str]) -> int:
 
 
 def _interrupted(argv: list[str], config: DistillConfig, what: str, saved: str | None) -> int:
-    """Ctrl-C: what was saved and the command that continues the run; exit status 130 (128 + SIGINT), as a shell's."""
+    """Ctrl-C: what was saved and the command that continues the run (said by the main process); exit status 130
+    (128 + SIGINT), as a shell's."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 130
     folder = os.path.join(config.output_dir, "checkpoints")
     if saved is None and os.path.isdir(folder) and any(n.startswith("step-") for n in os.listdir(folder)):
         saved = f"the last checkpoint in {folder}"
@@ -263,7 +266,8 @@ def _interrupted(argv: list[str], config: DistillConfig, what: str, saved: str |
             os.path.join(config.output_dir, RUN_FILE)) else ""
         print(f"onestep-train: {what} (Ctrl-C) before the first checkpoint: nothing to resume{again}.", file=sys.stderr)
     else:
-        print(f"onestep-train: {what} (Ctrl-C); saved: {saved}. Resume with:\n  {resume_command(argv, config.output_dir)}", file=sys.stderr)
+        launcher = " (under the same launcher: torchrun or accelerate launch)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"onestep-train: {what} (Ctrl-C); saved: {saved}. Resume with{launcher}:\n  {resume_command(argv, config.output_dir)}", file=sys.stderr)
     return 130
 
 
