@@ -49,12 +49,11 @@ def _method(tiny_teacher, tmp_path, **overrides):
     student.load_state_dict(teacher.model.state_dict())
     student.requires_grad_(True)
     scheduler = ConsistencyScheduler.from_config(teacher.convention.config, gamma=0.0)
-    method = Reflow(teacher, student, scheduler, config)
-    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m, backward=lambda loss: loss.backward(), scaler=None, device=torch.device("cpu"),
-                                         process_index=0, num_processes=1, print=lambda *a: None, wait_for_everyone=lambda: None,
-                                         autocast=lambda: torch.autocast("cpu", enabled=False))
-    method.guard = FiniteGuard("cpu")
-    method.optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, backward=lambda loss: loss.backward(), scaler=None, device=torch.device("cpu"),
+                                  process_index=0, num_processes=1, print=lambda *a: None, wait_for_everyone=lambda: None,
+                                  autocast=lambda: torch.autocast("cpu", enabled=False))
+    method = Reflow(teacher, student, scheduler, config, accelerator=accelerator, guard=FiniteGuard("cpu"))
+    method.place(student, torch.optim.AdamW(student.parameters(), lr=1e-3))
     return method
 
 

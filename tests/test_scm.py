@@ -27,8 +27,7 @@ def _method(tiny_teacher, **overrides):
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
     method = SCM(teacher, student, ConsistencyScheduler.from_config(teacher.convention.config, timestep_preset="scm"),
-                 tiny(tiny_teacher, "unused", method="scm", **overrides))
-    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+                 tiny(tiny_teacher, "unused", method="scm", **overrides), accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     return method
 
 

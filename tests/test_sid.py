@@ -40,10 +40,9 @@ def _method(tiny_teacher, **overrides):
     teacher = load_teacher(tiny_teacher)
     student = copy.deepcopy(teacher.model).requires_grad_(True)
     config = tiny(tiny_teacher, "unused", method="sid", **overrides)
-    method = SiD(teacher, student, ConsistencyScheduler.from_config(teacher.convention.config), config)
-    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m, backward=lambda loss: loss.backward(), scaler=None)
-    method.guard = FiniteGuard("cpu")
-    method.optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, backward=lambda loss: loss.backward(), scaler=None)
+    method = SiD(teacher, student, ConsistencyScheduler.from_config(teacher.convention.config), config, accelerator=accelerator, guard=FiniteGuard("cpu"))
+    method.place(student, torch.optim.AdamW(student.parameters(), lr=1e-3))
     method.build_optimizers()
     with torch.no_grad():  # a fake score that has learned something: it differs from the teacher
         for p in method.fake.parameters():

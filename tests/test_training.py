@@ -310,8 +310,7 @@ def test_meanflow_jvp_matches_finite_differences(tiny_teacher):
     for p in student.parameters():
         torch.nn.init.normal_(p, std=0.1)
     config = tiny(tiny_teacher, "unused", method="meanflow", target="jvp")
-    method = MeanFlow(teacher, student, FlowMapScheduler(), config)
-    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    method = MeanFlow(teacher, student, FlowMapScheduler(), config, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     g = torch.Generator().manual_seed(0)
     z, v = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
     t, r = torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.1, 0.5, 0.0])
@@ -338,8 +337,8 @@ def test_jvp_target_with_a_time_step_takes_the_time_derivative_by_central_differ
     student = DigitsTransformer2DModel.from_config(teacher.model.config)
     for p in student.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    method = MeanFlow(teacher, student, FlowMapScheduler(), tiny(tiny_teacher, "unused", method="meanflow", target="jvp", tangent_time_step=0.01))
-    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    config = tiny(tiny_teacher, "unused", method="meanflow", target="jvp", tangent_time_step=0.01)
+    method = MeanFlow(teacher, student, FlowMapScheduler(), config, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     z, x, e = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
     t, r = torch.tensor([0.9, 0.5, 0.995]), torch.tensor([0.1, 0.495, 0.0])
     cond = {"class_labels": torch.tensor([1, 2, 3])}
@@ -481,8 +480,7 @@ def test_flow_map_methods_refuse_students_without_r_and_models_without_forward_a
 
     digits = load_teacher(tiny_teacher)
     student = DigitsTransformer2DModel.from_config(digits.model.config)
-    method = FlowMap(digits, student, FlowMapScheduler(), tiny(tiny_teacher, "unused", method="flowmap", target="jvp"))
-    method.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    method = FlowMap(digits, student, FlowMapScheduler(), tiny(tiny_teacher, "unused", method="flowmap", target="jvp"), accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     without_forward_ad(student.out)
     z, t, r = torch.randn(2, 1, 8, 8), torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.2])
     with pytest.raises(ValueError, match="--target jvp: DigitsTransformer2DModel cannot do forward-mode AD here.*use --target euler"):

@@ -19,6 +19,7 @@ class Draws:
 
     def __init__(self, seed: int, update: int, micro: int, batch_size: int, device, rank: int = 0, world_size: int = 1):
         device_seed, host_seed = np.random.SeedSequence([seed, update, micro]).generate_state(2)
+        self.update, self.micro = update, micro  # (0-based) which update and which of its micro-batches
         self.device = torch.device(device)
         self.batch_size, self.global_batch_size = batch_size, batch_size * world_size
         self.local = slice(rank * batch_size, (rank + 1) * batch_size)

@@ -10,6 +10,7 @@ updates, so accelerators are never kept waiting.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -110,9 +111,70 @@ def distill(config: DistillConfig, teacher=None, data=None, export: bool = True)
         torch.set_num_threads(previous)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one run is on: its accelerator and engine, precision, CPU threads and the checkpoint it resumes."""
+
+    accelerator: Accelerator
+    engine: str  # "single", "ddp" or "fsdp" (sharding.engine)
+    precision: str
+    precision_why: str
+    log_with: str | None
+    threads: CpuThreads
+    threads_why: str
+    resume_from: tuple[str, dict] | None
+    teacher_cached_only: bool  # the Hub is unreachable: a Hub teacher loads from the local cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+    @property
+    def fsdp(self) -> bool:
+        return self.engine == "fsdp"
+
+
+@dataclasses.dataclass
+class _Placed:
+    """The method with its networks placed on the processes, the student's optimizer, its trainable parameters and
+    their EMA, and what export and checkpoints need of them."""
+
+    method: object
+    optimizer: torch.optim.Optimizer
+    method_optimizers: dict
+    params: list
+    ema: EMAModel | None
+    names: list[str]  # the student's trainable parameter names (checkpoint keys)
+    template: torch.nn.Module | None  # FSDP2: the weightless skeleton the sharded student is exported into
+
+
 def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThreads) -> dict:
-    config.check_paths(teacher=teacher is None)
-    teacher_cached_only = hub_checks.check_run(config, teacher=teacher is None)  # Hub ids and uploads: seconds, not a retry loop
+    run = _start(config, threads, load_teacher_here=teacher is None)
+    teacher = teacher or load_teacher(config.teacher, resolution=config.resolution, local_files_only=run.teacher_cached_only)
+    method_cls = get_method(config.method)
+    method_cls.check_teacher(teacher)
+    student, scheduler, blocks = _make_student(run, config, teacher, method_cls)
+    method = method_cls(teacher, student, scheduler, config, accelerator=run.accelerator, guard=FiniteGuard(run.device, run.accelerator.num_processes))
+    placed = _place(run, config, method, blocks)
+    data = method.prepare(data or make_data(teacher, config, run.device))
+    start, parts = _resume(run, config, placed)
+    part = _train(run, config, placed, data, export, start, parts)
+    result = _summary(run, config, placed, start, parts + [part])
+    if export:
+        result.update(_export_run(run, config, teacher, placed, scheduler, result))
+    _close(run, placed)
+    return result
+
+
+def _start(config: DistillConfig, threads: CpuThreads, load_teacher_here: bool) -> _Run:
+    """Checks that need no model (paths, Hub ids, the launch), the accelerator, precision and CPU threads; prints the
+    run's first line."""
+    config.check_paths(teacher=load_teacher_here)
+    cached_only = hub_checks.check_run(config, teacher=load_teacher_here)  # Hub ids and uploads: seconds, not a retry loop
     sharding.check_launch()  # DeepSpeed, FSDP1: refused before anything loads
     cpu = config.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")  # (torchrun with CPU processes sets it)
     state = PartialState(cpu=cpu)
@@ -123,28 +185,30 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
     log_with = None if log_with in ("", "none") else log_with
     accelerator = Accelerator(mixed_precision=precision, project_dir=config.output_dir, log_with=log_with, cpu=cpu)
     sharding.use_fsdp_on_cpu(accelerator)
-    kind = sharding.engine(accelerator)  # (fp16 under FSDP refused)
+    engine = sharding.engine(accelerator)  # (fp16 under FSDP refused)
     resume_from = _resume_point(config, accelerator.num_processes)  # a checkpoint of another run is refused here
-    device = accelerator.device
     count, count_why = threads.start()
     torch.set_num_threads(count)
-    accelerator.print(f"device: {describe_device(device)} x {accelerator.num_processes} process(es)"
-                      f"{' (FSDP2: student, method networks and EMA sharded)' if kind == 'fsdp' else ''}, {count} CPU thread(s) ({count_why}); "
+    run = _Run(accelerator, engine, precision, why, log_with, threads, count_why, resume_from, cached_only)
+    accelerator.print(f"device: {describe_device(run.device)} x {accelerator.num_processes} process(es)"
+                      f"{' (FSDP2: student, method networks and EMA sharded)' if run.fsdp else ''}, {count} CPU thread(s) ({count_why}); "
                       f"precision: {precision} ({why})")
     set_seed(config.seed)
+    return run
 
-    # ------------------------------------------------------------------ teacher, student, method
-    teacher = teacher or load_teacher(config.teacher, resolution=config.resolution, local_files_only=teacher_cached_only)
-    method_cls = get_method(config.method)
-    method_cls.check_teacher(teacher)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    teacher.pipeline.to(device)
+
+
+def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
+    """The student (a copy of the teacher, made what the method starts from: r-conditioning, LoRA, a policy head...),
+    the scheduler it samples with, and the FSDP2 wrap classes. The teacher moves to the device in the compute
+    precision."""
+    teacher.pipeline.to(run.device)
     student = copy.deepcopy(teacher.model).train()
     scheduler = method_cls.start_from(teacher, student, config)  # reward: a student folder's weights and sampler; piflow: a policy head
-    cast(teacher.model, weight_dtype)  # the frozen denoiser in the compute precision (as diffusers' training scripts do)
+    cast(teacher.model, run.weight_dtype)  # the frozen denoiser in the compute precision (as diffusers' training scripts do)
     if method_cls.uses_r:  # flow-map / MeanFlow students: the teacher plus a zero-initialised second-time embedding
         student = add_r_conditioning(student)
-    blocks = sharding.wrap_class_names(student, accelerator.state.fsdp_plugin) if kind == "fsdp" else None
+    blocks = sharding.wrap_class_names(student, run.accelerator.state.fsdp_plugin) if run.fsdp else None
     if config.gradient_checkpointing:
         if not student._supports_gradient_checkpointing:
             raise ValueError(f"--gradient-checkpointing: {type(student).__name__} does not support gradient checkpointing.")
@@ -159,21 +223,22 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
     # trainable weights in float32, frozen ones (a LoRA student's base) in the compute precision; under FSDP all in
     # float32 (one dtype per sharded unit; autocast computes in the run's precision)
     for p in student.parameters():
-        p.data = p.data.float() if (p.requires_grad or kind == "fsdp") else p.data.to(weight_dtype)
+        p.data = p.data.float() if (p.requires_grad or run.fsdp) else p.data.to(run.weight_dtype)
     if scheduler is None:
         gamma = method_cls.sampler_gamma(config)
         scheduler = getattr(schedulers, method_cls.scheduler_class).from_config(
             teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **({} if gamma is None else {"gamma": gamma})
         )
-    method = method_cls(teacher, student, scheduler, config)
-    method.accelerator = accelerator
-    method.accumulation_steps = config.gradient_accumulation_steps
-    method.guard = guard = FiniteGuard(device, accelerator.num_processes)
-    names = list(method.student_trainable_names)
+    return student, scheduler, blocks
 
-    # ------------------------------------------------------------------ placement (one process, DDP or FSDP2), optimizers
-    template = sharding.meta_copy(student) if kind == "fsdp" else None  # the skeleton the sharded student is exported into
-    if kind == "fsdp":
+
+def _place(run: _Run, config: DistillConfig, method, blocks) -> _Placed:
+    """The student and the method's networks on the processes (one process, DDP or FSDP2 shards), the optimizers and
+    the EMA of the student's trainable parameters."""
+    accelerator, student = run.accelerator, method.student
+    names = list(method.student_trainable_names)
+    template = sharding.meta_copy(student) if run.fsdp else None  # the skeleton the sharded student is exported into
+    if run.fsdp:
         plugin = accelerator.state.fsdp_plugin
         student = sharding.shard(student, plugin, blocks)
         for attribute, module in method.trained_networks().items():  # the fake score shares the student's blocks
@@ -185,55 +250,65 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
         student = accelerator.prepare(student)
         for attribute, module in method.trained_networks().items():
             setattr(method, attribute, accelerator.prepare(module))
-    method.student = student
     params = [p for n, p in accelerator.unwrap_model(student).named_parameters() if p.requires_grad]
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=method_cls.adam_betas, weight_decay=0.0, **fused)
+    fused = {"fused": True} if run.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=method.adam_betas, weight_decay=0.0, **fused)
+    method.place(student, optimizer)  # (the method's own optimizers are built over its placed networks)
     method_optimizers = method.build_optimizers()
-    if kind != "fsdp":  # accelerate's optimizer wrapper (fp16 loss scaling); FSDP2 optimizers step their shards as they are
+    if not run.fsdp:  # accelerate's optimizer wrapper (fp16 loss scaling); FSDP2 optimizers step their shards as they are
         optimizer = accelerator.prepare(optimizer)
         for attribute, value in method_optimizers.items():
             setattr(method, attribute, accelerator.prepare(value))
-    method.optimizer = optimizer
+        method.place(student, optimizer)
     # (sharded like params under FSDP, where DTensors lack the fused _foreach_copy_ that EMAModel's foreach mode uses)
-    ema = EMAModel(params, decay=config.ema_decay, foreach=kind != "fsdp") if config.ema_decay > 0 else None
-    data = method.prepare(data or make_data(teacher, config, device))
+    ema = EMAModel(params, decay=config.ema_decay, foreach=not run.fsdp) if config.ema_decay > 0 else None
     total, trainable = _count(accelerator.unwrap_model(student))
     aux = sum(_count(accelerator.unwrap_model(m))[1] for m, _ in method.checkpoint_modules().values())
     accelerator.print(
         f"student: {total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trained"
         f"{f'; method networks: {aux / 1e6:.2f} M' if aux else ''}; optimizer and EMA state about "
-        f"{(trainable * (3 if ema else 2) + aux * 2) * 4 / 2**20 / (accelerator.num_processes if kind == 'fsdp' else 1):.0f} MB"
-        f"{' per process' if kind == 'fsdp' else ''}"
+        f"{(trainable * (3 if ema else 2) + aux * 2) * 4 / 2**20 / (accelerator.num_processes if run.fsdp else 1):.0f} MB"
+        f"{' per process' if run.fsdp else ''}"
     )
+    return _Placed(method, optimizer, method_optimizers, params, ema, names, template)
 
-    # ------------------------------------------------------------------ resume
+
+def _resume(run: _Run, config: DistillConfig, placed: _Placed) -> tuple[int, list]:
+    """Load the checkpoint the run resumes from (if any) and write the run's files; returns the first update and the
+    earlier parts of the run."""
+    accelerator = run.accelerator
     os.makedirs(config.output_dir, exist_ok=True)
-    ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     start, parts = 0, []
-    if resume_from:
-        path, saved = resume_from
-        _load_checkpoint(path, method, accelerator, optimizer, ema, names)
+    if run.resume_from:
+        path, saved = run.resume_from
+        _load_checkpoint(path, placed.method, accelerator, placed.optimizer, placed.ema, placed.names)
         start, parts = saved["update"], saved.get("parts", [])
         accelerator.print(f"resumed from {path} (update {start}; {sum(p['seconds'] for p in parts):.0f} s of training so far)")
+    if accelerator.is_main_process:
+        write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
+        write_atomically(os.path.join(config.output_dir, CONFIG_FILE), config_yaml(config))
+    if run.log_with:
+        accelerator.init_trackers("onestep-train", config=config.to_dict())
+    return start, parts
+
+
+def _train(run: _Run, config: DistillConfig, placed: _Placed, data, export: bool, start: int, parts: list) -> dict:
+    """The loop, from update ``start``; returns this part of the run (updates and seconds)."""
+    accelerator, device, method, guard = run.accelerator, run.device, placed.method, placed.method.guard
+    optimizer, ema, params = placed.optimizer, placed.ema, placed.params
+    teacher, scheduler = method.teacher, method.scheduler
+    ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     for group in optimizer.param_groups:  # the schedule starts from this run's --learning-rate, on resume too
         group["initial_lr"] = config.learning_rate
     lr_schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                 num_training_steps=config.max_train_steps, last_epoch=start - 1)  # (a pure function of the update)
-    if accelerator.is_main_process:
-        write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
-        write_atomically(os.path.join(config.output_dir, CONFIG_FILE), config_yaml(config))
-    if log_with:
-        accelerator.init_trackers("onestep-train", config=config.to_dict())
-
-    part = {"from": start, "to": start, "seconds": 0.0, "processes": accelerator.num_processes, "device": device.type, "precision": precision}
+    part = {"from": start, "to": start, "seconds": 0.0, "processes": accelerator.num_processes, "device": device.type, "precision": run.precision}
 
     def save_checkpoint(update: int) -> str:
         guard.check()  # never checkpoint diverged weights
         part.update(to=update, seconds=time.time() - started)
-        return _save_checkpoint(ckpt_dir, update, method, accelerator, optimizer, ema, names, config, parts + [part])
+        return _save_checkpoint(ckpt_dir, update, method, accelerator, optimizer, ema, placed.names, config, parts + [part])
 
-    # ------------------------------------------------------------------ loop
     progress = tqdm(range(start, config.max_train_steps), initial=start, total=config.max_train_steps,
                     disable=not accelerator.is_main_process, desc=config.method)
     started = time.time()
@@ -244,12 +319,10 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
         stop.install()
         for step in progress:
             # step
-            method.update_index = step
             for micro in range(config.gradient_accumulation_steps):
                 rng = Draws(config.seed, step, micro, config.batch_size, device, accelerator.process_index, accelerator.num_processes)
-                method.last_micro_step = micro == config.gradient_accumulation_steps - 1
                 with accelerator.autocast():  # every forward (teacher, fake score, student) in the mixed precision
-                    logs = method.train_step(data.batch(rng), rng)
+                    logs = method.step(data.batch(rng), rng)
             lr = lr_schedule.get_last_lr()[0]  # this update's
             lr_schedule.step()
             # EMA
@@ -262,8 +335,8 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
             done = step + 1
             log_point = done % config.log_every == 0 or done == config.max_train_steps or done - start == 5
             if log_point:
-                if threads.follow(done):  # other work came or went
-                    torch.set_num_threads(threads.count)
+                if run.threads.follow(done):  # other work came or went
+                    torch.set_num_threads(run.threads.count)
                 guard.check()
                 means = {k: float(v) / summed for k, v in sums.items()}
                 if config.lr_scheduler != "constant":
@@ -271,7 +344,7 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
                 sums, summed = {}, 0
                 seconds = time.time() - started
                 progress.set_postfix({k: f"{v:.3g}" if k == "lr" else f"{v:.4f}" for k, v in means.items()} | {"s/update": f"{seconds / (done - start):.3f}"})
-                if log_with:
+                if run.log_with:
                     accelerator.log(means, step=done)
                 if done - start == 5 and config.max_train_steps - done > 0:
                     left = seconds / 5 * (config.max_train_steps - done)
@@ -288,11 +361,11 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
             preview = config.preview_every and done % config.preview_every == 0
             if validate or preview:
                 guard.check()
-            if (validate or preview) and (kind == "fsdp" or accelerator.is_main_process):  # a sharded student samples
+            if (validate or preview) and (run.fsdp or accelerator.is_main_process):  # a sharded student samples
                 if validate:  # with every process taking part; the main one writes
-                    _validate(teacher, accelerator, student, ema, params, scheduler, config, done, log_with)
+                    _validate(teacher, accelerator, method.student, ema, params, scheduler, config, done, run.log_with)
                 if preview:
-                    _preview(teacher, accelerator, accelerator.unwrap_model(student), ema, params, scheduler, config, f"step-{done}")
+                    _preview(teacher, accelerator, accelerator.unwrap_model(method.student), ema, params, scheduler, config, f"step-{done}")
         guard.check()
     except TrainingDiverged as error:
         last = checkpoint.list_checkpoints(ckpt_dir)
@@ -301,50 +374,64 @@ def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThr
         ) from None
     finally:
         stop.uninstall()
-
     accelerator.wait_for_everyone()
     part.update(to=config.max_train_steps, seconds=time.time() - started)
-    runs = parts + [part]
-    checksum = torch.stack([checkpoint.whole_tensor(p).double().sum() for p in params]).sum().reshape(1).to(device)
-    result = {
+    return part
+
+
+def _summary(run: _Run, config: DistillConfig, placed: _Placed, start: int, runs: list) -> dict:
+    """The run summary (summary.json): time, device, precision, memory and a checksum of the weights per process."""
+    accelerator, part = run.accelerator, runs[-1]
+    checksum = torch.stack([checkpoint.whole_tensor(p).double().sum() for p in placed.params]).sum().reshape(1).to(run.device)
+    return {
         "steps": config.max_train_steps,
         "seconds": sum(p["seconds"] for p in runs),
         "seconds_per_step": sum(p["seconds"] for p in runs) / config.max_train_steps,
-        "this_part": {"steps": config.max_train_steps - start, "seconds": part["seconds"], "resumed_from": start if resume_from else None},
+        "this_part": {"steps": config.max_train_steps - start, "seconds": part["seconds"], "resumed_from": start if run.resume_from else None},
         "parts": runs,
-        "device": describe_device(device),
-        "precision": precision,
-        "engine": kind,
+        "device": describe_device(run.device),
+        "precision": run.precision,
+        "engine": run.engine,
         "processes": accelerator.num_processes,
         "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
-        "peak_memory_mb": peak_memory_mb(device),
-        "cpu_threads": {"why": count_why, "changes": threads.history},  # [update, count] at the start and at each change
+        "peak_memory_mb": peak_memory_mb(run.device),
+        "cpu_threads": {"why": run.threads_why, "changes": run.threads.history},  # [update, count] at the start and at each change
         "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process (DDP replicas, FSDP gathers)
     }
-    if export:
-        if kind == "fsdp":  # whole tensors (EMA weights in place) into the weightless skeleton, on the main process
-            model = _gathered_student(accelerator.unwrap_model(student), template, ema, names, accelerator.is_main_process)
-            if model is not None and teacher.architecture == "digits":
-                model = model.to(device)  # (scored with the teacher's pipeline, which lives there)
-            ema_export, params_export = None, None
-        else:
-            model, ema_export, params_export = accelerator.unwrap_model(student), ema, params
-        if accelerator.is_main_process:
-            result.update(_export(teacher, model, ema_export, params_export, scheduler, config, device))
-            write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
-            if config.push_to_hub:  # after every output is written: a failed upload loses nothing
-                result.update(_push(result, config))
-                write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result, indent=2) + "\n")
+
+
+def _export_run(run: _Run, config: DistillConfig, teacher, placed: _Placed, scheduler, result: dict) -> dict:
+    """Write the student (EMA weights), its report, summary.json and, last, the upload: a failed upload loses nothing.
+    Returns what the export adds to the summary (on the main process)."""
+    accelerator, student, added = run.accelerator, placed.method.student, {}
+    if run.fsdp:  # whole tensors (EMA weights in place) into the weightless skeleton, on the main process
+        model = _gathered_student(accelerator.unwrap_model(student), placed.template, placed.ema, placed.names, accelerator.is_main_process)
+        if model is not None and teacher.architecture == "digits":
+            model = model.to(run.device)  # (scored with the teacher's pipeline, which lives there)
+        ema_export, params_export = None, None
+    else:
+        model, ema_export, params_export = accelerator.unwrap_model(student), placed.ema, placed.params
+    if accelerator.is_main_process:
+        added.update(_export(teacher, model, ema_export, params_export, scheduler, config, run.device))
+        write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result | added, indent=2) + "\n")
+        if config.push_to_hub:  # after every output is written: a failed upload loses nothing
+            added.update(_push(result | added, config))
+            write_atomically(os.path.join(config.output_dir, "summary.json"), json.dumps(result | added, indent=2) + "\n")
+    return added
+
+
+def _close(run: _Run, placed: _Placed) -> None:
+    """Free the processes' wrappers and end the run (trackers, process group)."""
+    accelerator, method = run.accelerator, placed.method
     if accelerator.num_processes > 1:  # free the DDP wrappers while every process and the process group are here:
-        networks = ("student", *method.trained_networks(), *method.target_networks(), "optimizer", *method_optimizers)
+        networks = ("student", *method.trained_networks(), *method.target_networks(), "optimizer", *placed.method_optimizers)
         for attribute in networks:  # a gloo group destroyed later, from a wrapper's destructor, can deadlock
             setattr(method, attribute, None)  # its own worker threads (torch 2.13)
-        student = optimizer = None  # noqa: F841
+        placed.optimizer = placed.method_optimizers = None
         accelerator.free_memory()
         gc.collect()
         accelerator.wait_for_everyone()
     accelerator.end_training()  # stops the trackers and destroys the process group
-    return result
 
 
 def _stop_agreed(stop: StopRequest, accelerator, log_point: bool) -> bool:

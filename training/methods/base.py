@@ -81,7 +81,9 @@ class Method:
 
     Subclasses set ``name`` (their key in :data:`METHODS`) and implement :meth:`train_step`. ``trained_networks``,
     ``target_networks`` and ``build_optimizers`` tell the trainer what to place on the processes (DDP / FSDP) and
-    ``checkpoint_modules`` / ``checkpoint_optimizers`` what to checkpoint.
+    ``checkpoint_modules`` / ``checkpoint_optimizers`` what to checkpoint. The trainer builds a method with the run's
+    ``accelerator`` and NaN / inf ``guard``, hands it the placed student and its optimizer with :meth:`place`, and
+    calls :meth:`step` once per micro-batch.
     """
 
     name = ""
@@ -104,14 +106,14 @@ class Method:
         """The sampler's gamma (None for schedulers without one): 1 = re-noise fully between steps."""
         return 1.0
 
-    accumulation_steps = 1  # set by the trainer: micro-batches per optimizer step
-    last_micro_step = True
-    accelerator = None
-    guard: FiniteGuard | None = None
-    update_index = 0  # the update being computed (set by the trainer), for the guard's messages
-
-    def __init__(self, teacher, student, scheduler, config):
+    def __init__(self, teacher, student, scheduler, config, accelerator=None, guard: FiniteGuard | None = None):
+        """``accelerator`` (accelerate's, or any object with its ``backward`` / ``unwrap_model``) and ``guard`` are the
+        run's; a method built without them (a test of its targets) cannot :meth:`update`."""
         self.teacher, self.student, self.config = teacher, student, config
+        self.accelerator, self.guard = accelerator, guard
+        self.accumulation_steps = config.gradient_accumulation_steps  # micro-batches per optimizer step
+        self.optimizer = None  # the student's, from :meth:`place`
+        self.update_index, self.last_micro_step = 0, True  # the update being computed (from :meth:`step`)
         self.scheduler = scheduler  # the student's sampler; its times drive the roll-outs
         scheduler.set_timesteps(config.num_steps, mu=teacher.shift_mu())
         self.times = scheduler.native_times(scheduler.timesteps).cpu()  # native times (host), one per student step
@@ -124,6 +126,17 @@ class Method:
         pi-Flow widens the output layer to a policy head. None: the student is the teacher, sampled as
         :attr:`scheduler_class` says."""
         return None
+
+    def place(self, student, optimizer) -> None:
+        """The student as placed on the processes (DDP wrapper or FSDP2 shards) and its optimizer."""
+        self.student, self.optimizer = student, optimizer
+
+    def step(self, batch: dict, rng) -> dict[str, torch.Tensor]:
+        """:meth:`train_step` on one micro-batch; which update it belongs to, and whether it is the update's last
+        micro-batch (the one that steps the optimizers), come from ``rng``."""
+        self.update_index = rng.update
+        self.last_micro_step = rng.micro == self.accumulation_steps - 1
+        return self.train_step(batch, rng)
 
     def prepare(self, data):
         """The batches the method trains on, given the run's data (called once, after placement; reflow returns its

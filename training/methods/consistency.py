@@ -25,8 +25,8 @@ class ConsistencyDistillation(Method):
     name = "consistency"
     needs_data = True
 
-    def __init__(self, teacher, student, scheduler, config):
-        super().__init__(teacher, student, scheduler, config)
+    def __init__(self, teacher, student, scheduler, config, **run):
+        super().__init__(teacher, student, scheduler, config, **run)
         self.phases = config.phases or 1
         self.target = copy.deepcopy(student).eval().requires_grad_(False)
 

@@ -61,8 +61,8 @@ class DMD2(Method):
     name = "dmd2"
     fake_in_generator_graph = False  # the generator loss differentiates through the fake score's input (SiD)
 
-    def __init__(self, teacher, student, scheduler, config):
-        super().__init__(teacher, student, scheduler, config)
+    def __init__(self, teacher, student, scheduler, config, **run):
+        super().__init__(teacher, student, scheduler, config, **run)
         self.needs_data = config.gan_weight > 0
         self.build_fake_score()
 

@@ -49,8 +49,8 @@ class MeanFlow(Method):
     def sampler_gamma(config) -> float:
         return 0.0
 
-    def __init__(self, teacher, student, scheduler, config):
-        super().__init__(teacher, student, scheduler, config)
+    def __init__(self, teacher, student, scheduler, config, **run):
+        super().__init__(teacher, student, scheduler, config, **run)
         self.target = config.target or METHODS[self.name].targets[0]  # the first target needs no JVP and is the default
         if not takes_r_timestep(student):
             raise ValueError(f"{self.name} trains a flow map u(x, r, t): the student must take a second time r (add_r_conditioning); "

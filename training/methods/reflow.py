@@ -51,8 +51,8 @@ class Reflow(Method):
     def sampler_gamma(config) -> float:
         return 0.0
 
-    def __init__(self, teacher, student, scheduler, config):
-        super().__init__(teacher, student, scheduler, config)
+    def __init__(self, teacher, student, scheduler, config, **run):
+        super().__init__(teacher, student, scheduler, config, **run)
         self.target = config.target or METHODS[self.name].targets[0]
 
     def ode_times(self) -> torch.Tensor:

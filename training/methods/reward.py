@@ -66,8 +66,8 @@ class RewardTuning(DMD2):
             raise ValueError(f"--student {folder}: its weights do not fit the teacher's model ({str(error).splitlines()[0]}).") from None
         return pipe.scheduler
 
-    def __init__(self, teacher, student, scheduler, config):
-        super().__init__(teacher, student, scheduler, config)
+    def __init__(self, teacher, student, scheduler, config, **run):
+        super().__init__(teacher, student, scheduler, config, **run)
         self.reward = load_reward(config.reward, device=next(teacher.model.parameters()).device)
 
     # the distribution regulariser is DMD2's fake score; --regularizer none builds none

@@ -78,8 +78,8 @@ class SCM(DMD2):
     any_step_count = True
     adam_betas = (0.9, 0.99)
 
-    def __init__(self, teacher, student, scheduler, config):
-        Method.__init__(self, teacher, student, scheduler, config)
+    def __init__(self, teacher, student, scheduler, config, **run):
+        Method.__init__(self, teacher, student, scheduler, config, **run)
         self.weighting = AdaptiveWeight()
         self.weighting_optimizer = None
         self.fake = self.head = None
