@@ -156,7 +156,7 @@ def test_piflow_resumes_exactly_and_refuses_bad_options(tiny_teacher, tmp_path, 
     distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest", **common))
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="--policy, --policy-components and --policy-substeps apply to --method piflow, not dmd2"):
+    with pytest.raises(ValueError, match="--policy applies to --method piflow, not dmd2"):
         DistillConfig(policy="dx")
     with pytest.raises(ValueError, match="--lora-rank is not supported"):
         DistillConfig(method="piflow", lora_rank=4)

@@ -138,7 +138,7 @@ def test_reflow_students_load_distil_and_resume(tiny_teacher, tmp_path, small_ch
 
 def test_bad_reflow_inputs(tiny_teacher, tmp_path, stock_teachers):
     with pytest.raises(ValueError, match="--coupling-count and --coupling-dir apply to --method reflow, not dmd2"):
-        DistillConfig(coupling_count=100)
+        DistillConfig(coupling_count=100, coupling_dir=str(tmp_path))
     with pytest.raises(ValueError, match="--coupling-count must be at least 1"):
         DistillConfig(method="reflow", coupling_count=0)
     with pytest.raises(ValueError, match="--target 'jvp' does not apply to --method reflow; choose one of flow, distill"):

@@ -135,7 +135,7 @@ def test_bad_reward_plugins_and_options(tiny_teacher, dmd2_student, tmp_path, pl
         distill(tiny(tiny_teacher, tmp_path / "steps", method="reward", student=dmd2_student))
     with pytest.raises(ValueError, match="--method reward post-trains a student: pass --student FOLDER"):
         DistillConfig(method="reward")
-    with pytest.raises(ValueError, match="apply to --method reward, not dmd2"):
+    with pytest.raises(ValueError, match="--reward-weight applies to --method reward, not dmd2"):
         DistillConfig(reward_weight=2.0)
     with pytest.raises(ValueError, match="--reward 'aesthetic' is not one of: digits, clip:FOLDER, MODULE:NAME"):
         DistillConfig(method="reward", student=dmd2_student, reward="aesthetic")

@@ -104,8 +104,8 @@ def test_scm_refuses_vp_teachers_models_without_forward_ad_and_bad_options(tiny_
     for option, message in (({"tangent_warmup": -1}, "--tangent-warmup must be 0 \\(none\\) or positive, got -1"),
                             ({"dmd_weight": -1.0}, "--dmd-weight must be 0 \\(off\\) or positive"),
                             ({"tangent_time_step": 0.5}, "--tangent-time-step must lie in \\[0, 0.2\\]"),
-                            ({"gan_weight": 0.1}, "--method scm takes no GAN head"),
-                            ({"method": "dmd2", "dmd_weight": 0.1}, "--dmd-weight applies to --method scm \\(rCM\\), not dmd2")):
+                            ({"gan_weight": 0.1}, "--gan-weight applies to --method dmd2, tdm, sid, reward, not scm"),
+                            ({"method": "dmd2", "dmd_weight": 0.1}, "--dmd-weight applies to --method scm, not dmd2")):
         with pytest.raises(ValueError, match=message):
             tiny(tiny_teacher, tmp_path / "bad", **({"method": "scm"} | option))
 

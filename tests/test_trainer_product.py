@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from onestep_pipelines.training.cli import main
-from onestep_pipelines.training.config import DistillConfig, read_config_file
+from onestep_pipelines.training.config import DistillConfig, applies, read_config_file
 from onestep_pipelines.training.methods import METHODS
 from onestep_pipelines.training.trainer import distill
 
@@ -183,7 +183,9 @@ def test_config_file_with_flags_on_top(tiny_teacher, tmp_path):
     assert main(["distill", "--config", str(tmp_path / "run.yaml"), "--num-steps", "4", "--output-dir", str(out)]) == 0
     saved = read_config_file(str(out / "config.yaml"))
     assert saved["method"] == "consistency" and saved["num_steps"] == 4 and saved["learning_rate"] == 1e-3  # the flag won
-    assert DistillConfig(**saved).to_dict() == saved  # the saved file is a complete, valid config
+    full = DistillConfig(**saved).to_dict()  # a valid config: every option of the run, no option of another method
+    assert {k: full[k] for k in saved} == saved and set(full) - set(saved) == {k for k in full if not applies(k, "consistency")}
+    assert "phases" in saved and "sid_alpha" not in saved and "# options of --method consistency" in (out / "config.yaml").read_text()
     (tmp_path / "run.json").write_text(json.dumps({"teacher": tiny_teacher, "max_train_steps": 1}))
     assert read_config_file(str(tmp_path / "run.json")) == {"teacher": tiny_teacher, "max_train_steps": 1}
     bad = str(tmp_path / "bad.yaml")
@@ -618,3 +620,20 @@ def test_the_first_line_says_the_cpu_thread_count_and_the_callers_count_comes_ba
     assert result["cpu_threads"] == {"why": "as asked", "changes": [[0, 3]]} and torch.get_num_threads() == before
     with pytest.raises(ValueError, match=re.escape("--cpu-threads must be 0 (auto) or positive, got -1.")):
         tiny(tiny_teacher, tmp_path / "bad", cpu_threads=-1)
+
+
+def test_help_lists_each_methods_options_apart(capsys):
+    """``--help`` groups the method-specific options by the methods they apply to; ``--method M --help`` shows M's."""
+    from onestep_pipelines.training.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    full = capsys.readouterr().out
+    assert "options of --method sid:\n  --sid-alpha" in full and "options of --method piflow:" in full
+    with pytest.raises(SystemExit):
+        main(["distill", "--method", "sid", "--help"])
+    sid = capsys.readouterr().out
+    assert "--sid-alpha" in sid and "--fake-updates" in sid and "--learning-rate" in sid
+    assert "--policy-substeps" not in sid and "--coupling-count" not in sid and "options of --method piflow" not in sid
+    assert main(["distill", "--method", "dmd2", "--policy-substeps", "4"]) == 2  # still parsed, then refused by name
+    assert "--policy-substeps applies to --method piflow, not dmd2" in capsys.readouterr().err

@@ -169,7 +169,7 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
         (["--method", "consistency", "--phases", "3", "--ode-steps", "32"], "--ode-steps must be a multiple of --phases 3"),
         (["--method", "consistency", "--loss", "l1"], "argument --loss: invalid choice: 'l1'"),
         (["--num-steps", "two"], "argument --num-steps: invalid int value: 'two'"),
-        (["--lsg-scale", "2"], "--lsg-scale and --sid-alpha apply to --method sid, not dmd2"),
+        (["--lsg-scale", "2"], "--lsg-scale applies to --method sid, not dmd2"),
         (["--method", "sid", "--lsg-scale", "0"], "--lsg-scale must be positive (1 = no guidance), got 0.0"),
         (["--method", "sid", "--sid-alpha", "-1"], "--sid-alpha must be 0 or positive, got -1.0"),
     ]

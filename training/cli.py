@@ -27,7 +27,7 @@ import re
 import sys
 
 from . import hub_checks
-from .config import RUN_FILE, DistillConfig, flag, free_output_dir, resolve
+from .config import OPTION_METHODS, RUN_FILE, DistillConfig, applies, flag, free_output_dir, option_groups, resolve
 from .methods import METHODS, TrainingDiverged
 from .stopping import TrainingInterrupted, resume_command
 
@@ -79,8 +79,12 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> int:
     return 2
 
 
-def _distill_arguments(sub: argparse.ArgumentParser) -> None:
+def _distill_arguments(sub: argparse.ArgumentParser, method: str | None = None) -> None:
+    """Every option as a flag: the options of every method first, then the method-specific ones grouped by the methods
+    they apply to; with ``method`` (``--method M --help``) the help shows only M's (the others still parse, so that
+    setting one is refused by name)."""
     sub.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file (keys are the flags' names); flags given here win")
+    groups = {methods: sub.add_argument_group(f"options of --method {', '.join(methods)}") for methods in option_groups()}
     defaults = DistillConfig.__dataclass_fields__
     for f in dataclasses.fields(DistillConfig):
         default = defaults[f.name].default
@@ -88,17 +92,28 @@ def _distill_arguments(sub: argparse.ArgumentParser) -> None:
         if f.name == "method":
             help_text = "distillation method: " + "; ".join(f"{name}: {spec.summary}" for name, spec in METHODS.items())
         help_text += f" (default: {default!r})" if default != "" else ""
-        kwargs = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%"), "dest": f.name}
+        shown = method is None or applies(f.name, method)
+        kwargs = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%") if shown else argparse.SUPPRESS, "dest": f.name}
+        where = groups[OPTION_METHODS[f.name]] if f.name in OPTION_METHODS else sub
         if f.type == "bool":
-            sub.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            where.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
             choices = f.metadata.get("choices")
             kind = _one_of(choices) if choices else {"int": int, "float": float, "str": str}[f.type]
             metavar = "{" + ",".join(choices) + "}" if choices else {"int": "N", "float": "X", "str": "VALUE"}[f.type]
-            sub.add_argument(flag(f.name), type=kind, metavar=metavar, **kwargs)
+            where.add_argument(flag(f.name), type=kind, metavar=metavar, **kwargs)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _method_asked(argv: list[str]) -> str | None:
+    """The ``--method`` of a command line, when it names one (``--method M --help`` shows M's options alone)."""
+    for i, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--method=") else argv[i + 1] if arg == "--method" and i + 1 < len(argv) else None
+        if value in METHODS:
+            return value
+    return None
+
+
+def _parser(method: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="onestep-train", description="Distil a diffusion teacher into a 1-4 step student.")
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser(
@@ -108,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                     "--config FILE reads options from a file; when its --output-dir already holds a run (a run's own config.yaml), "
                     "the run goes to a new folder NAME-2, NAME-3, ... (the first line says which), unless --output-dir or --resume is given.",
     )
-    _distill_arguments(distill)
+    _distill_arguments(distill, method)
     evaluate = commands.add_parser(
         "evaluate", help="score a digits student (FD-digits and accuracy)", usage="%(prog)s RUN_DIR [--steps N,N,...] [--device {auto,cpu}] [--json FILE]",
         description="Score a digits student (a run folder, a pipeline folder, or a LoRA folder of the digits teacher) on the embedded benchmark: "
@@ -150,7 +165,7 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser()
+    parser = _parser(_method_asked(argv))
     namespace, extras = parser.parse_known_args(argv)
     args = vars(namespace)
     command = args.pop("command")

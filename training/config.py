@@ -60,26 +60,31 @@ class DistillConfig:
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)")
-    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of 2); reflow: Euler steps of the teacher ODE that makes the couplings")
+    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
+                                "2); reflow: Euler steps of the teacher ODE that makes the couplings")
     loss: str = option("huber", "consistency, reflow: pseudo-Huber or squared L2 distance", LOSSES)
     coupling_count: int = option(16384, "reflow: (noise, sample) couplings generated with the teacher's ODE")
     coupling_dir: str = option("", "reflow: folder of the cached couplings (default: OUTPUT_DIR/couplings); reuse one across runs")
     target_ema: float = option(0.95, "consistency, meanflow, flowmap: EMA decay of the target network")
-    target: str = option("", "meanflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: flow (2-rectified flow, default) or distill (only the 1-step jump)")
+    target: str = option("", "meanflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: "
+                         "flow (2-rectified flow, default) or distill (only the 1-step jump)")
     source: str = option("teacher", "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)")
     jump_fraction: float = option(0.5, "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps)")
     equal_fraction: float = option(0.25, "meanflow, flowmap: fraction of pairs with r = t")
-    endpoint_fraction: float = option(0.3, "meanflow, flowmap: fraction of t set to 1 and, independently, of r set to 0 (--target shortcut: fraction of the jumps that are the whole interval, 1 to 0)")
+    endpoint_fraction: float = option(0.3, "meanflow, flowmap: fraction of t set to 1 and, independently, of r set to 0 (--target shortcut: fraction of the jumps that are the "
+                                           "whole interval, 1 to 0)")
     logit_mean: float = option(0.0, "meanflow, flowmap, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
     logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
     dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")
-    tangent_time_step: float = option(0.01, "scm, meanflow / flowmap --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
+    tangent_time_step: float = option(0.01, "scm, meanflow / flowmap --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for "
+                                            "scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
     tangent_warmup: int = option(200, "scm: updates over which the tangent term's weight rises from 0 to 1 (0 = none)")
     policy: str = option("gmflow", "piflow: the policy the student outputs: gmflow (Gaussian mixture) or dx (data estimates at evenly spaced times)", ("gmflow", "dx"))
     policy_components: int = option(8, "piflow: mixture components (gmflow) or time nodes (dx) of the policy")
     policy_substeps: int = option(32, "piflow: Euler substeps of the policy per step, in training and (recorded in the scheduler) in sampling")
     student: str = option("", "reward: the student folder to post-train (OUTPUT_DIR/student of an earlier run; sampled with ConsistencyScheduler)")
-    reward: str = option("digits", "reward: digits (log p(class) under the shipped reward classifier), clip:FOLDER (CLIP score), or MODULE:NAME (a callable reward(images, conditions) -> scores)")
+    reward: str = option("digits", "reward: digits (log p(class) under the shipped reward classifier), clip:FOLDER (CLIP score), or MODULE:NAME (a callable reward(images, "
+                         "conditions) -> scores)")
     reward_weight: float = option(1.0, "reward: weight of the reward against the DMD regulariser")
     regularizer: str = option("dmd", "reward: dmd (DMD2's reverse-KL gradient against the teacher, with a fake score) or none (reward hacking)", ("dmd", "none"))
     reward_noise: float = option(0.05, "reward: std of the Gaussian policy around each sample for rewards without a gradient (policy-gradient surrogate)")
@@ -90,7 +95,8 @@ class DistillConfig:
     seed: int = option(0, "seed of the whole run")
     device: str = option("auto", "auto (the accelerator accelerate finds: CUDA, MPS, XPU..., else the CPU) or cpu")
     cpu_threads: int = option(0, "CPU threads torch computes with; 0 = auto: OMP_NUM_THREADS when set, else the cores other work leaves free (at least 1), followed during the run")
-    mixed_precision: str = option("auto", "auto (the accelerate launch config's; else bf16 for text-to-image teachers on an accelerator that has it, else no), no, fp16 or bf16", PRECISIONS)
+    mixed_precision: str = option("auto", "auto (the accelerate launch config's; else bf16 for text-to-image teachers on an accelerator that has it, "
+                                          "else no), no, fp16 or bf16", PRECISIONS)
     checkpoint_every: int = option(200, "save a resumable checkpoint every N updates")
     checkpoints_to_keep: int = option(2, "checkpoints kept on disk")
     preview_every: int = option(200, "write a preview grid every N updates (0 = never)")
@@ -164,12 +170,11 @@ class DistillConfig:
         if not spec.sources and self.source != "teacher":
             raise ValueError(f"--source applies to meanflow; --method {self.method} learns from the teacher.")
         defaults = _defaults()
-        for label, names in METHOD_OPTIONS.items():  # an option of one method, set for another, is refused
-            if self.method != label.split()[0] and any(getattr(self, n) != defaults[n] for n in names):
+        for methods, names in option_groups().items():  # an option of other methods, set for this one, is refused
+            names = [n for n in names if getattr(self, n) != defaults[n]]
+            if self.method not in methods and names:
                 listed = " and ".join(filter(None, [", ".join(flag(n) for n in names[:-1]), flag(names[-1])]))
-                raise ValueError(f"{listed} {'applies' if len(names) == 1 else 'apply'} to --method {label}, not {self.method}.")
-        if self.method == "scm" and (self.gan_weight or self.divergence != "reverse-kl"):
-            raise ValueError("--method scm takes no GAN head: its score regulariser (--dmd-weight) is the reverse-KL DMD term.")
+                raise ValueError(f"{listed} {'applies' if len(names) == 1 else 'apply'} to --method {', '.join(methods)}, not {self.method}.")
         if self.method == "piflow" and self.lora_rank:
             raise ValueError("--method piflow trains a new policy head with the whole network: --lora-rank is not supported.")
         if self.method == "reward":
@@ -277,13 +282,44 @@ class DistillConfig:
             raise ValueError(f"--teacher {source!r} is neither 'digits', a pipeline folder, nor a Hub id 'org/name'.")
 
 
-METHOD_OPTIONS = {  # options that belong to one method (its name, then how the error names it; options in the error's order)
-    "sid": ("lsg_scale", "sid_alpha"),
-    "scm (rCM)": ("dmd_weight",),
-    "reflow": ("coupling_count", "coupling_dir"),
-    "piflow": ("policy", "policy_components", "policy_substeps"),
-    "reward": ("student", "reward", "reward_weight", "regularizer", "reward_noise"),
+FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward")  # the methods that train a fake score (scm: with --dmd-weight)
+# The methods an option applies to (an option not listed applies to every method): --help lists the options by these
+# sets (``--method M --help`` shows M's alone), config.yaml holds a run's own, and an option set for another method is
+# refused.
+OPTION_METHODS = {
+    "fake_learning_rate": FAKE_SCORE, "fake_updates": FAKE_SCORE, "fake_lora_rank": FAKE_SCORE,
+    "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
+    "sid_alpha": ("sid",), "lsg_scale": ("sid",),
+    "phases": ("consistency",),
+    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow"),
+    "loss": ("consistency", "reflow"),
+    "coupling_count": ("reflow",), "coupling_dir": ("reflow",),
+    "target_ema": ("consistency", "meanflow", "flowmap"),
+    "target": ("meanflow", "flowmap", "reflow"),
+    "source": ("meanflow",),
+    "jump_fraction": ("flowmap",),
+    "equal_fraction": ("meanflow", "flowmap"), "endpoint_fraction": ("meanflow", "flowmap"),
+    "logit_mean": ("meanflow", "flowmap", "scm"), "logit_std": ("meanflow", "flowmap", "scm"),
+    "dmd_weight": ("scm",),
+    "tangent_time_step": ("scm", "meanflow", "flowmap"),
+    "tangent_warmup": ("scm",),
+    "policy": ("piflow",), "policy_components": ("piflow",), "policy_substeps": ("piflow",),
+    "student": ("reward",), "reward": ("reward",), "reward_weight": ("reward",), "regularizer": ("reward",), "reward_noise": ("reward",),
 }
+
+
+def applies(name: str, method: str) -> bool:
+    """Whether option ``name`` applies to ``method``."""
+    return method in OPTION_METHODS.get(name, (method,))
+
+
+def option_groups() -> dict[tuple[str, ...], list[str]]:
+    """The method-specific options grouped by the methods they apply to (in field order)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in OPTION_METHODS:
+            groups.setdefault(OPTION_METHODS[f.name], []).append(f.name)
+    return groups
 
 
 def _defaults() -> dict:
@@ -414,5 +450,8 @@ def config_yaml(config: DistillConfig) -> str:
     import yaml
 
     options = config.to_dict() | {"resume": ""}  # a repeated run starts afresh (in a new folder: see cli._config)
+    common = {k: v for k, v in options.items() if k not in OPTION_METHODS}
+    own = {k: v for k, v in options.items() if k in OPTION_METHODS and applies(k, config.method)}
     return ("# onestep-train distill --config config.yaml repeats this run, in a new folder (NAME-2, ...) unless --output-dir is given\n"
-            + yaml.safe_dump(options, sort_keys=False))
+            + yaml.safe_dump(common, sort_keys=False)
+            + (f"# options of --method {config.method} (other methods' options are left out)\n" + yaml.safe_dump(own, sort_keys=False) if own else ""))
