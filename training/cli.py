@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import logging
 import os
 import re
 import sys
@@ -149,15 +148,6 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _silence_unused_torchvision_notice() -> None:
-    """transformers >= 5 says once per image processor that torchvision is missing when diffusers' SD pipelines import
-    (their feature extractors serve the safety checker). The trainer never uses an image processor, so to its user
-    that line is noise; every other transformers message stays."""
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        lambda record: "requires torchvision (not installed)" not in record.getMessage()
-    )
-
-
 def _error(message: str) -> int:
     print(f"onestep-train: error: {message}", file=sys.stderr)
     return 2
@@ -181,7 +171,6 @@ def _distill(args: dict, argv: list[str]) -> int:
         hub_checks.check_run(config)  # a Hub id or an upload that cannot work: refused in seconds, before torch loads
     except ValueError as error:
         return _error(str(error))
-    _silence_unused_torchvision_notice()
     try:
         from .trainer import distill  # torch, diffusers and the teacher load from here on
 

@@ -28,7 +28,7 @@ class Teacher:
 
     Args:
         pipeline: the teacher pipeline; its denoiser is frozen.
-        source: path or Hub id it came from (recorded as the students' base model).
+        source: path or Hub id it came from (the students' base model is named from it: ``students.base_model_name``).
         resolution: image size of text-to-image samples (latents are ``resolution / vae_scale_factor``).
     """
 
