@@ -438,8 +438,10 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_exactly(t
     argv = ["distill", "--teacher", tiny_teacher, "--output-dir", str(out), "--max-train-steps", "100000", "--batch-size", "8",
             "--checkpoint-every", "100000", "--preview-every", "0", "--no-evaluate"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # (a job started in the background by a non-interactive shell, as CI may be, inherits SIGINT ignored: a terminal's
+    # Ctrl-C reaches a trainer started from a terminal, so the child gets the default disposition back)
     proc = subprocess.Popen([sys.executable, "-m", "onestep_pipelines.training.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # training is under way once the estimate (after 5 updates) is out
         if line.startswith("estimate:"):
             break
@@ -461,7 +463,18 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_exactly(t
     assert all(torch.equal(a[k], b[k]) for k in a)  # the stop fell between two updates: the resumed run is exact
 
 
-def test_a_second_ctrl_c_stops_at_once_and_a_launchers_echo_does_not(capsys):
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT raising KeyboardInterrupt, as in a terminal (a job a non-interactive shell starts in the background, as
+    CI may be, inherits SIGINT ignored, and the trainer leaves an ignored SIGINT alone)."""
+    import signal
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, outer)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_launchers_echo_does_not(terminal_sigint):
     import signal
     import time
 
