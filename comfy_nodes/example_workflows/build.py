@@ -62,31 +62,28 @@ def _finish(g: Graph, ckpt, model, positive, negative, latent, sampler, sigmas, 
     return g.nodes
 
 
-def consistency_sampler() -> dict:
-    """LCM / DMD2-style 4-step sampling: the consistency sampler (gamma 1) on the LCM preset."""
+def _sampler_workflow(preset: str, sampler: str, prefix: str, **sampler_inputs) -> dict:
+    """One of our samplers on one of our sigma presets, on a plain SD 1.5 checkpoint."""
     g = Graph()
     ckpt, model, positive, negative, latent = _base(g)
-    sigmas = g.node("OneStepSigmas", model=model, preset="lcm", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
-    sampler = g.node("OneStepConsistencySampler", gamma=1.0)
-    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_consistency")
+    sigmas = g.node("OneStepSigmas", model=model, preset=preset, steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
+    node = g.node(sampler, **sampler_inputs)
+    return _finish(g, ckpt, model, positive, negative, latent, node[0], sigmas[0], prefix)
+
+
+def consistency_sampler() -> dict:
+    """LCM / DMD2-style 4-step sampling: the consistency sampler (gamma 1) on the LCM preset."""
+    return _sampler_workflow("lcm", "OneStepConsistencySampler", "onestep_consistency", gamma=1.0)
 
 
 def tcd_custom_timesteps() -> dict:
     """TCD-style sampling (gamma 0.3) on a custom timestep list."""
-    g = Graph()
-    ckpt, model, positive, negative, latent = _base(g)
-    sigmas = g.node("OneStepSigmas", model=model, preset="custom", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
-    sampler = g.node("OneStepConsistencySampler", gamma=0.3)
-    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_tcd")
+    return _sampler_workflow("custom", "OneStepConsistencySampler", "onestep_tcd", gamma=0.3)
 
 
 def tdm_sampler() -> dict:
     """A TDM student: the TDM sampler on the TDM preset."""
-    g = Graph()
-    ckpt, model, positive, negative, latent = _base(g)
-    sigmas = g.node("OneStepSigmas", model=model, preset="tdm", steps=4, timesteps="999,749,499,249", shift=0.0, denoise=1.0)
-    sampler = g.node("OneStepTDMSampler")
-    return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_tdm")
+    return _sampler_workflow("tdm", "OneStepTDMSampler", "onestep_tdm")
 
 
 def student_lora() -> dict:

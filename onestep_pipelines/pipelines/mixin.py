@@ -62,8 +62,8 @@ class FewStepPipelineMixin:
 
     def __call__(self, *args, **kwargs):
         metadata = self.student
+        bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments  # the caller's arguments
         if metadata is not None:
-            bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
             if not {"num_inference_steps", "timesteps", "sigmas"} & set(bound):
                 kwargs["num_inference_steps"] = metadata.num_inference_steps
             if self._guidance_argument not in bound:
@@ -76,13 +76,13 @@ class FewStepPipelineMixin:
                     metadata.guidance_scale, self._guidance_argument, bound[self._guidance_argument],
                 )
         if metadata is not None and metadata.scheduler_class == "PolicyScheduler":
-            self._check_policy_call(inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments | kwargs)
+            self._check_policy_call(bound | kwargs)  # (with the student's defaults added above)
         scheduler = self.scheduler
         ours = hasattr(scheduler, "raise_if_nonfinite")
         if ours:  # the NaN / inf check is read after the call, not inside the denoising loop; re-noising steps draw
             # from the call's generator also where the stock loop does not pass it to step (SD3, Flux)
             scheduler.defer_finite_check = True
-            scheduler.call_generator = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments.get("generator")
+            scheduler.call_generator = bound.get("generator")
         try:
             with self._passing_r(metadata):
                 output = super().__call__(*args, **kwargs)

@@ -76,13 +76,13 @@ def native_times(
             raise ValueError("Pass either `timesteps` or `sigmas` to set_timesteps, not both (both together: flow only).")
         if len(timesteps) != len(sigmas):
             raise ValueError(f"`sigmas` ({len(sigmas)}) and `timesteps` ({len(timesteps)}) must have the same length.")
-        check_decreasing(_host(timesteps), "timesteps", 0, T, low_inclusive=False)
+        check_decreasing(host_array(timesteps), "timesteps", 0, T, low_inclusive=False)
         timesteps = None  # the sigmas set the noise levels; the scheduler gives the model the timesteps as passed
     custom = timesteps if timesteps is not None else sigmas
     if num_inference_steps is None and custom is None:
         raise ValueError("set_timesteps needs `num_inference_steps`, `timesteps` or `sigmas`.")
     if custom is not None:
-        custom = _host(custom)
+        custom = host_array(custom)
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Pass either `num_inference_steps` or custom `timesteps` to set_timesteps, not both (as LCM / TCD).")
         if num_inference_steps is not None and len(custom) != num_inference_steps:
@@ -135,7 +135,7 @@ def native_times(
     return times
 
 
-def _host(values) -> np.ndarray:
+def host_array(values) -> np.ndarray:
     """Custom timesteps or sigmas (list, array or tensor) as a float64 host array."""
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().double().numpy()

@@ -22,7 +22,7 @@ from ..sampling import DEFAULT_PREDICTION, TIME_TYPES, check_prediction_type, ch
 from ..sampling.presets import short_list
 from .finite_check import FiniteCheckMixin
 from .noise_levels import NoiseLevelsMixin
-from .schedule import LRU, StepTables, native_times, to_device
+from .schedule import LRU, StepTables, host_array, native_times, to_device
 from .stock_configs import ALL_COMPATIBLES, SHARED_KEYS, SPACING_FLAGS, compatible_names, infer_source_config
 
 
@@ -194,7 +194,7 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
         host = own = self._model_timesteps(times)
         if timesteps is not None and self.config.time_type == "flow" and not self._shift_custom_timesteps:
             # FlowMatchEulerDiscreteScheduler: the model gets the timesteps as passed, the steps use the shifted sigmas
-            given = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else timesteps, dtype=np.float32)
+            given = host_array(timesteps).astype(np.float32)
             host = own if np.allclose(given, own, rtol=0, atol=1e-4) else given
         self._model_sigmas = None if host is own else (host, times)  # model timesteps that are not sigma * T
         key = (times.tobytes(), host.tobytes(), str(torch.device(device) if device is not None else "cpu"))
