@@ -124,11 +124,11 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     )
     _distill_arguments(distill, method)
     evaluate = commands.add_parser(
-        "evaluate", help="score a digits student (FD-digits and accuracy)", usage="%(prog)s RUN_DIR [--steps N,N,...] [--device {auto,cpu}] [--json FILE]",
-        description="Score a digits student (a run folder, a pipeline folder, or a LoRA folder of the digits teacher) on the embedded benchmark: "
-                    "FD-digits and class accuracy of 898 samples from fixed seeds, at each step count.",
+        "evaluate", help="score a student of a shipped teacher (FD-digits and accuracy)", usage="%(prog)s RUN_DIR [--steps N,N,...] [--device {auto,cpu}] [--json FILE]",
+        description="Score a student of a shipped teacher (a run folder, a pipeline folder, or a LoRA folder of 'digits' or 'text-digits-sd') on its "
+                    "embedded benchmark: FD-digits and accuracy (the class, or the digit the prompt names) of 898 samples from fixed seeds, at each step count.",
     )
-    evaluate.add_argument("student", metavar="RUN_DIR", help="a run folder (its student/), a student pipeline folder, or a LoRA student folder of the digits teacher")
+    evaluate.add_argument("student", metavar="RUN_DIR", help="a run folder (its student/), a student pipeline folder, or a LoRA student folder of a shipped teacher")
     evaluate.add_argument("--steps", default="", help="comma-separated step counts (default: the student's recommended steps)")
     evaluate.add_argument("--device", default="auto", type=_one_of(("auto", "cpu")), metavar="{auto,cpu}", help="auto: CUDA / MPS when present, else the CPU")
     evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")

@@ -14,6 +14,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from onestep_pipelines.benchmark import TEXT_TEACHERS, teacher_folder
+
 from .methods import METHODS, check_method_name
 
 RUN_FILE = "run.json"  # the options a resumed run must share with the run it continues
@@ -39,10 +41,12 @@ class DistillConfig:
     """Every option of ``onestep-train distill`` (the CLI flags and their help are built from these fields)."""
 
     method: str = option("dmd2", "distillation method", tuple(METHODS))
-    teacher: str = option("digits", "'digits' (the embedded teacher), or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)")
+    teacher: str = option("digits", "'digits' (the embedded teacher), 'text-digits-sd' (the shipped text-to-image digits teacher, a StableDiffusionPipeline), "
+                                    "or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)")
     prompts: str = option("", "text-to-image teachers: a text file with one prompt per line (data-free methods)")
     data: str = option("", "text-to-image teachers: an image folder with a .txt caption per image")
-    resolution: int = option(512, "text-to-image teachers: image size of training samples")
+    resolution: int = option(0, "text-to-image teachers: image size of training samples (0 = the pipeline's default size: its denoiser's sample size "
+                                "times the VAE factor, 512 for SD 1.5, 1024 for SDXL, SD3 and Flux, 32 for the text-digits teachers)")
     output_dir: str = option("onestep-digits-student", "run folder: checkpoints, previews, validation reports, the student")
     num_steps: int = option(1, "student steps (NFE), 1 to 4")
     max_train_steps: int = option(1000, "generator updates")
@@ -128,7 +132,7 @@ class DistillConfig:
             (self.phases >= 0, "phases", "must be 0 or positive"),
             (self.ode_steps >= 1, "ode_steps", "must be at least 1"),
             (self.phases <= 1 or self.ode_steps % self.phases == 0, "ode_steps", f"must be a multiple of --phases {self.phases}"),
-            (self.resolution > 0 and self.resolution % 16 == 0, "resolution", "must be a positive multiple of 16"),
+            (self.resolution >= 0 and self.resolution % 16 == 0, "resolution", "must be 0 (the pipeline's default size) or a positive multiple of 16"),
             (0 <= self.target_ema < 1, "target_ema", "must lie in [0, 1)"),
             (0 <= self.equal_fraction <= 1, "equal_fraction", "must lie in [0, 1]"),
             (0 <= self.endpoint_fraction <= 1, "endpoint_fraction", "must lie in [0, 1]"),
@@ -269,7 +273,7 @@ class DistillConfig:
             raise ValueError(f"--output-dir {out}: cannot write there.")
 
     def _check_teacher(self) -> None:
-        source = self.teacher
+        source = teacher_folder(self.teacher)
         if source == "digits":
             return
         if os.path.exists(source):
@@ -279,7 +283,7 @@ class DistillConfig:
             if METHODS[self.method].flow_teacher and os.path.isfile(scheduler) and _is_vp_config(_read_json(scheduler, "--teacher")):
                 raise ValueError(f"--method {self.method} needs a flow teacher (time 1 = noise, velocity prediction); {source} is a VP (DDPM-family) model.")
         elif os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") != 1:
-            raise ValueError(f"--teacher {source!r} is neither 'digits', a pipeline folder, nor a Hub id 'org/name'.")
+            raise ValueError(f"--teacher {source!r} is neither 'digits', {', '.join(repr(n) for n in TEXT_TEACHERS)}, a pipeline folder, nor a Hub id 'org/name'.")
 
 
 FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward")  # the methods that train a fake score (scm: with --dmd-weight)

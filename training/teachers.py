@@ -17,6 +17,7 @@ import os
 import torch
 from diffusers import DiffusionPipeline
 
+from onestep_pipelines.benchmark import TEXT_TEACHERS, teacher_folder
 from onestep_pipelines.benchmark.evaluate import load_digits_teacher
 from onestep_pipelines.pipelines import architecture_of
 from onestep_pipelines.sampling import calculate_shift, to_x0_eps
@@ -29,10 +30,11 @@ class Teacher:
     Args:
         pipeline: the teacher pipeline; its denoiser is frozen.
         source: path or Hub id it came from (the students' base model is named from it: ``students.base_model_name``).
-        resolution: image size of text-to-image samples (latents are ``resolution / vae_scale_factor``).
+        resolution: image size of text-to-image samples (latents are ``resolution / vae_scale_factor``); 0: the
+            pipeline's own default size (:func:`default_resolution`).
     """
 
-    def __init__(self, pipeline: DiffusionPipeline, source: str, resolution: int = 512):
+    def __init__(self, pipeline: DiffusionPipeline, source: str, resolution: int = 0):
         self.pipeline, self.source = pipeline, source
         self.architecture = architecture_of(pipeline)
         self.convention = ConsistencyScheduler.from_config(pipeline.scheduler.config)
@@ -42,9 +44,18 @@ class Teacher:
             raise ValueError(f"time_type={self.time_type!r}: the trainer distils VP and flow teachers.")
         self.num_train_timesteps = self.convention.config.num_train_timesteps
         self.model.eval().requires_grad_(False)
-        self.resolution = resolution
+        self.resolution = resolution or (0 if self.architecture == "digits" else default_resolution(pipeline))
         self.embeddings: dict[str, torch.Tensor] = {}
         self.prompts: list[str] = []
+
+    @property
+    def benchmark(self) -> str | None:
+        """The embedded benchmark this teacher is scored on: ``"digits"``, ``"text-digits"`` (a shipped text-to-image
+        digits teacher, by name or folder) or None (any other teacher: no score, sample grids only)."""
+        if self.architecture == "digits":
+            return "digits"
+        folders = {os.path.realpath(f) for f in TEXT_TEACHERS.values()}
+        return "text-digits" if os.path.realpath(teacher_folder(self.source)) in folders else None
 
     @property
     def denoiser_name(self) -> str:
@@ -203,12 +214,21 @@ def _encode(pipe, prompts: list[str], resolution: int) -> dict:
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids[None].expand(len(prompts), -1, -1)}
 
 
-def load_teacher(source: str = "digits", resolution: int = 512, allow_pickle: bool = False, local_files_only: bool = False) -> Teacher:
-    """The teacher named by ``source``: ``"digits"`` (the embedded digits teacher), or a folder or Hub id of a
-    diffusers pipeline with a UNet (SD 1.5 / SDXL, epsilon or v) or a transformer (SD3 / Flux, flow);
-    ``local_files_only``: a Hub id from the local cache only (the Hub is unreachable)."""
+def default_resolution(pipe) -> int:
+    """The image size a text-to-image pipeline makes when called without ``height``: its denoiser's sample size (SD3:
+    ``default_sample_size``; Flux: 128 latent pixels, whatever its transformer) times the VAE's factor."""
+    size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    return int(size) * pipe.vae_scale_factor
+
+
+def load_teacher(source: str = "digits", resolution: int = 0, allow_pickle: bool = False, local_files_only: bool = False) -> Teacher:
+    """The teacher named by ``source``: ``"digits"`` (the embedded digits teacher), a shipped text-to-image digits
+    teacher (``"text-digits-sd"``), or a folder or Hub id of a diffusers pipeline with a UNet (SD 1.5 / SDXL, epsilon
+    or v) or a transformer (SD3 / Flux, flow); ``resolution`` 0: the pipeline's default size; ``local_files_only``:
+    a Hub id from the local cache only (the Hub is unreachable)."""
     if source == "digits":
         return Teacher(load_digits_teacher(), "digits")  # the embedded teacher (load_digits_teacher())
+    name, source = source, teacher_folder(source)
     if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
         raise ValueError(f"teacher {source} is not a diffusers pipeline folder (it has no model_index.json).")
     if not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") != 1):
@@ -222,4 +242,4 @@ def load_teacher(source: str = "digits", resolution: int = 512, allow_pickle: bo
         architecture_of(pipe)
     except TypeError as error:
         raise ValueError(f"teacher {source!r}: {error}") from None
-    return Teacher(pipe, source, resolution)
+    return Teacher(pipe, name, resolution)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from onestep_pipelines import schedulers
 from onestep_pipelines.benchmark.digits import DigitsMetric
 from onestep_pipelines.benchmark.evaluate import save_grid, score_digits, trajectory_straightness
+from onestep_pipelines.benchmark.text_digits import TextDigitsMetric, score_text_digits
 from onestep_pipelines.metadata import StudentMetadata
 from onestep_pipelines.models import add_r_conditioning
 from onestep_pipelines import pipelines
@@ -293,7 +294,8 @@ def _resume(run: _Run, config: DistillConfig, placed: _Placed) -> tuple[int, lis
 
 
 def _train(run: _Run, config: DistillConfig, placed: _Placed, data, export: bool, start: int, parts: list) -> dict:
-    """The loop, from update ``start``; returns this part of the run (updates and seconds)."""
+    """The loop, from update ``start``; returns this part of the run (updates, seconds and the loss means at each log
+    point)."""
     accelerator, device, method, guard = run.accelerator, run.device, placed.method, placed.method.guard
     optimizer, ema, params = placed.optimizer, placed.ema, placed.params
     teacher, scheduler = method.teacher, method.scheduler
@@ -302,7 +304,8 @@ def _train(run: _Run, config: DistillConfig, placed: _Placed, data, export: bool
         group["initial_lr"] = config.learning_rate
     lr_schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                 num_training_steps=config.max_train_steps, last_epoch=start - 1)  # (a pure function of the update)
-    part = {"from": start, "to": start, "seconds": 0.0, "processes": accelerator.num_processes, "device": device.type, "precision": run.precision}
+    part = {"from": start, "to": start, "seconds": 0.0, "processes": accelerator.num_processes, "device": device.type, "precision": run.precision,
+            "losses": []}  # the loss means at each log point: summary.json's loss curve (checkpoints keep it across resumes)
 
     def save_checkpoint(update: int) -> str:
         guard.check()  # never checkpoint diverged weights
@@ -342,6 +345,7 @@ def _train(run: _Run, config: DistillConfig, placed: _Placed, data, export: bool
                 if config.lr_scheduler != "constant":
                     means["lr"] = lr
                 sums, summed = {}, 0
+                part["losses"].append({"update": done, **means})
                 seconds = time.time() - started
                 progress.set_postfix({k: f"{v:.3g}" if k == "lr" else f"{v:.4f}" for k, v in means.items()} | {"s/update": f"{seconds / (done - start):.3f}"})
                 if run.log_with:
@@ -525,16 +529,17 @@ def _steps_to_score(config, any_step_count: bool) -> list[int]:
 
 
 def _validate(teacher, accelerator, student, ema, params, scheduler, config, update, log_with) -> None:
-    """``validation/step-N.json`` (digits: FD-digits and accuracy at the student's step counts) and a sample grid,
-    written by the main process."""
+    """``validation/step-N.json`` (FD-digits and accuracy at the student's step counts, on the teacher's embedded
+    benchmark: digits or text-to-image digits) and a sample grid, written by the main process; a teacher of no
+    benchmark gets a sample grid only."""
     folder = os.path.join(config.output_dir, "validation")
     model = accelerator.unwrap_model(student)
-    if teacher.architecture != "digits":
+    if teacher.benchmark is None:
         _preview(teacher, accelerator, model, ema, params, scheduler, config, f"step-{update}", folder=folder)
         return
     with _EMAWeights(ema, params), torch.no_grad(), accelerator.autocast():
         pipe = _student_pipeline(teacher, model, scheduler)
-        rows, grid = score_digits(pipe, _steps_to_score(config, get_method(config.method).any_step_count), DigitsMetric(device=accelerator.device))
+        rows, grid = _score(teacher, pipe, _steps_to_score(config, get_method(config.method).any_step_count), accelerator.device, "student", guidance=1.0)
     model.train()
     if not accelerator.is_main_process:
         return
@@ -548,6 +553,15 @@ def _validate(teacher, accelerator, student, ema, params, scheduler, config, upd
         accelerator.log({f"validation/fd_{r['NFE']}step": r["FD-digits"] for r in rows} | {"validation/accuracy": main["accuracy"]}, step=update)
 
 
+def _score(teacher, pipe, steps: list[int], device, name: str, grid_steps: int | None = None, guidance: float | None = None):
+    """``(rows, grid)``: a student pipeline of ``teacher`` scored on the teacher's benchmark at ``steps``; ``guidance``
+    (text-to-image: the CFG scale of the call; None: the student's own default)."""
+    if teacher.benchmark == "digits":
+        return score_digits(pipe, steps, DigitsMetric(device=device), name=name, grid_steps=grid_steps)
+    kwargs = {} if guidance is None else {"true_cfg_scale" if teacher.architecture == "flux" else "guidance_scale": guidance}
+    return score_text_digits(pipe, steps, TextDigitsMetric(device=device), name=name, grid_steps=grid_steps, size=teacher.resolution, **kwargs)
+
+
 def _preview(teacher, accelerator, model, ema, params, scheduler, config, name, folder=None):
     """A sample grid of the student (EMA weights) as ``previews/<name>.png``, written by the main process."""
     folder = folder or os.path.join(config.output_dir, "previews")
@@ -559,7 +573,7 @@ def _preview(teacher, accelerator, model, ema, params, scheduler, config, name, 
             images, nrow, scale = images.float().clamp(-1, 1), None, None
         else:
             kwargs = {"true_cfg_scale" if teacher.architecture == "flux" else "guidance_scale": 1.0}
-            images = pipe(prompt=teacher.prompts[:4], num_inference_steps=config.num_steps, height=config.resolution, width=config.resolution,
+            images = pipe(prompt=teacher.prompts[:4], num_inference_steps=config.num_steps, height=teacher.resolution, width=teacher.resolution,
                           generator=generator, output_type="pt", **kwargs).images
             images, nrow, scale = images.float() * 2 - 1, len(images), 1
     model.train()
@@ -634,15 +648,15 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
         pipe.save_pretrained(student_dir)
         out["student_dir"] = student_dir
         rows, grid = [], None
-        if config.evaluate and teacher.architecture == "digits":
-            metric = DigitsMetric(device=device)
-            teacher.pipeline.set_progress_bar_config(disable=True)
-            rows, _ = score_digits(teacher.pipeline, [1, 4, 32], metric, name="teacher (Euler)", euler_grid=True)
-            student_rows, grid = score_digits(pipe, _steps_to_score(config, method_cls.any_step_count), metric, name=f"student ({config.method})",
-                                              grid_steps=config.num_steps)
+        if config.evaluate and teacher.benchmark is not None:
+            if teacher.benchmark == "digits":  # (a text-to-image teacher's rows are in README: 898 guided samples per setting)
+                teacher.pipeline.set_progress_bar_config(disable=True)
+                rows, _ = score_digits(teacher.pipeline, [1, 4, 32], DigitsMetric(device=device), name="teacher (Euler)", euler_grid=True)
+            student_rows, grid = _score(teacher, pipe, _steps_to_score(config, method_cls.any_step_count), device, f"student ({config.method})",
+                                        grid_steps=config.num_steps)
             rows += student_rows
             out["scores"] = rows
-            if method_cls.reports_straightness:  # reflow: how straight the ODE became (32 Euler steps, as the teacher's best)
+            if method_cls.reports_straightness and teacher.benchmark == "digits":  # reflow: how straight the ODE became (32 Euler steps, as the teacher's best)
                 out["straightness"] = {"teacher": trajectory_straightness(teacher.pipeline, guidance_scale=config.guidance_scale),
                                        "student": trajectory_straightness(pipe)}
         if grid is not None:

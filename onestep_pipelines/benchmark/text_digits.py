@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .digits import DIGIT_NAMES, DigitsMetric, Score, real_halves
+from .evaluate import EVAL_SEED, NUM_EVAL_SAMPLES
 
 CAPTIONS = (
     "a handwritten digit {name}",
@@ -31,6 +32,9 @@ CAPTIONS = (
 )
 DIGIT_SIZE = 8
 DEFAULT_SIZE = 32
+# Each shipped teacher's best setting on this benchmark, (steps, guidance scale) with its own scheduler, measured by
+# benchmarks/text_quality.py over 8 / 16 / 32 steps x guidance 1 / 2 / 3 / 5 / 7.5 (README, docs/benchmarks.md).
+TEACHER_SETTINGS = {"text-digits-sd": (16, 3.0), "text-digits-sd3": (16, 3.0)}
 
 
 def caption(label: int, index: int) -> str:
@@ -84,6 +88,41 @@ class TextDigitsMetric(DigitsMetric):
 def eval_prompts(num_samples: int) -> list[str]:
     """Balanced evaluation prompts: digits 0, 1, ..., 9, 0, ... in the caption phrasings in turn."""
     return [caption(i % 10, i // 10) for i in range(num_samples)]
+
+
+@torch.no_grad()
+def sample_text_digits(pipe, num_steps: int, num_samples: int = NUM_EVAL_SAMPLES, seed: int = EVAL_SEED, batch_size: int = 128,
+                       size: int = DEFAULT_SIZE, **call_kwargs) -> tuple[torch.Tensor, list[str]]:
+    """``num_samples`` images of a text-to-image pipeline (teacher or student) for the balanced
+    :func:`eval_prompts`, as ``(images (N, 3, size, size) in [-1, 1] on the CPU, prompts)``. The noise comes from one
+    generator seeded with ``seed``, so results repeat exactly; ``call_kwargs`` go to the pipeline (``guidance_scale``...)."""
+    prompts = eval_prompts(num_samples)
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, num_samples, batch_size):
+        out = pipe(prompt=prompts[start:start + batch_size], num_inference_steps=num_steps, height=size, width=size,
+                   generator=generator, output_type="pt", **call_kwargs).images
+        chunks.append(out.float().cpu() * 2.0 - 1.0)  # the image processor's [0, 1] back to [-1, 1]
+    return torch.cat(chunks).clamp(-1, 1), prompts
+
+
+def score_text_digits(pipe, steps: list[int], metric: TextDigitsMetric, name: str = "student", grid_steps: int | None = None,
+                      num_samples: int = NUM_EVAL_SAMPLES, **call_kwargs) -> tuple[list[dict], torch.Tensor | None]:
+    """FD-digits and prompt accuracy of a text-to-image pipeline at each step count: ``(rows, grid)`` with rows
+    ``{"model", "NFE", "FD-digits", "accuracy", "copies"}`` (as :func:`.evaluate.score_digits`; ``NFE`` counts
+    denoiser calls per image, twice the steps under classifier-free guidance) and the first 100 images at
+    ``grid_steps`` (default: the first) as 8x8 digits."""
+    rows, grid = [], None
+    guided = call_kwargs.get("guidance_scale", 1.0) > 1.0 and not getattr(getattr(pipe, "student", None), "guidance_baked", False)
+    for steps_ in steps:
+        images, prompts = sample_text_digits(pipe, steps_, num_samples=num_samples, **call_kwargs)
+        score = metric.score_images(images, prompts)
+        digits = to_digits(images)
+        rows.append({"model": name, "steps": steps_, "NFE": steps_ * (2 if guided else 1), "FD-digits": score.fd, "accuracy": score.acc,
+                     "copies": metric.copy_fraction(digits)})
+        if steps_ == (grid_steps or steps[0]):
+            grid = digits[:100]
+    return rows, grid
 
 
 def write_captioned_folder(folder: str, half: str = "A", size: int = DEFAULT_SIZE) -> int:

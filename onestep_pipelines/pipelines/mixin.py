@@ -75,6 +75,12 @@ class FewStepPipelineMixin:
                     "This student has guidance %.3g baked in; %s=%s applies classifier-free guidance on top of it.",
                     metadata.guidance_scale, self._guidance_argument, bound[self._guidance_argument],
                 )
+            guided = (bound | kwargs).get(self._guidance_argument) not in (None, 0.0, 1.0)
+            if metadata.guidance_baked and not guided and bound.get("negative_prompt") is not None:
+                logger.warning(
+                    "negative_prompt has no effect here: this student has guidance %.3g baked in and samples without classifier-free "
+                    "guidance; pass %s > 1 to apply guidance (and the negative prompt) on top of it.", metadata.guidance_scale, self._guidance_argument,
+                )
         if metadata is not None and metadata.scheduler_class == "PolicyScheduler":
             self._check_policy_call(bound | kwargs)  # (with the student's defaults added above)
         scheduler = self.scheduler
