@@ -1,6 +1,6 @@
 """The diffusers bridge: run a diffusers-format student folder (any pipeline this package or diffusers loads,
-e.g. a digits student, or a model ComfyUI cannot represent natively) with the scheduler recorded in it, and
-hand ComfyUI an IMAGE. No ComfyUI import: usable and testable anywhere."""
+e.g. a digits student, or a model ComfyUI cannot represent natively) with the scheduler recorded in it, or a teacher
+folder with a LoRA student applied, and hand ComfyUI an IMAGE. No ComfyUI import: usable and testable anywhere."""
 
 from __future__ import annotations
 
@@ -13,29 +13,92 @@ _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
 
-def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """``DiffusionPipeline.from_pretrained(path)`` (safetensors only), cached while the folder is unchanged."""
+def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, lora: str | None = None,
+                  lora_strength: float = 1.0, name: str | None = None):
+    """``DiffusionPipeline.from_pretrained(path)`` (safetensors only), cached while the folder (and the LoRA file) are
+    unchanged. With ``lora`` (a LoRA student file), the folder is the teacher: it is loaded as the few-step pipeline of
+    its architecture and the LoRA applied at ``lora_strength`` with its recorded scheduler, steps and guidance
+    (:func:`with_lora`). ``name``: the student as the node lists it, for error messages (default: the folder's name)."""
     from diffusers import DiffusionPipeline
 
     import onestep_pipelines  # noqa: F401  (registers the package's pipelines with diffusers' loader)
 
+    label = name or os.path.basename(path)
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
-        raise ValueError(f"student {os.path.basename(path)}: not a diffusers pipeline folder (no model_index.json).")
-    _check_components(path)
-    key = (os.path.realpath(path), os.path.getmtime(index), str(device), dtype)
+        raise ValueError(f"student {label}: not a diffusers pipeline folder (no model_index.json).")
+    _check_components(path, label)
+    if lora is not None and not os.path.isfile(lora):
+        raise ValueError(f"lora {os.path.basename(lora)}: no such file (was it moved or deleted?).")
+    lora_key = (os.path.realpath(lora), os.path.getmtime(lora), float(lora_strength)) if lora is not None else None
+    key = (os.path.realpath(path), os.path.getmtime(index), lora_key, str(device), dtype)
     with _LOCK:
         if key not in _CACHE:
             _CACHE.clear()  # one pipeline at a time: students are small, base models are not
             try:
                 pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
             except (OSError, ValueError) as error:
-                raise ValueError(f"student {os.path.basename(path)} could not be loaded: {error}") from None
+                raise ValueError(f"student {label} could not be loaded: {error}") from None
+            if lora is not None:
+                pipe = with_lora(pipe, lora, lora_strength, label)
             _CACHE[key] = pipe.to(device)
         return _CACHE[key]
 
 
-def _check_components(path: str) -> None:
+def with_lora(teacher, lora: str, strength: float = 1.0, label: str = "the student"):
+    """``teacher`` (a stock or few-step pipeline) as the few-step pipeline of its architecture with the LoRA student
+    file ``lora`` applied at ``strength`` (:func:`~onestep_pipelines.students.load_student_lora`: scheduler, steps and
+    guidance from the file's metadata). Errors name the ``lora`` input and the file."""
+    from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
+    from onestep_pipelines.pipelines import architecture_of, student_pipeline
+    from onestep_pipelines.students import load_student_lora
+
+    file = os.path.basename(lora)
+    header = _lora_header(lora)
+    denoiser = next((teacher.components[n] for n in ("unet", "transformer") if teacher.components.get(n) is not None), None)
+    try:
+        architecture = architecture_of(teacher)
+    except TypeError:
+        architecture = None
+    if denoiser is None or architecture is None:
+        raise ValueError(f"lora {file}: student {label} ({type(teacher).__name__}) has no SD / SDXL UNet, SD3, Flux or digits "
+                         "denoiser to apply a LoRA student to; set lora to none.")
+    try:
+        metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
+    except ValueError as error:
+        raise ValueError(f"lora {file}: its onestep sampling metadata is invalid ({error}).") from None
+    if metadata is not None and metadata.architecture != architecture:
+        raise ValueError(f"lora {file} is a LoRA for {metadata.architecture!r} models; student {label} is {architecture!r}: "
+                         "pick a LoRA trained on this student's base model.")
+    pipe = student_pipeline(teacher, denoiser, teacher.scheduler)
+    try:
+        load_student_lora(pipe, lora, lora_scale=float(strength))
+    except (ValueError, OSError) as error:
+        reason = str(error)
+        reason = reason[len(lora):].lstrip(": ") if reason.startswith(lora) else reason.replace(lora, file)
+        head, listed, keys = reason.partition(" Unmatched: ")  # keys that match nothing: a few, the count is in the head
+        if listed:
+            keys = keys.split(", ")
+            reason = f"{head} Unmatched: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}; a LoRA of another base model? Pick one trained on {label}."
+        raise ValueError(f"lora {file}: {reason}") from None
+    return pipe
+
+
+def _lora_header(path: str) -> dict:
+    """The safetensors header of a LoRA file (an error naming the ``lora`` input and the file when it is unreadable)."""
+    from safetensors import safe_open
+
+    file = os.path.basename(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"lora {file}: only .safetensors LoRA files load here (pickle files can run code); convert it or pick another.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged files
+        raise ValueError(f"lora {file}: not a readable safetensors file ({error}); download or copy it again.") from None
+
+
+def _check_components(path: str, label: str) -> None:
     """Every component that ``model_index.json`` lists has a folder with its config (else an error naming it)."""
     import json
 
@@ -43,14 +106,14 @@ def _check_components(path: str) -> None:
         try:
             index = json.load(f)
         except json.JSONDecodeError as error:
-            raise ValueError(f"student {os.path.basename(path)}: model_index.json is not valid JSON ({error}).") from None
+            raise ValueError(f"student {label}: model_index.json is not valid JSON ({error}).") from None
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
         folder = os.path.join(path, name)
         configs = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
         if not os.path.isdir(folder) or not any(os.path.isfile(os.path.join(folder, c)) for c in configs):
-            raise ValueError(f"student {os.path.basename(path)}: component {name!r} has no folder with its config "
+            raise ValueError(f"student {label}: component {name!r} has no folder with its config "
                              f"({name}/config.json); copy the whole student folder again.")
 
 

@@ -12,6 +12,7 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
+from onestep_pipelines.benchmark import TEXT_TEACHERS  # names and folders only: the package's __init__ imports nothing heavy
 from onestep_pipelines.sampling import PRESETS, parse_timesteps
 
 from .errors import fail
@@ -178,11 +179,12 @@ class StudentLoraLoader(io.ComfyNode):
 
 
 def _diffusers_folders() -> list[str]:
+    """The folders of models/diffusers with a model_index.json, then the shipped teachers (by name) this install holds."""
     found = []
     for root in folder_paths.get_folder_paths("diffusers"):
         if os.path.isdir(root):
             found += [name for name in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, name, "model_index.json"))]
-    return found
+    return found + [name for name, path in TEXT_TEACHERS.items() if name not in found and os.path.isfile(os.path.join(path, "model_index.json"))]
 
 
 class DiffusersStudent(io.ComfyNode):
@@ -192,9 +194,11 @@ class DiffusersStudent(io.ComfyNode):
             node_id="OneStepDiffusersStudent",
             display_name="Diffusers Student (onestep)",
             category=CATEGORY,
-            description="Generates with a diffusers-format student folder (models/diffusers/<name>) using the scheduler, steps and guidance recorded in it.",
+            description="Generates with a diffusers-format student folder (models/diffusers/<name>) using the scheduler, steps and guidance recorded in it; "
+                        "or with a LoRA student applied to a teacher folder or a shipped teacher (text-digits-sd), sampling as the LoRA records.",
             inputs=[
-                io.Combo.Input("student", options=_diffusers_folders(), tooltip="A folder in models/diffusers with model_index.json."),
+                io.Combo.Input("student", options=_diffusers_folders(),
+                               tooltip="A folder in models/diffusers with model_index.json, or a teacher shipped with onestep-pipelines (text-digits-sd)."),
                 io.String.Input("prompt", default="", multiline=True, tooltip="Text-to-image students."),
                 io.String.Input("class_labels", default="0,1,2,3,4,5,6,7,8,9", tooltip="Class-conditional students (digits): comma-separated labels."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
@@ -205,19 +209,27 @@ class DiffusersStudent(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Int.Input("substeps", default=0, min=0, max=4096, optional=True,
                              tooltip="pi-Flow policy students: Euler substeps of the policy per step (0 = recorded); no extra model calls."),
+                io.Combo.Input("lora", options=["none", *folder_paths.get_filename_list("loras")], default="none", optional=True,
+                               tooltip="A LoRA student (models/loras) of the student above, which is then its teacher: loaded as the few-step "
+                                       "pipeline with the LoRA's scheduler, steps and guidance."),
+                io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True,
+                               tooltip="Scale of the LoRA (1 = as trained); unused without a lora."),
             ],
             outputs=[io.Image.Output()],
         )
 
     @classmethod
-    def execute(cls, student, prompt, class_labels, seed, steps, guidance, width, height, batch_size, substeps=0) -> io.NodeOutput:
+    def execute(cls, student, prompt, class_labels, seed, steps, guidance, width, height, batch_size, substeps=0, lora="none",
+                lora_strength=1.0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
         from . import bridge
 
         try:
-            pipe = bridge.load_pipeline(_folder(student), comfy.model_management.get_torch_device())
+            lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
+            pipe = bridge.load_pipeline(_folder(student), comfy.model_management.get_torch_device(), lora=lora_path,
+                                        lora_strength=1.0 if lora_strength is None else lora_strength, name=student)
         except ValueError as error:
             raise fail("", error) from None
         progress = comfy.utils.ProgressBar(max(int(steps), 1))
@@ -235,11 +247,15 @@ class DiffusersStudent(io.ComfyNode):
 
 
 def _folder(name: str) -> str:
+    """The folder of ``student``: a folder of models/diffusers, else a shipped teacher of that name."""
     for root in folder_paths.get_folder_paths("diffusers"):
         path = os.path.join(root, name)
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return path
-    raise ValueError(f"student {name!r}: no such folder with a model_index.json in models/diffusers ({folder_paths.get_folder_paths('diffusers')[:2]}).")
+    if os.path.isfile(os.path.join(TEXT_TEACHERS.get(name, ""), "model_index.json")):
+        return TEXT_TEACHERS[name]
+    raise ValueError(f"student {name!r}: no such folder with a model_index.json in models/diffusers ({folder_paths.get_folder_paths('diffusers')[:2]}) "
+                     f"and no shipped teacher of that name ({', '.join(TEXT_TEACHERS)}).")
 
 
 NODES = [ConsistencySampler, TDMSampler, FlowMapSampler, FlowMapConditioning, FewStepSigmas, StudentLoraLoader, DiffusersStudent]

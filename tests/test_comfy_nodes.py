@@ -146,6 +146,56 @@ def test_diffusers_bridge_generates_an_image_with_the_recorded_scheduler(tmp_pat
         bridge.generate(loaded, class_labels="3", substeps=8)
 
 
+def test_diffusers_bridge_applies_a_lora_student_to_a_teacher_folder(tmp_path):
+    """With a LoRA file the bridge loads the folder as the teacher, in the few-step pipeline of its architecture with
+    the LoRA applied (load_student_lora at the strength), cached per (folder, LoRA file and mtime, strength); bad LoRA
+    files give errors naming the lora input and the file."""
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from onestep_pipelines import StudentMetadata
+    from onestep_pipelines.comfy_nodes import bridge
+    from onestep_pipelines.pipelines import student_pipeline
+    from onestep_pipelines.students import load_student_lora
+    from onestep_pipelines.testing.tiny_pipelines import tiny_sd_pipeline
+
+    teacher = tiny_sd_pipeline()
+    teacher.save_pretrained(tmp_path / "teacher")
+    torch.manual_seed(0)
+    teacher.unet.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False))
+    metadata = StudentMetadata.from_scheduler(ConsistencyScheduler(timestep_preset="dmd2"), method="dmd2", architecture="sd", num_inference_steps=2)
+    files = save_student_lora(str(tmp_path / "lora"), teacher.unet, metadata)
+    folder = str(tmp_path / "teacher")
+    loaded = bridge.load_pipeline(folder, lora=files["comfyui"], lora_strength=0.5, name="tiny")
+    assert type(loaded).__name__ == "FewStepStableDiffusionPipeline" and loaded.student.num_inference_steps == 2
+    assert bridge.load_pipeline(folder, lora=files["comfyui"], lora_strength=0.5) is loaded  # cached
+    images = bridge.generate(loaded, prompt="a digit", seed=3)
+    reference = DiffusionPipeline.from_pretrained(folder)
+    reference = student_pipeline(reference, reference.unet, reference.scheduler)
+    load_student_lora(reference, files["diffusers"], lora_scale=0.5)
+    expected = reference(prompt="a digit", generator=torch.Generator("cpu").manual_seed(3), output_type="pt").images
+    torch.testing.assert_close(images, expected.clamp(0, 1).permute(0, 2, 3, 1), rtol=0, atol=1e-5)
+    full = bridge.load_pipeline(folder, lora=files["comfyui"], lora_strength=1.0)
+    assert full is not loaded and float((bridge.generate(full, prompt="a digit", seed=3) - images).abs().max()) > 1e-4
+    os.utime(files["comfyui"], (1, 1))  # the file changed: loaded again
+    assert bridge.load_pipeline(folder, lora=files["comfyui"], lora_strength=1.0) is not full
+    assert bridge.load_pipeline(folder) is not full and getattr(bridge.load_pipeline(folder), "student", None) is None  # no LoRA: the teacher
+    with safe_open(files["diffusers"], framework="pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "sdxl.safetensors"), metadata={**header, "onestep_student": StudentMetadata.from_dict(
+        {**metadata.to_dict(), "architecture": "sdxl"}).to_json()})
+    (tmp_path / "damaged.safetensors").write_bytes(b"\xff" * 64)
+    save_file({"unet.nowhere.lora_A.weight": torch.zeros(2, 4), "unet.nowhere.lora_B.weight": torch.zeros(4, 2)}, str(tmp_path / "other.safetensors"))
+    for file, message in [("sdxl.safetensors", "lora sdxl.safetensors is a LoRA for 'sdxl' models; student tiny is 'sd'"),
+                          ("damaged.safetensors", "lora damaged.safetensors: not a readable safetensors file"),
+                          ("other.safetensors", "lora other.safetensors: 2 of 2 LoRA keys do not map onto this sd unet"),
+                          ("missing.safetensors", "lora missing.safetensors: no such file")]:
+        with pytest.raises(ValueError) as error:
+            bridge.load_pipeline(folder, lora=str(tmp_path / file), name="tiny")
+        assert str(error.value).startswith(message) and str(tmp_path) not in str(error.value), error.value
+
+
 def test_diffusers_bridge_samples_policy_students_with_a_substeps_knob(tmp_path):
     from onestep_pipelines.comfy_nodes import bridge
 
@@ -202,8 +252,9 @@ def test_sigma_space_timestep_round_trip():
 
 
 # ------------------------------------------------------------------------------ what ComfyUI's start imports
-HEAVY = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "onestep_pipelines.pipelines", "onestep_pipelines.students",
-         "onestep_pipelines.models", "onestep_pipelines.schedulers", "onestep_pipelines.metadata", "onestep_pipelines.training")
+HEAVY = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "sklearn", "onestep_pipelines.pipelines", "onestep_pipelines.students",
+         "onestep_pipelines.models", "onestep_pipelines.schedulers", "onestep_pipelines.metadata", "onestep_pipelines.training",
+         "onestep_pipelines.benchmark.")  # the benchmark package's __init__ (the shipped teachers' names) is light, its submodules are not
 COMFYUI_OWN = {"folder_paths", "comfy_api.latest"}  # loaded by ComfyUI before any node pack
 
 
@@ -285,7 +336,7 @@ def test_a_clone_has_the_example_workflows_where_comfyui_looks():
     assert os.path.samefile(EXAMPLES, os.path.join(REPO, "comfy_nodes", "example_workflows"))
     shipped = {os.path.basename(p): open(p, "rb").read() for p in ui_workflows()}
     in_clone = {os.path.basename(p): open(p, "rb").read() for p in glob.glob(os.path.join(REPO, "example_workflows", "*"))}
-    assert len(shipped) == 13 and in_clone == shipped
+    assert len(shipped) == 14 and in_clone == shipped
     assert all(json.loads(data)["nodes"] for data in shipped.values())  # UI format: templates load in the editor
 
 
@@ -311,5 +362,5 @@ def test_pip_users_install_the_pack_with_its_example_workflows(tmp_path):
         install(str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "onestep_pipelines.comfy_nodes", str(tmp_path), "--name", "onestep2"], capture_output=True,
                          text=True, cwd=str(tmp_path))
-    assert out.returncode == 0 and "13 example workflows" in out.stdout, out.stderr[-2000:]
-    assert len(os.listdir(tmp_path / "custom_nodes" / "onestep2" / "example_workflows")) == 13
+    assert out.returncode == 0 and "14 example workflows" in out.stdout, out.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "custom_nodes" / "onestep2" / "example_workflows")) == 14

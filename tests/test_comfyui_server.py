@@ -2,9 +2,10 @@
 runs with COMFYUI_PYTHON, default this interpreter).
 
 Random-weight models shaped the way ComfyUI detects them: an SD 1.5 checkpoint (UNet with 320 channels and
-768-wide cross-attention, full-size CLIP-L, tiny TAESD), LoRAs and an r_embedder written by this package, and a
-digits student folder for the diffusers bridge. Samples must equal the diffusers pipelines' on the same weights,
-initial noise and re-noising noise."""
+768-wide cross-attention, full-size CLIP-L, tiny TAESD), LoRAs and an r_embedder written by this package, a
+digits student folder for the diffusers bridge, and (when the checkout holds the shipped text-digits-sd teacher) a LoRA
+student of that teacher for the bridge. Samples must equal the diffusers pipelines' on the same weights, initial noise
+and re-noising noise."""
 
 import copy
 import json
@@ -23,6 +24,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(REPO, "comfy_nodes", "example_workflows")
 SEED, SIZE = 7, 64  # 64 px = an 8x8 latent
 SD15_LATENT_SCALE = 0.18215  # ComfyUI returns latents divided by the SD 1.5 latent format's scale (process_latent_out)
+TEXT_PROMPT = "a handwritten digit seven"
+TEXT_LORA = "text_digits_dmd2_comfyui.safetensors"  # the file name the text_digits_lora_student example workflow uses
+# A test-only node: an IMAGE as a LATENT, so that SaveLatent writes it exactly (SaveImage's PNG keeps 8 bits)
+IMAGE_PROBE = """class ImageAsLatent:
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    def run(self, images):
+        return ({"samples": images.clone()},)
+
+
+NODE_CLASS_MAPPINGS = {"TestImageAsLatent": ImageAsLatent}
+"""
 NODE_IDS = ["OneStepConsistencySampler", "OneStepTDMSampler", "OneStepFlowMapSampler", "OneStepFlowMapConditioning", "OneStepSigmas",
             "OneStepLoraLoader", "OneStepDiffusersStudent"]
 
@@ -33,6 +52,41 @@ def _lora_metadata(**overrides):
 
     scheduler = ConsistencyScheduler(gamma=1.0, timestep_preset="dmd2")
     return StudentMetadata.from_scheduler(scheduler, **{"method": "dmd2", "architecture": "sd", "num_inference_steps": 2, **overrides})
+
+
+def _text_teacher_in(clone: str) -> str | None:
+    """The shipped text-digits-sd teacher's folder inside ``clone`` (what the server loads), or None when absent."""
+    import onestep_pipelines
+    from onestep_pipelines.benchmark import teacher_folder
+
+    relative = os.path.relpath(teacher_folder("text-digits-sd"), os.path.dirname(os.path.abspath(onestep_pipelines.__file__)))
+    folder = os.path.join(clone, "onestep_pipelines", relative)
+    return folder if os.path.isfile(os.path.join(folder, "model_index.json")) else None
+
+
+def _write_text_lora_students(base, teacher: str) -> dict:
+    """A LoRA student of the text-digits-sd teacher (random, non-zero LoRA on its UNet; 2-step DMD2 metadata), its
+    files in models/loras (ComfyUI file under TEXT_LORA, the diffusers file), and the same LoRA declared for SDXL."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from onestep_pipelines.students.lora import save_student_lora
+
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    torch.manual_seed(5)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], init_lora_weights=False))
+    files = save_student_lora(str(base / "text_lora"), unet, _lora_metadata(base_model="text-digits-sd"), file_stem="text_digits_dmd2")
+    loras = base / "models" / "loras"
+    os.symlink(files["comfyui"], loras / TEXT_LORA)
+    os.symlink(files["diffusers"], loras / "text_digits_dmd2_diffusers.safetensors")
+    with safe_open(files["diffusers"], framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header["onestep_student"] = _lora_metadata(architecture="sdxl", base_model="text-digits-sd").to_json()
+    save_file(tensors, str(loras / "text_digits_sdxl.safetensors"), metadata=header)
+    return {"comfyui": str(loras / TEXT_LORA), "diffusers": str(loras / "text_digits_dmd2_diffusers.safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +106,7 @@ def comfy(tmp_path_factory):
     (base / "custom_nodes").mkdir()
     # the "cloned into custom_nodes" route, from a checkout without symbolic links (Git on Windows), the package not installed
     windows_style_clone(REPO, str(base / "custom_nodes" / "onestep-pipelines"))
+    (base / "custom_nodes" / "onestep_test_probe.py").write_text(IMAGE_PROBE)
     unet = sd15_unet(seed=0)
     write_sd15_checkpoint(str(base / "models" / "checkpoints" / "tiny_sd15.safetensors"), unet)
 
@@ -101,8 +156,11 @@ def comfy(tmp_path_factory):
     incomplete = base / "models" / "diffusers" / "incomplete-student"
     incomplete.mkdir()
     (incomplete / "model_index.json").write_text((base / "models" / "diffusers" / "digits-dmd2-student" / "model_index.json").read_text())
+    text_teacher = _text_teacher_in(str(base / "custom_nodes" / "onestep-pipelines"))
+    text_loras = _write_text_lora_students(base, text_teacher) if text_teacher else {}
     with ComfyServer(str(base), forget_installed=True) as server:
-        yield {"server": server, "unet": unet, "lora_unet": lora_unet, "r_unet": r_unet, "r_lora_dir": str(base / "rlora"), "base": base}
+        yield {"server": server, "unet": unet, "lora_unet": lora_unet, "r_unet": r_unet, "r_lora_dir": str(base / "rlora"), "base": base,
+               "text_teacher": text_teacher, "text_loras": text_loras}
 
 
 def _pipeline(unet, scheduler, cls=None):
@@ -248,6 +306,8 @@ def test_example_workflows_run(comfy, name):
     with open(os.path.join(WORKFLOWS, f"{name}.api.json")) as f:
         prompt = json.load(f)
     files = {"ckpt_name": "tiny_sd15.safetensors", "lora_name": "student_comfyui.safetensors", "r_embedder": "r_embedder.safetensors"}
+    if comfy["text_teacher"] is None and any(node["inputs"].get("student") == "text-digits-sd" for node in prompt.values()):
+        pytest.skip(NO_TEXT_TEACHER)
     for node in prompt.values():
         for key, value in files.items():
             if key in node["inputs"]:
@@ -523,6 +583,64 @@ def test_policy_student_through_the_bridge_equals_its_pipeline(comfy, substeps):
     wrong = {**student, "inputs": {**student["inputs"], "student": "digits-dmd2-student", "substeps": 16}}
     error = execution_error(server.run({"1": wrong, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "w"}}})) or ""
     assert "substeps: 16 applies to pi-Flow policy students (PolicyScheduler)" in error, error
+
+
+NO_TEXT_TEACHER = ("the shipped text-digits-sd teacher (onestep_pipelines/assets/text_digits/sd) is not in this checkout; train it with "
+                   "python -m onestep_pipelines.benchmark.train_text_digits sd")
+
+
+def _text_student(**inputs) -> dict:
+    return {"class_type": "OneStepDiffusersStudent", "inputs": {"student": "text-digits-sd", "prompt": TEXT_PROMPT, "class_labels": "", "seed": SEED,
+            "steps": 0, "guidance": -1.0, "width": 0, "height": 0, "batch_size": 1, "substeps": 0, "lora": TEXT_LORA, "lora_strength": 1.0,
+            **inputs}}
+
+
+@pytest.mark.parametrize("kind,strength", [("comfyui", 1.0), ("diffusers", 0.6)])
+def test_a_lora_student_of_a_shipped_teacher_through_the_bridge_equals_its_pipeline(comfy, kind, strength):
+    """The same student in both surfaces: a LoRA student of the text-digits-sd teacher (its ComfyUI or its diffusers
+    file), applied by the bridge node to the shipped teacher, gives the diffusers pipeline's IMAGE for the same prompt
+    and seed (the bridge's CPU generator) within 1e-4: the few-step pipeline around the teacher, load_student_lora."""
+    from diffusers import DiffusionPipeline
+
+    from onestep_pipelines.pipelines import student_pipeline
+    from onestep_pipelines.students import load_student_lora
+
+    if comfy["text_teacher"] is None:
+        pytest.skip(NO_TEXT_TEACHER)
+    server, lora = comfy["server"], comfy["text_loras"][kind]
+    assert "text-digits-sd" in json.dumps(server.get("/object_info/OneStepDiffusersStudent"))
+    student = _text_student(lora=os.path.basename(lora), lora_strength=strength)
+    entry = server.run({"1": student, "2": {"class_type": "TestImageAsLatent", "inputs": {"images": ["1", 0]}},
+                        "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": f"text_{kind}"}}})
+    assert execution_error(entry) is None, execution_error(entry)
+    teacher = DiffusionPipeline.from_pretrained(comfy["text_teacher"])
+    pipe = student_pipeline(teacher, teacher.unet, teacher.scheduler)
+    metadata = load_student_lora(pipe, lora, lora_scale=strength)
+    assert metadata.num_inference_steps == 2 and type(pipe.scheduler).__name__ == "ConsistencyScheduler"
+    with torch.no_grad():
+        images = pipe(prompt=TEXT_PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt").images
+    expected = images.float().clamp(0, 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(server.latent(entry, "3"), expected, rtol=0, atol=1e-4)
+
+
+def test_a_bad_lora_for_the_bridge_gives_a_node_error_and_the_server_keeps_serving(comfy):
+    if comfy["text_teacher"] is None:
+        pytest.skip(NO_TEXT_TEACHER)
+    server = comfy["server"]
+
+    def error(**inputs) -> str:
+        entry = server.run({"1": _text_student(**inputs), "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bad"}}})
+        return execution_error(entry) or ""
+
+    message = error(lora="text_digits_sdxl.safetensors")
+    assert message.startswith("OneStepDiffusersStudent: lora text_digits_sdxl.safetensors is a LoRA for 'sdxl' models; "
+                              "student text-digits-sd is 'sd'"), message
+    message = error(lora="damaged.safetensors")
+    assert message.startswith("OneStepDiffusersStudent: lora damaged.safetensors: not a readable safetensors file") and "copy it again" in message, message
+    message = error(lora="student_comfyui.safetensors")  # a LoRA of another (768-wide) SD UNet: shapes do not fit
+    assert message.startswith("OneStepDiffusersStudent: lora student_comfyui.safetensors: ") and "nothing was loaded" in message, message
+    assert message.endswith("a LoRA of another base model? Pick one trained on text-digits-sd.") and len(message) < 600, message
+    assert error(steps=1) == ""  # still serving, and the teacher with its LoRA loads after the failures
 
 
 def test_cancel_stops_the_diffusers_bridge_and_it_reports_progress(comfy):

@@ -108,8 +108,19 @@ def diffusers_student() -> dict:
     """A diffusers-format student folder (models/diffusers/<name>) generating with its recorded scheduler."""
     g = Graph()
     image = g.node("OneStepDiffusersStudent", student="digits-dmd2-student", prompt="", class_labels="0,1,2,3,4,5,6,7,8,9", seed=0,
-                   steps=0, guidance=-1.0, width=0, height=0, batch_size=1, substeps=0)
+                   steps=0, guidance=-1.0, width=0, height=0, batch_size=1, substeps=0, lora="none", lora_strength=1.0)
     g.node("SaveImage", images=image[0], filename_prefix="onestep_diffusers")
+    return g.nodes
+
+
+def text_digits_lora_student() -> dict:
+    """A LoRA student (models/loras) of the shipped text-to-image teacher text-digits-sd, applied to it by the diffusers
+    bridge (ComfyUI cannot detect UNets this small), sampling with the scheduler, steps and guidance the LoRA records."""
+    g = Graph()
+    image = g.node("OneStepDiffusersStudent", student="text-digits-sd", prompt="a handwritten digit seven", class_labels="", seed=0,
+                   steps=0, guidance=-1.0, width=0, height=0, batch_size=4, substeps=0, lora="text_digits_dmd2_comfyui.safetensors",
+                   lora_strength=1.0)
+    g.node("SaveImage", images=image[0], filename_prefix="onestep_text_digits")
     return g.nodes
 
 
@@ -191,7 +202,7 @@ def flow_flux() -> dict:
 
 
 WORKFLOWS = {f.__name__: f for f in (consistency_sampler, tcd_custom_timesteps, tdm_sampler, student_lora, flow_map_sampler, diffusers_student,
-                                     lcm_lora, tcd_lora, hyper_sd_lora, dmd2_unet, lightning_unet, flow_sd3, flow_flux)}
+                                     text_digits_lora_student, lcm_lora, tcd_lora, hyper_sd_lora, dmd2_unet, lightning_unet, flow_sd3, flow_flux)}
 
 
 def to_ui(api: dict, object_info: dict) -> dict:

@@ -265,7 +265,10 @@ def execution_error(entry: dict) -> str | None:
 # Modules a node pack must not import while ComfyUI starts: they cost seconds and only some nodes need them, at run time.
 HEAVY_MODULES = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "sklearn", "matplotlib", "onestep_pipelines.pipelines",
                  "onestep_pipelines.students", "onestep_pipelines.models", "onestep_pipelines.schedulers", "onestep_pipelines.metadata",
-                 "onestep_pipelines.training", "onestep_pipelines.benchmark", "onestep_pipelines.hub")
+                 "onestep_pipelines.training", "onestep_pipelines.hub")
+# Packages whose submodules are heavy but whose __init__ is not: onestep_pipelines.benchmark's holds the shipped teachers'
+# names and folders (the bridge node lists them), its submodules the data and metrics (scikit-learn).
+HEAVY_SUBMODULES = ("onestep_pipelines.benchmark",)
 
 _LOAD_NODE_PACK = """
 import asyncio, json, sys, time
@@ -289,7 +292,7 @@ def node_pack_start_cost(pack: str, python: str | None = None, pythonpath: tuple
     every schema), in a fresh process that has already imported what the server imports before custom nodes.
 
     Returns ``{"seconds", "loaded", "nodes": node ids registered, "modules": modules the pack imported}``; ``heavy``
-    lists those of :data:`HEAVY_MODULES` (and their submodules) among them."""
+    lists those of :data:`HEAVY_MODULES` (and their submodules) and the submodules of :data:`HEAVY_SUBMODULES` among them."""
     python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
     code = _LOAD_NODE_PACK
     if forget_installed:
@@ -305,5 +308,5 @@ def node_pack_start_cost(pack: str, python: str | None = None, pythonpath: tuple
     if out.returncode != 0 or not out.stdout.strip():
         raise RuntimeError(f"loading {pack} in ComfyUI failed ({out.returncode}):\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["heavy"] = [m for m in result["modules"] if m in HEAVY_MODULES or m.startswith(tuple(f"{h}." for h in HEAVY_MODULES))]
+    result["heavy"] = [m for m in result["modules"] if m in HEAVY_MODULES or m.startswith(tuple(f"{h}." for h in HEAVY_MODULES + HEAVY_SUBMODULES))]
     return result
