@@ -70,7 +70,7 @@ def with_lora(teacher, lora: str, strength: float = 1.0, label: str = "the stude
     if metadata is not None and metadata.architecture != architecture:
         raise ValueError(f"lora {file} is a LoRA for {metadata.architecture!r} models; student {label} is {architecture!r}: "
                          "pick a LoRA trained on this student's base model.")
-    pipe = student_pipeline(teacher, denoiser, teacher.scheduler)
+    pipe = student_pipeline(teacher)
     try:
         load_student_lora(pipe, lora, lora_scale=float(strength))
     except (ValueError, OSError) as error:

@@ -68,8 +68,7 @@ def load_student(folder: str):
         pipe, benchmark = load_digits_teacher(), "digits"
     elif metadata.base_model in TEXT_TEACHERS:
         teacher = DiffusionPipeline.from_pretrained(teacher_folder(metadata.base_model))
-        denoiser = teacher.components["unet" if "unet" in teacher.components else "transformer"]
-        pipe, benchmark = student_pipeline(teacher, denoiser, teacher.scheduler), "text-digits"
+        pipe, benchmark = student_pipeline(teacher), "text-digits"
     else:
         raise ValueError(f"{folder}: a LoRA of {metadata.base_model!r}, not of a shipped teacher ('digits', {', '.join(TEXT_TEACHERS)}): "
                          "there is no benchmark to score it on.")

@@ -42,6 +42,7 @@ SD3_CONFIG = dict(
 SD3_SHIFT = 3.0
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 CFG_DROPOUT = 0.1
+ENCODER_SEED = 0  # the frozen text encoders' initialisation, whatever --seed (which draws the batches)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, max_decay: float = 0.999) -> None:
@@ -141,7 +142,8 @@ def _dropped(index: torch.Tensor, null: int, g: torch.Generator) -> torch.Tensor
     return index
 
 
-def train_sd(out: str, vae_dir: str, steps: int = 3600, batch_size: int = 64, lr: float = 4e-4, seed: int = 0, log_every: int = 200) -> None:
+def train_sd(out: str, vae_dir: str, steps: int = 3600, batch_size: int = 64, lr: float = 4e-4, seed: int = 0, log_every: int = 200,
+             init: str | None = None) -> None:
     """The SD-class teacher (see the module docstring)."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -151,8 +153,8 @@ def train_sd(out: str, vae_dir: str, steps: int = 3600, batch_size: int = 64, lr
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
-    text_encoder, tokenizer = frozen_text_encoder(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text_encoder, tokenizer = frozen_text_encoder(ENCODER_SEED)
+    unet = UNet2DConditionModel(**UNET_CONFIG) if init is None else UNet2DConditionModel.from_pretrained(init, subfolder="unet")
     scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
@@ -175,7 +177,8 @@ def train_sd(out: str, vae_dir: str, steps: int = 3600, batch_size: int = 64, lr
     print(f"saved the SD teacher (EMA UNet) to {out} after {seconds:.0f} s of training")
 
 
-def train_sd3(out: str, vae_dir: str, steps: int = 2400, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, log_every: int = 200) -> None:
+def train_sd3(out: str, vae_dir: str, steps: int = 2400, batch_size: int = 32, lr: float = 4e-4, seed: int = 0, log_every: int = 200,
+              init: str | None = None) -> None:
     """The flow teacher: a :class:`~diffusers.StableDiffusion3Pipeline`, rectified-flow velocity prediction with
     logit-normal times shifted by ``SD3_SHIFT`` (Esser et al. 2024, as diffusers' SD3 training scripts draw them), its
     three text encoders tiny and frozen at random (two CLIP, one T5: 77 + 256 text tokens, the pipeline's defaults),
@@ -191,10 +194,10 @@ def train_sd3(out: str, vae_dir: str, steps: int = 2400, batch_size: int = 32, l
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     raw = encode_latents(vae, text_halves(DEFAULT_SIZE)[0][0]) / vae.config.scaling_factor
     vae.register_to_config(shift_factor=float(raw.mean()), scaling_factor=float(1.0 / raw.std()))
-    (clip_1, tokenizer), (clip_2, _) = frozen_text_encoder(seed, projection=True), frozen_text_encoder(seed + 1, projection=True)
-    torch.manual_seed(seed + 2)
+    (clip_1, tokenizer), (clip_2, _) = frozen_text_encoder(ENCODER_SEED, projection=True), frozen_text_encoder(ENCODER_SEED + 1, projection=True)
+    torch.manual_seed(ENCODER_SEED + 2)
     t5 = _t5_encoder(d_model=SD3_CONFIG["joint_attention_dim"]).eval().requires_grad_(False)
-    transformer = SD3Transformer2DModel(**SD3_CONFIG)
+    transformer = SD3Transformer2DModel(**SD3_CONFIG) if init is None else SD3Transformer2DModel.from_pretrained(init, subfolder="transformer")
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT), vae=vae,
                                     text_encoder=clip_1, tokenizer=tokenizer, text_encoder_2=clip_2, tokenizer_2=tokenizer,
                                     text_encoder_3=t5, tokenizer_3=t5_tokenizer())
@@ -229,6 +232,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: vae 600, sd 3600, sd3 2400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per core)")
+    parser.add_argument("--init", help="sd, sd3: continue from the denoiser of this saved teacher (a second stage with --steps more updates)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     steps = {} if args.steps is None else {"steps": args.steps}
@@ -237,7 +241,7 @@ def main(argv=None) -> None:
     elif not args.vae:
         parser.error(f"{args.what} needs --vae VAE_DIR (train one with: vae --out VAE_DIR).")
     else:
-        (train_sd if args.what == "sd" else train_sd3)(args.out, args.vae, seed=args.seed, **steps)
+        (train_sd if args.what == "sd" else train_sd3)(args.out, args.vae, seed=args.seed, init=args.init, **steps)
 
 
 if __name__ == "__main__":

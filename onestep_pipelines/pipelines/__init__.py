@@ -42,15 +42,20 @@ def __getattr__(name: str):
     return value
 
 
-def student_pipeline(teacher, denoiser, scheduler):
+def student_pipeline(teacher, denoiser=None, scheduler=None):
     """The few-step pipeline of ``teacher``'s architecture holding the teacher's components, with ``denoiser`` and
-    ``scheduler`` in place of its own. Options of the class that are not components keep the teacher's recorded values
+    ``scheduler`` in place of its own (None: the teacher's; a LoRA student then loads on it with
+    :func:`~onestep_pipelines.students.load_student_lora`). Options of the class that are not components keep the teacher's recorded values
     instead of the class defaults (SD's ``requires_safety_checker``, SDXL's ``force_zeros_for_empty_prompt``): a
     student of a teacher without a safety checker records ``requires_safety_checker`` as the teacher did (False), so
     loading it does not warn about the missing checker. Guidance is the student's own (its metadata), not copied."""
     architecture = architecture_of(teacher)
     cls = DigitsPipeline if architecture == "digits" else __getattr__(PIPELINE_NAMES[architecture])
-    components = {**teacher.components, cls._denoiser: denoiser, "scheduler": scheduler}
+    components = {**teacher.components}
+    if denoiser is not None:
+        components[cls._denoiser] = denoiser
+    if scheduler is not None:
+        components["scheduler"] = scheduler
     own = {"self", "student", "default_guidance_scale"}  # the student's metadata and the digits pipeline's guidance
     options = {
         name: teacher.config[name]
