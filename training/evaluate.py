@@ -28,7 +28,7 @@ def pick_device(choice: str = "auto") -> torch.device:
 
 def _is_digits_folder(folder: str) -> bool:
     with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-        return json.load(f).get("_class_name") == "DigitsPipeline"
+        return "DigitsPipeline" in json.dumps(json.load(f).get("_class_name"))  # (a name, or [module, name] with pipeline.py)
 
 
 def _lora_metadata(folder: str):
