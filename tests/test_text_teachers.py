@@ -184,3 +184,27 @@ def _start():
     pipe = DiffusionPipeline.from_pretrained(teacher_folder("text-digits-sd"))
     pipe.set_progress_bar_config(disable=True)
     return student_pipeline(pipe, scheduler=ConsistencyScheduler.from_config(pipe.scheduler.config, timestep_preset="trailing", gamma=1.0))
+
+
+def test_the_training_command_writes_loadable_teachers(tmp_path):
+    """``train_text_digits vae / sd / sd3`` (two updates each, and a second stage with --init) write pipelines of the
+    shipped classes that sample at 32 px."""
+    from onestep_pipelines.benchmark.train_text_digits import main
+
+    threads = torch.get_num_threads()  # (main sets the process's thread count)
+    try:
+        _train_all(main, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_all(main, tmp_path):
+    main(["vae", "--out", str(tmp_path / "vae"), "--steps", "2", "--threads", "1"])
+    for what in ("sd", "sd3"):
+        main([what, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / what), "--steps", "2", "--threads", "1"])
+        main([what, "--vae", str(tmp_path / "vae"), "--init", str(tmp_path / what), "--out", str(tmp_path / f"{what}-2"), "--steps", "1", "--threads", "1"])
+        pipe = DiffusionPipeline.from_pretrained(str(tmp_path / f"{what}-2"))
+        assert type(pipe) is CLASSES[f"text-digits-{what}"]
+        assert pipe("digit 7", num_inference_steps=1, output_type="pt").images.shape == (1, 3, 32, 32)
+    with pytest.raises(SystemExit):
+        main(["sd", "--out", str(tmp_path / "x")])  # no --vae
