@@ -214,10 +214,7 @@ class DistillConfig:
     # ------------------------------------------------------------------------------------------ file system
     @property
     def digits_teacher(self) -> bool:
-        if self.teacher == "digits":
-            return True
-        index = os.path.join(self.teacher, "model_index.json")
-        return os.path.isfile(index) and "DigitsPipeline" in json.dumps(_read_json(index, "--teacher").get("_class_name"))
+        return self.teacher == "digits" or is_digits_pipeline(self.teacher, "--teacher")
 
     def check_paths(self, teacher: bool = True) -> None:
         """Refuse, with the flag's name, anything on disk that would stop the run later (nothing is written);
@@ -351,6 +348,13 @@ def _is_vp_config(config: dict) -> bool:
     if "time_type" in config:
         return config["time_type"] == "vp"
     return any(k in config for k in ("beta_schedule", "trained_betas")) and config.get("prediction_type") != "trigflow"
+
+
+def is_digits_pipeline(folder: str, what: str) -> bool:
+    """Whether ``folder`` is a digits pipeline folder: its ``model_index.json`` names ``DigitsPipeline`` (bare, or as
+    ``[module, name]`` with a ``pipeline.py``); ``what`` names the folder in a read error."""
+    index = os.path.join(folder, "model_index.json")
+    return os.path.isfile(index) and "DigitsPipeline" in json.dumps(_read_json(index, what).get("_class_name"))
 
 
 def _read_json(path: str, what: str) -> dict:

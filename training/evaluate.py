@@ -14,6 +14,8 @@ from onestep_pipelines.benchmark.text_digits import TextDigitsMetric, score_text
 from onestep_pipelines.hub import DIFFUSERS_WEIGHT_NAME
 from onestep_pipelines.pipelines.loading import write_atomically
 
+from .config import is_digits_pipeline
+
 
 def pick_device(choice: str = "auto") -> torch.device:
     """``auto``: CUDA, else MPS, else the CPU."""
@@ -24,11 +26,6 @@ def pick_device(choice: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def _is_digits_folder(folder: str) -> bool:
-    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-        return "DigitsPipeline" in json.dumps(json.load(f).get("_class_name"))  # (a name, or [module, name] with pipeline.py)
 
 
 def _lora_metadata(folder: str):
@@ -54,7 +51,7 @@ def load_student(folder: str):
     from onestep_pipelines.students import load_student_lora
 
     if os.path.isfile(os.path.join(folder, "model_index.json")):
-        if _is_digits_folder(folder):
+        if is_digits_pipeline(folder, folder):
             return load_digits_pipeline(folder), "digits"
         pipe = DiffusionPipeline.from_pretrained(folder)
         metadata = getattr(pipe, "student", None)
