@@ -202,14 +202,10 @@ def read_safetensors(path: str, what: str) -> tuple[dict, dict]:
 
 
 def read_lora(path: str) -> tuple[dict, StudentMetadata | None, dict]:
-    from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
+    from onestep_pipelines.metadata import metadata_from_header
 
     tensors, header = read_safetensors(path, "lora_name")
-    try:
-        metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
-    except ValueError as error:
-        raise ValueError(f"lora_name {os.path.basename(path)}: its onestep sampling metadata is invalid ({error}).") from None
-    return tensors, metadata, header
+    return tensors, metadata_from_header(header, f"lora_name {os.path.basename(path)}"), header
 
 
 def model_architecture(model) -> str | None:

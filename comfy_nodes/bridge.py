@@ -49,12 +49,12 @@ def with_lora(teacher, lora: str, strength: float = 1.0, label: str = "the stude
     """``teacher`` (a stock or few-step pipeline) as the few-step pipeline of its architecture with the LoRA student
     file ``lora`` applied at ``strength`` (:func:`~onestep_pipelines.students.load_student_lora`: scheduler, steps and
     guidance from the file's metadata). Errors name the ``lora`` input and the file."""
-    from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
+    from onestep_pipelines.metadata import read_student_metadata
     from onestep_pipelines.pipelines import architecture_of, student_pipeline
     from onestep_pipelines.students import load_student_lora
 
     file = os.path.basename(lora)
-    header = _lora_header(lora)
+    metadata, _ = read_student_metadata(lora, "lora")
     denoiser = next((teacher.components[n] for n in ("unet", "transformer") if teacher.components.get(n) is not None), None)
     try:
         architecture = architecture_of(teacher)
@@ -63,10 +63,6 @@ def with_lora(teacher, lora: str, strength: float = 1.0, label: str = "the stude
     if denoiser is None or architecture is None:
         raise ValueError(f"lora {file}: student {label} ({type(teacher).__name__}) has no SD / SDXL UNet, SD3, Flux or digits "
                          "denoiser to apply a LoRA student to; set lora to none.")
-    try:
-        metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
-    except ValueError as error:
-        raise ValueError(f"lora {file}: its onestep sampling metadata is invalid ({error}).") from None
     if metadata is not None and metadata.architecture != architecture:
         raise ValueError(f"lora {file} is a LoRA for {metadata.architecture!r} models; student {label} is {architecture!r}: "
                          "pick a LoRA trained on this student's base model.")
@@ -82,20 +78,6 @@ def with_lora(teacher, lora: str, strength: float = 1.0, label: str = "the stude
             reason = f"{head} Unmatched: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}; a LoRA of another base model? Pick one trained on {label}."
         raise ValueError(f"lora {file}: {reason}") from None
     return pipe
-
-
-def _lora_header(path: str) -> dict:
-    """The safetensors header of a LoRA file (an error naming the ``lora`` input and the file when it is unreadable)."""
-    from safetensors import safe_open
-
-    file = os.path.basename(path)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"lora {file}: only .safetensors LoRA files load here (pickle files can run code); convert it or pick another.")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as error:  # safetensors raises its own SafetensorError for damaged files
-        raise ValueError(f"lora {file}: not a readable safetensors file ({error}); download or copy it again.") from None
 
 
 def _check_components(path: str, label: str) -> None:

@@ -118,3 +118,32 @@ class StudentMetadata:
         except json.JSONDecodeError as error:
             raise ValueError(f"student metadata is not valid JSON: {error}") from None
         return cls.from_dict(data)
+
+
+def metadata_from_header(header: dict, source: str) -> StudentMetadata | None:
+    """The :class:`StudentMetadata` in a LoRA file's safetensors ``header`` (``None`` when it has none); an invalid
+    record raises an error naming ``source`` (the input and the file)."""
+    if METADATA_KEY not in header:
+        return None
+    try:
+        return StudentMetadata.from_json(header[METADATA_KEY])
+    except ValueError as error:
+        raise ValueError(f"{source}: its onestep sampling metadata is invalid ({error}).") from None
+
+
+def read_student_metadata(path: str, what: str = "LoRA") -> tuple[StudentMetadata | None, dict]:
+    """``(metadata or None, header)`` of a LoRA student's ``.safetensors`` file, read from the header alone. Errors
+    name ``what`` (the input the file came from) and the file: not safetensors, unreadable, invalid metadata."""
+    import os
+
+    from safetensors import safe_open
+
+    source = f"{what} {os.path.basename(path)}"
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{source}: only .safetensors LoRA files load here (pickle files can run code); convert it or pick another.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = dict(f.metadata() or {})
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged files
+        raise ValueError(f"{source}: not a readable safetensors file ({error}); download or copy it again.") from None
+    return metadata_from_header(header, source), header

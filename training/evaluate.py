@@ -29,15 +29,12 @@ def pick_device(choice: str = "auto") -> torch.device:
 
 
 def _lora_metadata(folder: str):
-    from safetensors import safe_open
+    from onestep_pipelines.metadata import read_student_metadata
 
-    from onestep_pipelines.metadata import METADATA_KEY, StudentMetadata
-
-    with safe_open(os.path.join(folder, DIFFUSERS_WEIGHT_NAME), framework="pt") as f:
-        header = f.metadata() or {}
-    if METADATA_KEY not in header:
+    metadata, _ = read_student_metadata(os.path.join(folder, DIFFUSERS_WEIGHT_NAME), "student")
+    if metadata is None:
         raise ValueError(f"{folder}: the LoRA records no sampling metadata; evaluate a student written by onestep-train.")
-    return StudentMetadata.from_json(header[METADATA_KEY])
+    return metadata
 
 
 def load_student(folder: str):
