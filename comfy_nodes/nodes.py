@@ -12,7 +12,7 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from onestep_pipelines.benchmark import TEXT_TEACHERS  # names and folders only: the package's __init__ imports nothing heavy
+from onestep_pipelines.benchmark import TEXT_STUDENT_LORAS, TEXT_TEACHERS  # names and folders only: the package's __init__ imports nothing heavy
 from onestep_pipelines.sampling import PRESETS, parse_timesteps
 
 from .errors import fail
@@ -187,6 +187,11 @@ def _diffusers_folders() -> list[str]:
     return found + [name for name, path in TEXT_TEACHERS.items() if name not in found and os.path.isfile(os.path.join(path, "model_index.json"))]
 
 
+def _shipped_loras() -> list[str]:
+    """The LoRA students shipped with the package (by name) that this install holds."""
+    return [name for name, path in TEXT_STUDENT_LORAS.items() if os.path.isfile(path)]
+
+
 class DiffusersStudent(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -209,9 +214,9 @@ class DiffusersStudent(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Int.Input("substeps", default=0, min=0, max=4096, optional=True,
                              tooltip="pi-Flow policy students: Euler substeps of the policy per step (0 = recorded); no extra model calls."),
-                io.Combo.Input("lora", options=["none", *folder_paths.get_filename_list("loras")], default="none", optional=True,
-                               tooltip="A LoRA student (models/loras) of the student above, which is then its teacher: loaded as the few-step "
-                                       "pipeline with the LoRA's scheduler, steps and guidance."),
+                io.Combo.Input("lora", options=["none", *_shipped_loras(), *folder_paths.get_filename_list("loras")], default="none", optional=True,
+                               tooltip="A LoRA student (models/loras, or text-digits-sd-lcm-lora shipped for text-digits-sd) of the student above, "
+                                       "which is then its teacher: loaded as the few-step pipeline with the LoRA's scheduler, steps and guidance."),
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True,
                                tooltip="Scale of the LoRA (1 = as trained); unused without a lora."),
             ],
@@ -227,7 +232,7 @@ class DiffusersStudent(io.ComfyNode):
         from . import bridge
 
         try:
-            lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
+            lora_path = None if lora in (None, "", "none") else TEXT_STUDENT_LORAS.get(lora) or folder_paths.get_full_path_or_raise("loras", lora)
             pipe = bridge.load_pipeline(_folder(student), comfy.model_management.get_torch_device(), lora=lora_path,
                                         lora_strength=1.0 if lora_strength is None else lora_strength, name=student)
         except ValueError as error:

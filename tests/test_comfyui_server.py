@@ -25,7 +25,8 @@ WORKFLOWS = os.path.join(REPO, "comfy_nodes", "example_workflows")
 SEED, SIZE = 7, 64  # 64 px = an 8x8 latent
 SD15_LATENT_SCALE = 0.18215  # ComfyUI returns latents divided by the SD 1.5 latent format's scale (process_latent_out)
 TEXT_PROMPT = "a handwritten digit seven"
-TEXT_LORA = "text_digits_dmd2_comfyui.safetensors"  # the file name the text_digits_lora_student example workflow uses
+TEXT_LORA = "text_digits_dmd2_comfyui.safetensors"  # a random LoRA student of text-digits-sd (the shipped, trained one: SHIPPED_LORA)
+SHIPPED_LORA = "text-digits-sd-lcm-lora"
 # A test-only node: an IMAGE as a LATENT, so that SaveLatent writes it exactly (SaveImage's PNG keeps 8 bits)
 IMAGE_PROBE = """class ImageAsLatent:
     RETURN_TYPES = ("LATENT",)
@@ -621,6 +622,38 @@ def test_a_lora_student_of_a_shipped_teacher_through_the_bridge_equals_its_pipel
         images = pipe(prompt=TEXT_PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt").images
     expected = images.float().clamp(0, 1).permute(0, 2, 3, 1)
     torch.testing.assert_close(server.latent(entry, "3"), expected, rtol=0, atol=1e-4)
+
+
+def test_the_shipped_trained_lora_student_draws_the_prompted_digit_as_in_diffusers(comfy):
+    """The shipped, trained LoRA student (4-step consistency of text-digits-sd, offered by name): the bridge's IMAGE
+    equals diffusers' own ``load_lora_weights`` on the stock teacher with the scheduler the LoRA records within 1e-4,
+    and the images are the digit the prompt names (the benchmark's classifier)."""
+    from diffusers import DiffusionPipeline
+
+    from onestep_pipelines.benchmark import TEXT_STUDENT_LORAS
+    from onestep_pipelines.benchmark.text_digits import TextDigitsMetric
+    from onestep_pipelines.metadata import read_student_metadata
+
+    if comfy["text_teacher"] is None:
+        pytest.skip(NO_TEXT_TEACHER)
+    server = comfy["server"]
+    assert SHIPPED_LORA in json.dumps(server.get("/object_info/OneStepDiffusersStudent"))
+    entry = server.run({"1": _text_student(lora=SHIPPED_LORA, batch_size=8),
+                        "2": {"class_type": "TestImageAsLatent", "inputs": {"images": ["1", 0]}},
+                        "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "text_shipped"}}})
+    assert execution_error(entry) is None, execution_error(entry)
+    comfy_images = server.latent(entry, "3")
+    metadata, _ = read_student_metadata(TEXT_STUDENT_LORAS[SHIPPED_LORA])
+    stock = DiffusionPipeline.from_pretrained(comfy["text_teacher"])
+    stock.load_lora_weights(os.path.dirname(TEXT_STUDENT_LORAS[SHIPPED_LORA]))  # diffusers' own loader
+    stock.scheduler = metadata.make_scheduler()
+    assert metadata.num_inference_steps == 4 and metadata.guidance_baked
+    with torch.no_grad():
+        images = stock(prompt=TEXT_PROMPT, num_inference_steps=4, guidance_scale=1.0, num_images_per_prompt=8,
+                       generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt").images
+    torch.testing.assert_close(comfy_images, images.float().clamp(0, 1).permute(0, 2, 3, 1), rtol=0, atol=1e-4)
+    score = TextDigitsMetric().score_images(comfy_images.permute(0, 3, 1, 2) * 2 - 1, [TEXT_PROMPT] * 8)
+    assert score.acc >= 7 / 8, score
 
 
 def test_a_bad_lora_for_the_bridge_gives_a_node_error_and_the_server_keeps_serving(comfy):

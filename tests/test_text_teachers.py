@@ -11,7 +11,8 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusi
 from peft import LoraConfig
 
 from onestep_pipelines import StudentMetadata, load_student_lora, save_student_lora
-from onestep_pipelines.benchmark import TEXT_TEACHERS, teacher_folder
+from onestep_pipelines.metadata import read_student_metadata
+from onestep_pipelines.benchmark import TEXT_STUDENT_LORAS, TEXT_TEACHERS, teacher_folder
 from onestep_pipelines.benchmark.text_digits import CAPTIONS, TEACHER_SETTINGS, TextDigitsMetric, caption, score_text_digits
 from onestep_pipelines.pipelines import student_pipeline
 from onestep_pipelines.schedulers import ConsistencyScheduler
@@ -47,11 +48,19 @@ def test_the_frozen_text_encoders_tell_every_caption_apart(teacher):
     assert distances.min() > 1e-2 * flat.norm(dim=1).mean()
 
 
+_BEST = {}
+
+
+def _best_row(name: str, pipe) -> dict:
+    """The teacher's score on 200 of the 898 benchmark samples at its best setting (README: every setting on all 898)."""
+    if name not in _BEST:
+        steps, guidance = TEACHER_SETTINGS[name]
+        (_BEST[name],), _ = score_text_digits(pipe, [steps], TextDigitsMetric(), num_samples=200, guidance_scale=guidance)
+    return _BEST[name]
+
+
 def test_the_teacher_draws_the_digit_its_prompt_names(teacher):
-    """200 of the 898 benchmark samples at the teacher's best setting (README: every setting on all 898)."""
-    name, pipe = teacher
-    steps, guidance = TEACHER_SETTINGS[name]
-    (row,), _ = score_text_digits(pipe, [steps], TextDigitsMetric(), num_samples=200, guidance_scale=guidance)
+    row = _best_row(*teacher)
     assert row["accuracy"] >= 0.9, row
 
 
@@ -103,6 +112,21 @@ def sd_teacher():
     pipe = DiffusionPipeline.from_pretrained(teacher_folder("text-digits-sd"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_the_shipped_lora_student_meets_the_goal_through_diffusers_own_loader(sd_teacher):
+    """The shipped, trained LoRA student (4-step consistency, guidance 2 baked in) in diffusers' stock
+    ``load_lora_weights`` on the stock teacher, with the scheduler its metadata records, at guidance 1: FD within 1.5x
+    and prompt accuracy within 0.95x of the teacher's best (200 samples; README's row is all 898)."""
+    path = TEXT_STUDENT_LORAS["text-digits-sd-lcm-lora"]
+    metadata, _ = read_student_metadata(path)
+    stock = copy.deepcopy(sd_teacher)
+    stock.load_lora_weights(os.path.dirname(path))
+    stock.scheduler = metadata.make_scheduler()
+    (row,), _ = score_text_digits(stock, [metadata.num_inference_steps], TextDigitsMetric(), num_samples=200, guidance_scale=1.0)
+    best = _best_row("text-digits-sd", sd_teacher)
+    assert metadata.num_inference_steps == 4 and metadata.guidance_baked and metadata.base_model == "text-digits-sd"
+    assert row["FD-digits"] <= 1.5 * best["FD-digits"] and row["accuracy"] >= 0.95 * best["accuracy"], (row, best)
 
 
 def test_guidance_baked_students_sample_without_cfg_unless_asked(sd_teacher, tmp_path, caplog):

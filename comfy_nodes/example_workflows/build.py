@@ -114,11 +114,12 @@ def diffusers_student() -> dict:
 
 
 def text_digits_lora_student() -> dict:
-    """A LoRA student (models/loras) of the shipped text-to-image teacher text-digits-sd, applied to it by the diffusers
-    bridge (ComfyUI cannot detect UNets this small), sampling with the scheduler, steps and guidance the LoRA records."""
+    """The shipped LoRA student text-digits-sd-lcm-lora (4-step consistency) on the shipped text-to-image teacher
+    text-digits-sd, applied by the diffusers bridge (ComfyUI cannot detect UNets this small), sampling with the scheduler,
+    steps and guidance the LoRA records: runs with nothing downloaded."""
     g = Graph()
     image = g.node("OneStepDiffusersStudent", student="text-digits-sd", prompt="a handwritten digit seven", class_labels="", seed=0,
-                   steps=0, guidance=-1.0, width=0, height=0, batch_size=4, substeps=0, lora="text_digits_dmd2_comfyui.safetensors",
+                   steps=0, guidance=-1.0, width=0, height=0, batch_size=4, substeps=0, lora="text-digits-sd-lcm-lora",
                    lora_strength=1.0)
     g.node("SaveImage", images=image[0], filename_prefix="onestep_text_digits")
     return g.nodes

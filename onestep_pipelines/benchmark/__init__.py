@@ -9,6 +9,11 @@ TEXT_TEACHERS = {
     "text-digits-sd": os.path.join(ASSETS_DIR, "text_digits", "sd"),
     "text-digits-sd3": os.path.join(ASSETS_DIR, "text_digits", "sd3"),
 }
+# A trained LoRA student shipped with them, by the name ComfyUI's Diffusers Student node offers: text-digits-sd
+# distilled by 4-step consistency, LoRA rank 16 (README's row; docs/methods.md "Text-to-image students" has the command).
+TEXT_STUDENT_LORAS = {
+    "text-digits-sd-lcm-lora": os.path.join(ASSETS_DIR, "text_digits", "sd_lcm_lora", "pytorch_lora_weights.safetensors"),
+}
 
 
 def teacher_folder(source: str) -> str:
