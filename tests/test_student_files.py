@@ -259,6 +259,9 @@ def test_digits_cards_are_class_conditional_and_local_teachers_are_named_not_lin
     sd = write_model_card(tmp_path / "full", StudentMetadata.from_scheduler(TDMScheduler(), method="tdm", architecture="sd", base_model="my-sd"), "full")
     assert sd.data.to_dict()["pipeline_tag"] == "text-to-image" and "class-conditional" not in sd.data.to_dict()["tags"]
     assert sd.data.to_dict().get("base_model") is None and "a local teacher, `my-sd`" in sd.text
+    text = write_model_card(tmp_path / "full", StudentMetadata.from_scheduler(TDMScheduler(), method="tdm", architecture="sd", base_model="text-digits-sd"), "full")
+    assert text.data.to_dict().get("base_model") is None and "shipped with onestep-pipelines" in text.text and "local teacher" not in text.text
+    assert '"a handwritten digit seven"' in text.text
 
 
 def test_push_student_then_load_from_the_hub(hub, tmp_path, caplog):

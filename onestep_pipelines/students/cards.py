@@ -8,6 +8,7 @@ import shutil
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..benchmark import TEXT_TEACHERS
 from ..pipelines import PIPELINE_NAMES
 from ..pipelines.loading import INSTALL_COMMAND, REPOSITORY_URL, write_atomically
 from ..metadata import StudentMetadata
@@ -146,8 +147,9 @@ def write_model_card(
             grid.save(os.path.join(folder, grid_name))
     digits = m.architecture == "digits"
     shipped = digits and m.base_model in (None, "digits")
-    on_hub = m.base_model is not None and not shipped and _looks_like_hub_id(m.base_model)
-    local = m.base_model is not None and not shipped and not on_hub  # a teacher folder that is not on the Hub
+    shipped_text = m.base_model in TEXT_TEACHERS  # a text-to-image digits teacher shipped with the package, by name
+    on_hub = m.base_model is not None and not shipped and not shipped_text and _looks_like_hub_id(m.base_model)
+    local = m.base_model is not None and not shipped and not shipped_text and not on_hub  # a teacher folder that is not on the Hub
     card_data = ModelCardData(
         library_name="diffusers",
         # the Hub has no class-conditional task: class-conditional models (DiT / SiT / MAR on ImageNet) are filed under
@@ -162,6 +164,8 @@ def write_model_card(
     base = _local_name(m.base_model) if local else m.base_model
     if shipped:
         base_ref = "the onestep-pipelines digits teacher (shipped with the package: `onestep_pipelines.load_digits_teacher()`)"
+    elif shipped_text:
+        base_ref = f"`{m.base_model}`, a text-to-image digits teacher shipped with onestep-pipelines (`teacher_folder(\"{m.base_model}\")`)"
     elif on_hub:
         base_ref = f"[{m.base_model}](https://huggingface.co/{m.base_model})"
     elif local:
@@ -180,12 +184,16 @@ def write_model_card(
         method=m.method,
         papers=_papers(m.method),
         base_ref=base_ref,
-        base_model_name=m.base_model if on_hub else f"local teacher `{base}`" if local else ("the digits teacher" if digits else "the base model"),
+        base_model_name=m.base_model if on_hub else f"local teacher `{base}`" if local else f"the shipped teacher `{m.base_model}`" if shipped_text
+        else ("the digits teacher" if digits else "the base model"),
         load_base=(
             "from onestep_pipelines import load_digits_teacher, load_student_lora\n\npipe = load_digits_teacher()"
             if shipped
             else f'from onestep_pipelines import DigitsPipeline, load_student_lora\n\npipe = DigitsPipeline.from_pretrained("{base}"){base_comment}'
             if digits
+            else f"import torch\nfrom onestep_pipelines import {pipeline_class}, load_student_lora\nfrom onestep_pipelines.benchmark import teacher_folder\n\n"
+            f'{device}pipe = {pipeline_class}.from_pretrained(teacher_folder("{m.base_model}"), {dtype}).to(device)'
+            if shipped_text
             else f"import torch\nfrom onestep_pipelines import {pipeline_class}, load_student_lora\n\n{device}"
             f'pipe = {pipeline_class}.from_pretrained("{base or "<base model id>"}", {dtype}).to(device){base_comment}'
         ),
@@ -197,7 +205,7 @@ def write_model_card(
         load_args="" if digits else f", {dtype}).to(device",
         repo_id=repo_id,
         pipeline_class=pipeline_class,
-        call_args='class_labels=["seven", 3]' if digits else '"a photo of a red fox in the snow"',
+        call_args='class_labels=["seven", 3]' if digits else '"a handwritten digit seven"' if shipped_text else '"a photo of a red fox in the snow"',
         num_inference_steps=m.num_inference_steps,
         recommended_steps=", ".join(str(n) for n in m.recommended_steps),
         timesteps=m.timesteps if m.timesteps is not None else "resolution-dependent",
