@@ -1,6 +1,6 @@
 """Quality of the shipped text-to-image digits teachers (steps x guidance) and of their students.
 
-    python benchmarks/text_quality.py                        # every teacher: 8, 16, 32 steps x guidance 1, 2, 3, 5, 7.5
+    python benchmarks/text_quality.py                        # every teacher: 8, 16, 32 steps x guidance 1, 1.5, 2, 3, 5, 7.5
     python benchmarks/text_quality.py --quick                # every teacher at 8 steps and its best guidance (< 5 min on 2 cores)
     python benchmarks/text_quality.py --student dmd2=runs/dmd2/lora --student runs/tdm
 
@@ -23,7 +23,7 @@ from onestep_pipelines.benchmark import TEXT_TEACHERS, teacher_folder
 from onestep_pipelines.benchmark.text_digits import TEACHER_SETTINGS, TextDigitsMetric, score_text_digits
 
 STEPS = (8, 16, 32)
-GUIDANCE = (1.0, 2.0, 3.0, 5.0, 7.5)  # 7.5: the SD pipelines' default
+GUIDANCE = (1.0, 1.5, 2.0, 3.0, 5.0, 7.5)  # 7.5: the SD pipelines' default
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

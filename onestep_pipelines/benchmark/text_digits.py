@@ -33,8 +33,8 @@ CAPTIONS = (
 DIGIT_SIZE = 8
 DEFAULT_SIZE = 32
 # Each shipped teacher's best setting on this benchmark, (steps, guidance scale) with its own scheduler, measured by
-# benchmarks/text_quality.py over 8 / 16 / 32 steps x guidance 1 / 2 / 3 / 5 / 7.5 (README, docs/benchmarks.md).
-TEACHER_SETTINGS = {"text-digits-sd": (16, 2.0), "text-digits-sd3": (16, 3.0)}
+# benchmarks/text_quality.py over 8 / 16 / 32 steps x guidance 1 / 1.5 / 2 / 3 / 5 / 7.5 (README, docs/benchmarks.md).
+TEACHER_SETTINGS = {"text-digits-sd": (16, 2.0), "text-digits-sd3": (32, 1.5)}
 
 
 def caption(label: int, index: int) -> str:
