@@ -197,6 +197,29 @@ def test_the_consistency_loss_falls_on_the_learned_sd_teacher(tmp_path):
     assert sum(losses[-2:]) < sum(losses[:2]), losses
 
 
+@pytest.mark.slow
+def test_a_few_meanflow_updates_on_the_learned_sd3_teacher_beat_the_one_step_start(tmp_path):
+    """The flow teacher: a MeanFlow student of text-digits-sd3 (guidance 1.5 baked in), 60 updates of 16 on captioned
+    half A, loaded back with ``DiffusionPipeline.from_pretrained``, samples better in one step than its start (the
+    teacher's one Euler step: the student starts as the teacher, ``u(z, r, t) = v(z, t)``); 300 samples each."""
+    import onestep_pipelines  # noqa: F401  (DiffusionPipeline finds the student's classes)
+    from onestep_pipelines.schedulers import FlowMapScheduler
+    from onestep_pipelines.training.config import DistillConfig
+    from onestep_pipelines.training.trainer import distill
+
+    _prompts(tmp_path)
+    distill(DistillConfig(method="meanflow", teacher="text-digits-sd3", data=str(tmp_path / "data"), guidance_scale=1.5, learning_rate=2e-4,
+                          target_ema=0.99, endpoint_fraction=0.5, max_train_steps=60, batch_size=16, evaluate=False,
+                          output_dir=str(tmp_path / "run"), preview_every=0, checkpoint_every=1000, cpu_threads=2))
+    student = DiffusionPipeline.from_pretrained(str(tmp_path / "run" / "student"))
+    teacher = DiffusionPipeline.from_pretrained(teacher_folder("text-digits-sd3"))
+    start = student_pipeline(teacher, scheduler=FlowMapScheduler.from_config(teacher.scheduler.config))
+    (after,), _ = score_text_digits(student, [1], TextDigitsMetric(), num_samples=300)
+    (before,), _ = score_text_digits(start, [1], TextDigitsMetric(), num_samples=300, guidance_scale=1.0)
+    assert type(student.scheduler).__name__ == "FlowMapScheduler" and student.student.guidance_baked
+    assert after["FD-digits"] < before["FD-digits"], (after, before)
+
+
 def _prompts(tmp_path) -> str:
     from onestep_pipelines.benchmark.text_digits import write_captioned_folder
 
