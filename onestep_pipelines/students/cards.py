@@ -163,16 +163,20 @@ def write_model_card(
         card_data.base_model_relation = "adapter" if kind == "lora" else "finetune"
     base = _local_name(m.base_model) if local else m.base_model
     if shipped:
-        base_ref = "the onestep-pipelines digits teacher (shipped with the package: `onestep_pipelines.load_digits_teacher()`)"
+        base_ref, base_name = "the onestep-pipelines digits teacher (shipped with the package: `onestep_pipelines.load_digits_teacher()`)", "the digits teacher"
     elif shipped_text:
         base_ref = f"`{m.base_model}`, a text-to-image digits teacher shipped with onestep-pipelines (`teacher_folder(\"{m.base_model}\")`)"
+        base_name = f"the shipped teacher `{m.base_model}`"
     elif on_hub:
-        base_ref = f"[{m.base_model}](https://huggingface.co/{m.base_model})"
+        base_ref, base_name = f"[{m.base_model}](https://huggingface.co/{m.base_model})", m.base_model
     elif local:
         base_ref = f"a local teacher, `{base}` (a pipeline folder on the machine it was distilled on, not on the Hub)"
+        base_name = f"local teacher `{base}`"
     else:
-        base_ref = "its base model"
+        base_ref, base_name = "its base model", "the digits teacher" if digits else "the base model"
     base_comment = "  # the local teacher's folder" if local else ""
+    teacher_import = "from onestep_pipelines.benchmark import teacher_folder\n" if shipped_text else ""
+    source = f'teacher_folder("{m.base_model}")' if shipped_text else f'"{base or "<base model id>"}"'
     pipeline_class = PIPELINE_NAMES[m.architecture]
     device = 'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
     dtype = "torch_dtype=torch.float16 if device == \"cuda\" else torch.float32"
@@ -184,18 +188,14 @@ def write_model_card(
         method=m.method,
         papers=_papers(m.method),
         base_ref=base_ref,
-        base_model_name=m.base_model if on_hub else f"local teacher `{base}`" if local else f"the shipped teacher `{m.base_model}`" if shipped_text
-        else ("the digits teacher" if digits else "the base model"),
+        base_model_name=base_name,
         load_base=(
             "from onestep_pipelines import load_digits_teacher, load_student_lora\n\npipe = load_digits_teacher()"
             if shipped
             else f'from onestep_pipelines import DigitsPipeline, load_student_lora\n\npipe = DigitsPipeline.from_pretrained("{base}"){base_comment}'
             if digits
-            else f"import torch\nfrom onestep_pipelines import {pipeline_class}, load_student_lora\nfrom onestep_pipelines.benchmark import teacher_folder\n\n"
-            f'{device}pipe = {pipeline_class}.from_pretrained(teacher_folder("{m.base_model}"), {dtype}).to(device)'
-            if shipped_text
-            else f"import torch\nfrom onestep_pipelines import {pipeline_class}, load_student_lora\n\n{device}"
-            f'pipe = {pipeline_class}.from_pretrained("{base or "<base model id>"}", {dtype}).to(device){base_comment}'
+            else f"import torch\nfrom onestep_pipelines import {pipeline_class}, load_student_lora\n{teacher_import}\n{device}"
+            f"pipe = {pipeline_class}.from_pretrained({source}, {dtype}).to(device){base_comment}"
         ),
         repository_url=REPOSITORY_URL,
         install_command=INSTALL_COMMAND,
