@@ -1,6 +1,7 @@
 """What a diffusers user may expect of our schedulers as stand-ins for the stock ones (one test per point of the
 drop-in contract; diffusers' own test files run against them in test_diffusers_contract.py)."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -127,6 +128,54 @@ def test_flow_match_schedule_options_are_honoured(options):
     stock.set_timesteps(sigmas=sigmas, **mu)
     ours.set_timesteps(sigmas=sigmas, **mu)
     torch.testing.assert_close(ours.sigmas, stock.sigmas.float(), rtol=1e-5, atol=1e-6)
+
+
+# The schedules of the 2026 families, called as their diffusers 0.42 pipelines call them: sigmas linspace(1, 1/N, N),
+# a mu (QwenImagePipeline and ZImagePipeline: calculate_shift of the image tokens; Flux2Pipeline: compute_empirical_mu),
+# set_begin_index(0), step(velocity, t, latents). Scheduler configs as on their Hub repos (Qwen/Qwen-Image,
+# black-forest-labs/FLUX.2-dev, Tongyi-MAI/Z-Image-Turbo).
+FAMILY_SCHEDULES = {
+    "qwen-image": dict(use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                       max_image_seq_len=8192, shift_terminal=0.02),
+    "flux2": dict(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0, base_shift=0.5, max_shift=1.15,
+                  base_image_seq_len=256, max_image_seq_len=4096),
+    "z-image": dict(shift=3.0, use_dynamic_shifting=False),
+}
+
+
+def _family_mu(family: str, config, image_seq_len: int, steps: int) -> float:
+    if family == "flux2":
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        return compute_empirical_mu(image_seq_len, steps)
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    return calculate_shift(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SCHEDULES))
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_the_2026_families_schedules_equal_flow_match_euler_as_their_pipelines_call_them(family, steps):
+    stock = FlowMatchEulerDiscreteScheduler(**FAMILY_SCHEDULES[family])
+    ours = ConsistencyScheduler.from_config(stock.config, gamma=0.0)  # gamma 0: the Euler / DDIM update
+    mu = _family_mu(family, stock.config, image_seq_len=4096, steps=steps)  # 1024 px: (1024 / 16)^2 packed tokens
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    latents = {}
+    for name, scheduler in (("stock", stock), ("ours", ours)):
+        with np.errstate(divide="ignore", invalid="ignore"):  # the stock 1-step Qwen-Image schedule (below)
+            scheduler.set_timesteps(steps, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(scheduler.timesteps):
+            velocity = torch.sin(x + t / 1000) - 0.5 * x  # any smooth field, equal for both
+            x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        latents[name] = x
+    if family == "qwen-image" and steps == 1:  # shift_terminal stretches 1 - sigma by 1 / (1 - sigma_last) = 1 / 0: stock NaN
+        assert stock.sigmas[:-1].isnan().all() and latents["stock"].isnan().all()
+        assert ours.sigmas.tolist() == [1.0, 0.0] and latents["ours"].isfinite().all()  # ours: the one step from noise to data
+        return
+    torch.testing.assert_close(ours.sigmas, stock.sigmas.float(), rtol=1e-5, atol=1e-6)
+    assert (latents["ours"] - latents["stock"]).norm() <= 1e-5 * latents["stock"].norm()
 
 
 def test_mochi_inverted_sigmas_are_refused_by_name():

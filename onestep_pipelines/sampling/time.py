@@ -128,10 +128,14 @@ def dynamic_shift_sigmas(sigmas: torch.Tensor, mu: float, exponent: float = 1.0,
 
 def stretch_to_terminal(sigmas, terminal: float):
     """Stretch a shifted flow schedule so that its last sigma equals ``terminal`` (LTX-Video's ``shift_terminal``):
-    ``1 - (1 - s) (1 - terminal) / (1 - s_last)``."""
+    ``1 - (1 - s) (1 - terminal) / (1 - s_last)``. A schedule that ends at pure noise (``s_last = 1``: one step from
+    ``sigma = 1``, as a 1-step student of a Qwen-Image teacher samples) has nothing to stretch and is kept as it is,
+    where FlowMatchEulerDiscreteScheduler divides by zero and returns NaN sigmas."""
     if not 0.0 < terminal < 1.0:
         raise ValueError(f"shift_terminal must lie in (0, 1), got {terminal}.")
     one_minus = 1 - sigmas
+    if float(one_minus[-1]) == 0.0:
+        return sigmas
     return 1 - one_minus * ((1 - terminal) / one_minus[-1])
 
 
