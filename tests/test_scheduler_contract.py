@@ -178,6 +178,33 @@ def test_the_2026_families_schedules_equal_flow_match_euler_as_their_pipelines_c
     assert (latents["ours"] - latents["stock"]).norm() <= 1e-5 * latents["stock"].norm()
 
 
+@pytest.mark.parametrize("steps", [1, 4])
+def test_our_schedulers_drop_into_the_stock_qwen_image_pipeline(steps):
+    """The stock QwenImagePipeline (tiny, random, offline tokenizer) with ours in place of its FlowMatchEuler (Hub
+    config): the same images within 1e-5 with true CFG (a negative prompt, ``true_cfg_scale`` 4) and without; at one
+    step FlowMatchEuler's ``shift_terminal`` gives a NaN image and ours the one Euler step from noise."""
+    from onestep_pipelines.testing.tiny_pipelines import tiny_qwen_image_pipeline
+
+    pipe = tiny_qwen_image_pipeline()
+    stock_scheduler = pipe.scheduler
+
+    def images(**kwargs):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return pipe(prompt="a digit seven", num_inference_steps=steps, height=32, width=32, max_sequence_length=16, output_type="pt",
+                        generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    calls = [{"true_cfg_scale": 1.0}, {"negative_prompt": "blurry", "true_cfg_scale": 4.0}]
+    stock = [images(**kwargs) for kwargs in calls]
+    for ours in (ConsistencyScheduler.from_config(stock_scheduler.config, gamma=0.0), FlowMapScheduler.from_config(stock_scheduler.config)):
+        pipe.scheduler = ours
+        for kwargs, expected in zip(calls, stock):
+            image = images(**kwargs)
+            if steps == 1:
+                assert expected.isnan().all() and image.isfinite().all(), type(ours).__name__
+            else:
+                assert (image - expected).norm() <= 1e-5 * expected.norm(), (type(ours).__name__, kwargs)
+
+
 def test_mochi_inverted_sigmas_are_refused_by_name():
     with pytest.raises(ValueError, match="invert_sigmas=True"):
         ConsistencyScheduler.from_config(FlowMatchEulerDiscreteScheduler(invert_sigmas=True).config)

@@ -234,6 +234,50 @@ def tiny_flux_pipeline(seed: int = 0):
     return _eval(pipe)
 
 
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def qwen2_tokenizer():
+    """A Qwen2 byte-level BPE tokenizer of single bytes (no merges) with the chat special tokens, written offline: every
+    text encodes (one id per byte), as Qwen-Image's prompt template needs."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    vocab.update({token: len(vocab) + i for i, token in enumerate(QWEN_SPECIAL_TOKENS)})
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """Qwen-Image layout: QwenImageTransformer2DModel (packed 2x2 latents), a Qwen2.5-VL text encoder, the Qwen-Image
+    VAE, and the Hub's scheduler config (dynamic exponential shift, ``shift_terminal`` 0.02). Its prompt template's
+    prefix is longer in bytes than in Qwen's real vocabulary, so ``prompt_template_encode_start_idx`` (an attribute,
+    not saved) is set to this tokenizer's count. Not yet among ``ARCHITECTURES``: the few-step pipelines and the
+    trainer do not take Qwen-Image yet."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = qwen2_tokenizer()
+    torch.manual_seed(seed)
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, "rope_theta": 1e6, "vocab_size": len(tokenizer)}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
+    last = len(tokenizer) - 1  # no image tokens in text-to-image prompts
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=16, vocab_size=len(tokenizer),
+                              vision_start_token_id=last, vision_end_token_id=last, vision_token_id=last)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02)
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+                             tokenizer=tokenizer)
+    pipe.prompt_template_encode_start_idx = len(tokenizer(pipe.prompt_template_encode.split("{}")[0]).input_ids)
+    return _eval(pipe)
+
+
 def tiny_dit_pipeline(seed: int = 0):
     """DiT layout: class-conditional DiTTransformer2DModel (epsilon + learned sigma, linear VP)."""
     use_pil_image_processors()
