@@ -9,6 +9,7 @@ scheduler, the default step count and the guidance, so nobody has to guess.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .schedulers import ConsistencyScheduler, FlowMapScheduler, PolicyScheduler, TDMScheduler
@@ -134,8 +135,6 @@ def metadata_from_header(header: dict, source: str) -> StudentMetadata | None:
 def read_student_metadata(path: str, what: str = "LoRA") -> tuple[StudentMetadata | None, dict]:
     """``(metadata or None, header)`` of a LoRA student's ``.safetensors`` file, read from the header alone. Errors
     name ``what`` (the input the file came from) and the file: not safetensors, unreadable, invalid metadata."""
-    import os
-
     from safetensors import safe_open
 
     source = f"{what} {os.path.basename(path)}"

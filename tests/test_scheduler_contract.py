@@ -15,6 +15,7 @@ from diffusers import (
 )
 
 from onestep_pipelines import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
+from onestep_pipelines.testing.tiny_pipelines import QWEN_IMAGE_SCHEDULER, tiny_qwen_image_pipeline
 
 SHAPE = (2, 4, 8, 8)
 
@@ -135,8 +136,7 @@ def test_flow_match_schedule_options_are_honoured(options):
 # set_begin_index(0), step(velocity, t, latents). Scheduler configs as on their Hub repos (Qwen/Qwen-Image,
 # black-forest-labs/FLUX.2-dev, Tongyi-MAI/Z-Image-Turbo).
 FAMILY_SCHEDULES = {
-    "qwen-image": dict(use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                       max_image_seq_len=8192, shift_terminal=0.02),
+    "qwen-image": QWEN_IMAGE_SCHEDULER,
     "flux2": dict(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0, base_shift=0.5, max_shift=1.15,
                   base_image_seq_len=256, max_image_seq_len=4096),
     "z-image": dict(shift=3.0, use_dynamic_shifting=False),
@@ -166,7 +166,7 @@ def test_the_2026_families_schedules_equal_flow_match_euler_as_their_pipelines_c
             scheduler.set_timesteps(steps, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
         x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-        for i, t in enumerate(scheduler.timesteps):
+        for t in scheduler.timesteps:
             velocity = torch.sin(x + t / 1000) - 0.5 * x  # any smooth field, equal for both
             x = scheduler.step(velocity, t, x, return_dict=False)[0]
         latents[name] = x
@@ -183,8 +183,6 @@ def test_our_schedulers_drop_into_the_stock_qwen_image_pipeline(steps):
     """The stock QwenImagePipeline (tiny, random, offline tokenizer) with ours in place of its FlowMatchEuler (Hub
     config): the same images within 1e-5 with true CFG (a negative prompt, ``true_cfg_scale`` 4) and without; at one
     step FlowMatchEuler's ``shift_terminal`` gives a NaN image and ours the one Euler step from noise."""
-    from onestep_pipelines.testing.tiny_pipelines import tiny_qwen_image_pipeline
-
     pipe = tiny_qwen_image_pipeline()
     stock_scheduler = pipe.scheduler
 

@@ -82,10 +82,6 @@ def _lora_student(pipe, guidance_scale: float, guidance_baked: bool, tmp_path):
     return save_student_lora(str(tmp_path / "lora"), model, metadata), metadata
 
 
-def _few_step(pipe):
-    return student_pipeline(pipe)
-
-
 def _image(pipe, **kwargs):
     return pipe(prompt=["a handwritten digit seven", "digit 2"], height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="pt",
                 **kwargs).images
@@ -97,7 +93,7 @@ def test_a_lora_student_loads_with_diffusers_load_lora_weights_on_the_teacher(te
     hand its generator to the scheduler, so a re-noising step would draw other noise there)."""
     _, pipe = teacher
     _, metadata = _lora_student(pipe, 1.0, False, tmp_path)
-    ours = _few_step(copy.deepcopy(pipe))
+    ours = student_pipeline(copy.deepcopy(pipe))
     load_student_lora(ours, str(tmp_path / "lora"))
     stock = copy.deepcopy(pipe)
     stock.load_lora_weights(str(tmp_path / "lora"))  # diffusers' own loader, on the stock teacher class
@@ -136,7 +132,7 @@ def test_guidance_baked_students_sample_without_cfg_unless_asked(sd_teacher, tmp
     prompt does nothing at that default, and ``guidance_scale=2`` applies CFG on top of the baked guidance, with a
     warning."""
     _lora_student(sd_teacher, 3.0, True, tmp_path)
-    pipe = _few_step(copy.deepcopy(sd_teacher))
+    pipe = student_pipeline(copy.deepcopy(sd_teacher))
     load_student_lora(pipe, str(tmp_path / "lora"))
     default = _image(pipe)
     torch.testing.assert_close(default, _image(pipe, guidance_scale=1.0), rtol=0, atol=0)
@@ -154,7 +150,7 @@ def test_cfg_kept_students_apply_their_recorded_guidance_and_the_negative_prompt
     """CFG kept (a student trained unguided, sampled with CFG, as LCM-LoRA at guidance 1-2): the recorded guidance
     (here 2) is the call's default, against the empty negative prompt, and a negative prompt changes the image."""
     _lora_student(sd_teacher, 2.0, False, tmp_path)
-    pipe = _few_step(copy.deepcopy(sd_teacher))
+    pipe = student_pipeline(copy.deepcopy(sd_teacher))
     load_student_lora(pipe, str(tmp_path / "lora"))
     with caplog.at_level(logging.WARNING):
         default = _image(pipe)

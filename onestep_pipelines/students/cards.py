@@ -148,8 +148,9 @@ def write_model_card(
     digits = m.architecture == "digits"
     shipped = digits and m.base_model in (None, "digits")
     shipped_text = m.base_model in TEXT_TEACHERS  # a text-to-image digits teacher shipped with the package, by name
-    on_hub = m.base_model is not None and not shipped and not shipped_text and _looks_like_hub_id(m.base_model)
-    local = m.base_model is not None and not shipped and not shipped_text and not on_hub  # a teacher folder that is not on the Hub
+    elsewhere = m.base_model is not None and not (shipped or shipped_text)  # a teacher not shipped with the package
+    on_hub = elsewhere and _looks_like_hub_id(m.base_model)
+    local = elsewhere and not on_hub  # a teacher folder that is not on the Hub
     card_data = ModelCardData(
         library_name="diffusers",
         # the Hub has no class-conditional task: class-conditional models (DiT / SiT / MAR on ImageNet) are filed under

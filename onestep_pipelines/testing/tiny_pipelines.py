@@ -235,6 +235,9 @@ def tiny_flux_pipeline(seed: int = 0):
 
 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen/Qwen-Image's scheduler config on the Hub: dynamic exponential shift, stretched to end at sigma 0.02
+QWEN_IMAGE_SCHEDULER = dict(use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                            max_image_seq_len=8192, shift_terminal=0.02)
 
 
 def qwen2_tokenizer():
@@ -270,8 +273,7 @@ def tiny_qwen_image_pipeline(seed: int = 0):
                                               num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
                                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02)
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
     pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
                              tokenizer=tokenizer)
     pipe.prompt_template_encode_start_idx = len(tokenizer(pipe.prompt_template_encode.split("{}")[0]).input_ids)
