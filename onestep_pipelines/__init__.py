@@ -23,12 +23,18 @@ _EXPORTS = {
     "PolicyScheduler": "schedulers",
     "TDMScheduler": "schedulers",
     "DigitsPipeline": "pipelines",
+    "FewStepFlux2KleinPipeline": "pipelines",
+    "FewStepFlux2Pipeline": "pipelines",
     "FewStepFluxPipeline": "pipelines",
+    "FewStepQwenImagePipeline": "pipelines",
+    "FewStepZImagePipeline": "pipelines",
     "FewStepStableDiffusion3Pipeline": "pipelines",
     "FewStepStableDiffusionPipeline": "pipelines",
     "FewStepStableDiffusionXLPipeline": "pipelines",
     "DigitsTransformer2DModel": "models",
+    "TwoTimeFlux2Transformer2DModel": "models",
     "TwoTimeFluxTransformer2DModel": "models",
+    "TwoTimeQwenImageTransformer2DModel": "models",
     "TwoTimeSD3Transformer2DModel": "models",
     "TwoTimeUNet2DConditionModel": "models",
     "add_r_conditioning": "models",
@@ -47,17 +53,23 @@ if TYPE_CHECKING:
     from .metadata import StudentMetadata
     from .models import (
         DigitsTransformer2DModel,
+        TwoTimeFlux2Transformer2DModel,
         TwoTimeFluxTransformer2DModel,
+        TwoTimeQwenImageTransformer2DModel,
         TwoTimeSD3Transformer2DModel,
         TwoTimeUNet2DConditionModel,
         add_r_conditioning,
     )
     from .pipelines import (
         DigitsPipeline,
+        FewStepFlux2KleinPipeline,
+        FewStepFlux2Pipeline,
         FewStepFluxPipeline,
+        FewStepQwenImagePipeline,
         FewStepStableDiffusion3Pipeline,
         FewStepStableDiffusionPipeline,
         FewStepStableDiffusionXLPipeline,
+        FewStepZImagePipeline,
     )
     from .schedulers import ConsistencyScheduler, FewStepSchedulerOutput, FlowMapScheduler, PolicyScheduler, TDMScheduler
     from .students import load_student_lora, save_student_lora, write_model_card

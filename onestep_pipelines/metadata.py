@@ -17,7 +17,7 @@ from .schedulers import ConsistencyScheduler, FlowMapScheduler, PolicyScheduler,
 FORMAT_VERSION = 1
 METADATA_KEY = "onestep_student"
 SCHEDULERS = {cls.__name__: cls for cls in (ConsistencyScheduler, FlowMapScheduler, PolicyScheduler, TDMScheduler)}
-ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "digits")
+ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "qwen_image", "flux2", "z_image", "digits")
 
 
 @dataclass
@@ -26,7 +26,8 @@ class StudentMetadata:
 
     Args:
         method: distillation method (``"dmd2"``, ``"consistency"``, ``"tdm"``, ``"meanflow"``, ``"flowmap"``, ...).
-        architecture: model family the weights fit: one of ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"digits"``.
+        architecture: model family the weights fit: one of ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"qwen_image"``,
+            ``"flux2"``, ``"z_image"``, ``"digits"``.
         scheduler_class: ``"ConsistencyScheduler"``, ``"FlowMapScheduler"``, ``"PolicyScheduler"`` or ``"TDMScheduler"``.
         scheduler_config: the scheduler's config (time type, prediction type, timestep preset, gamma, shift...).
         num_inference_steps: the default number of steps.

@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from onestep_pipelines import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
-from onestep_pipelines.testing.tiny_pipelines import QWEN_IMAGE_SCHEDULER, tiny_qwen_image_pipeline
+from onestep_pipelines.testing.tiny_pipelines import FLUX2_SCHEDULER, QWEN_IMAGE_SCHEDULER, Z_IMAGE_SCHEDULER, tiny_pipeline
 
 SHAPE = (2, 4, 8, 8)
 
@@ -137,9 +137,8 @@ def test_flow_match_schedule_options_are_honoured(options):
 # black-forest-labs/FLUX.2-dev, Tongyi-MAI/Z-Image-Turbo).
 FAMILY_SCHEDULES = {
     "qwen-image": QWEN_IMAGE_SCHEDULER,
-    "flux2": dict(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0, base_shift=0.5, max_shift=1.15,
-                  base_image_seq_len=256, max_image_seq_len=4096),
-    "z-image": dict(shift=3.0, use_dynamic_shifting=False),
+    "flux2": FLUX2_SCHEDULER,
+    "z-image": Z_IMAGE_SCHEDULER,
 }
 
 
@@ -178,12 +177,23 @@ def test_the_2026_families_schedules_equal_flow_match_euler_as_their_pipelines_c
     assert (latents["ours"] - latents["stock"]).norm() <= 1e-5 * latents["stock"].norm()
 
 
+# each family's stock pipeline with and without its CFG (FLUX.2 [dev]: two values of its guidance embedding)
+FAMILY_CALLS = {
+    "qwen_image": [{"true_cfg_scale": 1.0}, {"negative_prompt": "blurry", "true_cfg_scale": 4.0}],
+    "flux2": [{"guidance_scale": 1.0}, {"guidance_scale": 4.0}],
+    "flux2_klein": [{"guidance_scale": 1.0}, {"guidance_scale": 4.0}],
+    "z_image": [{"guidance_scale": 0.0}, {"negative_prompt": "blurry", "guidance_scale": 3.0}],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CALLS))
 @pytest.mark.parametrize("steps", [1, 4])
-def test_our_schedulers_drop_into_the_stock_qwen_image_pipeline(steps):
-    """The stock QwenImagePipeline (tiny, random, offline tokenizer) with ours in place of its FlowMatchEuler (Hub
-    config): the same images within 1e-5 with true CFG (a negative prompt, ``true_cfg_scale`` 4) and without; at one
-    step FlowMatchEuler's ``shift_terminal`` gives a NaN image and ours the one Euler step from noise."""
-    pipe = tiny_qwen_image_pipeline()
+def test_our_schedulers_drop_into_the_stock_pipelines_of_the_2026_families(family, steps):
+    """The stock QwenImagePipeline, Flux2Pipeline, Flux2KleinPipeline and ZImagePipeline (tiny, random, offline
+    tokenizers, their Hub scheduler configs: each computes its own mu) with ours in place of FlowMatchEuler: the same
+    images within 1e-5 with their CFG and without; at one step Qwen-Image's ``shift_terminal`` makes FlowMatchEuler's
+    image NaN and ours is the one Euler step from noise."""
+    pipe = tiny_pipeline(family)
     stock_scheduler = pipe.scheduler
 
     def images(**kwargs):
@@ -191,13 +201,12 @@ def test_our_schedulers_drop_into_the_stock_qwen_image_pipeline(steps):
             return pipe(prompt="a digit seven", num_inference_steps=steps, height=32, width=32, max_sequence_length=16, output_type="pt",
                         generator=torch.Generator().manual_seed(0), **kwargs).images
 
-    calls = [{"true_cfg_scale": 1.0}, {"negative_prompt": "blurry", "true_cfg_scale": 4.0}]
-    stock = [images(**kwargs) for kwargs in calls]
+    stock = [images(**kwargs) for kwargs in FAMILY_CALLS[family]]
     for ours in (ConsistencyScheduler.from_config(stock_scheduler.config, gamma=0.0), FlowMapScheduler.from_config(stock_scheduler.config)):
         pipe.scheduler = ours
-        for kwargs, expected in zip(calls, stock):
+        for kwargs, expected in zip(FAMILY_CALLS[family], stock):
             image = images(**kwargs)
-            if steps == 1:
+            if steps == 1 and family == "qwen_image":
                 assert expected.isnan().all() and image.isfinite().all(), type(ours).__name__
             else:
                 assert (image - expected).norm() <= 1e-5 * expected.norm(), (type(ours).__name__, kwargs)

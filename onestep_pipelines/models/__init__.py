@@ -2,7 +2,9 @@
 
 from .digits_transformer import DigitsTransformer2DModel
 from .r_conditioning import (
+    TwoTimeFlux2Transformer2DModel,
     TwoTimeFluxTransformer2DModel,
+    TwoTimeQwenImageTransformer2DModel,
     TwoTimeSD3Transformer2DModel,
     TwoTimeUNet2DConditionModel,
     add_r_conditioning,
@@ -11,7 +13,9 @@ from .r_conditioning import (
 
 __all__ = [
     "DigitsTransformer2DModel",
+    "TwoTimeFlux2Transformer2DModel",
     "TwoTimeFluxTransformer2DModel",
+    "TwoTimeQwenImageTransformer2DModel",
     "TwoTimeSD3Transformer2DModel",
     "TwoTimeUNet2DConditionModel",
     "add_r_conditioning",

@@ -19,7 +19,13 @@ import functools
 
 import torch
 from diffusers.configuration_utils import ConfigMixin  # noqa: F401  (diffusers' loader looks the bases up here)
-from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.models import (
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -131,10 +137,29 @@ class TwoTimeFluxTransformer2DModel(RConditioningMixin, FluxTransformer2DModel):
     __init__ = _adds_r_conditioning(FluxTransformer2DModel)
 
 
+class TwoTimeQwenImageTransformer2DModel(RConditioningMixin, QwenImageTransformer2DModel):
+    """``QwenImageTransformer2DModel`` with a zero-initialised second-time embedding (``timestep`` is ``sigma``; the time
+    projection itself scales by 1000, and the interval embedding copies it)."""
+
+    _time_embedding_module = "time_text_embed"
+    __init__ = _adds_r_conditioning(QwenImageTransformer2DModel)
+
+
+class TwoTimeFlux2Transformer2DModel(RConditioningMixin, Flux2Transformer2DModel):
+    """``Flux2Transformer2DModel`` (FLUX.2 [dev] / [klein]) with a zero-initialised second-time embedding (``timestep``
+    is ``sigma``)."""
+
+    _time_embedding_module = "time_guidance_embed"
+    _timestep_scale = 1000.0
+    __init__ = _adds_r_conditioning(Flux2Transformer2DModel)
+
+
 TWO_TIME_CLASSES = {
     UNet2DConditionModel: TwoTimeUNet2DConditionModel,
     SD3Transformer2DModel: TwoTimeSD3Transformer2DModel,
     FluxTransformer2DModel: TwoTimeFluxTransformer2DModel,
+    QwenImageTransformer2DModel: TwoTimeQwenImageTransformer2DModel,
+    Flux2Transformer2DModel: TwoTimeFlux2Transformer2DModel,
 }
 
 
@@ -147,7 +172,9 @@ def takes_r_timestep(model: nn.Module) -> bool:
 def add_r_conditioning(model: ModelMixin) -> ModelMixin:
     """Return a copy of ``model`` that also takes ``r_timestep``; its output equals ``model``'s exactly.
 
-    Supported: ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``. A model that
+    Supported: ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+    ``QwenImageTransformer2DModel``, ``Flux2Transformer2DModel`` (Z-Image's transformer takes ``1 - sigma`` and is not
+    adapted). A model that
     already takes ``r`` (an adapted model, ``DigitsTransformer2DModel``) is returned unchanged. The weights are
     shared with ``model`` (no copy of the tensors); the new ``r_embedder`` is on the model's device and dtype.
     """
@@ -170,6 +197,11 @@ def add_r_conditioning(model: ModelMixin) -> ModelMixin:
     for name, buffer in model.named_buffers():  # non-persistent buffers are not in the state dict
         owner, _, leaf = name.rpartition(".")
         adapted.get_submodule(owner).register_buffer(leaf, buffer, persistent=leaf not in adapted.get_submodule(owner)._non_persistent_buffers_set)
+    for name, module in model.named_modules():  # nor are plain tensor attributes (Qwen-Image's RoPE frequencies)
+        target = adapted.get_submodule(name)
+        for attribute, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                setattr(target, attribute, value)
     adapted.reset_r_embedder()
     adapted.train(model.training)
     return adapted

@@ -1,6 +1,6 @@
 """Few-step pipelines: stock diffusers pipelines for students, and the digits pipeline.
 
-The SD / SDXL / SD3 / Flux classes import the stock pipelines (and with them transformers' text and image
+The SD / SDXL / SD3 / Flux / Qwen-Image / FLUX.2 / Z-Image classes import the stock pipelines (and with them transformers' text and image
 processors) on first use, so the digits pipeline and the trainer's digits job load without them.
 """
 
@@ -18,20 +18,28 @@ PIPELINE_NAMES = {  # architecture -> class name, without importing the classes
     "sdxl": "FewStepStableDiffusionXLPipeline",
     "sd3": "FewStepStableDiffusion3Pipeline",
     "flux": "FewStepFluxPipeline",
+    "qwen_image": "FewStepQwenImagePipeline",
+    "flux2": "FewStepFlux2Pipeline",
+    "z_image": "FewStepZImagePipeline",
     "digits": "DigitsPipeline",
 }
-_LAZY = {*PIPELINE_NAMES.values(), "PIPELINES_BY_ARCHITECTURE"} - {"DigitsPipeline"}
+KLEIN_PIPELINE_NAME = "FewStepFlux2KleinPipeline"  # FLUX.2 [klein]: the flux2 transformer in a pipeline with CFG and a Qwen3 encoder
+_LAZY = {*PIPELINE_NAMES.values(), KLEIN_PIPELINE_NAME, "PIPELINES_BY_ARCHITECTURE"} - {"DigitsPipeline"}
 
 if TYPE_CHECKING:
     from .few_step import (
         PIPELINES_BY_ARCHITECTURE,
+        FewStepFlux2KleinPipeline,
+        FewStepFlux2Pipeline,
         FewStepFluxPipeline,
+        FewStepQwenImagePipeline,
         FewStepStableDiffusion3Pipeline,
         FewStepStableDiffusionPipeline,
         FewStepStableDiffusionXLPipeline,
+        FewStepZImagePipeline,
     )
 
-__all__ = sorted(_LAZY | {"DigitsPipeline", "FewStepPipelineMixin", "PIPELINE_NAMES", "architecture_of", "student_pipeline"})
+__all__ = sorted(_LAZY | {"DigitsPipeline", "FewStepPipelineMixin", "PIPELINE_NAMES", "architecture_of", "pipeline_class_for", "student_pipeline"})
 
 
 def __getattr__(name: str):
@@ -42,6 +50,17 @@ def __getattr__(name: str):
     return value
 
 
+def pipeline_class_for(teacher) -> type:
+    """The few-step pipeline class for ``teacher`` (a pipeline): by its denoiser's architecture, and FLUX.2 [klein]
+    (:class:`FewStepFlux2KleinPipeline`) by its pipeline class."""
+    architecture = architecture_of(teacher)
+    if architecture == "digits":
+        return DigitsPipeline
+    if architecture == "flux2" and "Klein" in type(teacher).__name__:
+        return __getattr__(KLEIN_PIPELINE_NAME)
+    return __getattr__(PIPELINE_NAMES[architecture])
+
+
 def student_pipeline(teacher, denoiser=None, scheduler=None):
     """The few-step pipeline of ``teacher``'s architecture holding the teacher's components, with ``denoiser`` and
     ``scheduler`` in place of its own (None: the teacher's; a LoRA student then loads on it with
@@ -49,8 +68,7 @@ def student_pipeline(teacher, denoiser=None, scheduler=None):
     instead of the class defaults (SD's ``requires_safety_checker``, SDXL's ``force_zeros_for_empty_prompt``): a
     student of a teacher without a safety checker records ``requires_safety_checker`` as the teacher did (False), so
     loading it does not warn about the missing checker. Guidance is the student's own (its metadata), not copied."""
-    architecture = architecture_of(teacher)
-    cls = DigitsPipeline if architecture == "digits" else __getattr__(PIPELINE_NAMES[architecture])
+    cls = pipeline_class_for(teacher)
     components = {**teacher.components}
     if denoiser is not None:
         components[cls._denoiser] = denoiser

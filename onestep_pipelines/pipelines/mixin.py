@@ -34,13 +34,16 @@ class FewStepPipelineMixin:
     """Student behaviour for a ``DiffusionPipeline`` subclass (see the module docstring).
 
     Class attributes: ``_denoiser`` names the model component; ``_guidance_argument`` the ``__call__`` argument
-    that applies classifier-free guidance; ``_timestep_divisor`` converts scheduler timesteps into the units the
-    pipeline passes to its model (Flux passes ``sigma = t / 1000``); ``_cfg_needs_negative_prompt`` marks pipelines
-    that apply CFG only when a negative prompt is given (Flux's true CFG).
+    that applies classifier-free guidance (None: the pipeline has none, as FLUX.2 [dev]); ``_guidance_offset`` what
+    that argument's value lacks of the usual scale ``w`` (``uncond + w (cond - uncond)``, 1 = no guidance): Z-Image's
+    ``cond + s (cond - uncond)`` takes ``s = w - 1``; ``_timestep_divisor`` converts scheduler timesteps into the units
+    the pipeline passes to its model (Flux passes ``sigma = t / 1000``); ``_cfg_needs_negative_prompt`` marks pipelines
+    that apply CFG only when a negative prompt is given (Flux's and Qwen-Image's true CFG).
     """
 
     _denoiser = "unet"
-    _guidance_argument = "guidance_scale"
+    _guidance_argument: str | None = "guidance_scale"
+    _guidance_offset = 0.0
     _timestep_divisor = 1.0
     _cfg_needs_negative_prompt = False
 
@@ -60,26 +63,44 @@ class FewStepPipelineMixin:
     def denoiser(self):
         return getattr(self, self._denoiser)
 
+    def guidance_kwargs(self, guidance_scale: float) -> dict:
+        """The ``__call__`` arguments that sample with classifier-free guidance ``guidance_scale`` in the usual convention
+        (``uncond + w (cond - uncond)``; 1 = one forward per step, no guidance), whatever this pipeline calls them."""
+        if self._guidance_argument is None:
+            if guidance_scale != 1.0:
+                raise ValueError(f"{type(self).__name__} has no classifier-free guidance: guidance_scale={guidance_scale:g} cannot apply "
+                                 "(its guidance_scale is the distilled-guidance embedding; bake guidance into the student instead).")
+            return {}
+        kwargs = {self._guidance_argument: guidance_scale - self._guidance_offset}
+        if self._cfg_needs_negative_prompt and guidance_scale > 1:
+            kwargs["negative_prompt"] = ""
+        return kwargs
+
+    def _guided(self, value) -> bool:
+        """Whether the value of ``_guidance_argument`` turns classifier-free guidance on."""
+        return value is not None and value > 1 - self._guidance_offset
+
     def __call__(self, *args, **kwargs):
         metadata = self.student
         bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments  # the caller's arguments
+        argument = self._guidance_argument
         if metadata is not None:
             if not {"num_inference_steps", "timesteps", "sigmas"} & set(bound):
                 kwargs["num_inference_steps"] = metadata.num_inference_steps
-            if self._guidance_argument not in bound:
-                kwargs[self._guidance_argument] = 1.0 if metadata.guidance_baked else metadata.guidance_scale
-                if self._cfg_needs_negative_prompt and not metadata.guidance_baked and metadata.guidance_scale > 1:
-                    kwargs.setdefault("negative_prompt", "")
-            elif metadata.guidance_baked and bound[self._guidance_argument] not in (None, 0.0, 1.0):
+            if argument is None or argument not in bound:
+                defaults = self.guidance_kwargs(1.0 if metadata.guidance_baked else metadata.guidance_scale)
+                kwargs.update({k: v for k, v in defaults.items() if k not in bound})
+            elif metadata.guidance_baked and self._guided(bound[argument]):
                 logger.warning(
                     "This student has guidance %.3g baked in; %s=%s applies classifier-free guidance on top of it.",
-                    metadata.guidance_scale, self._guidance_argument, bound[self._guidance_argument],
+                    metadata.guidance_scale, argument, bound[argument],
                 )
-            guided = (bound | kwargs).get(self._guidance_argument) not in (None, 0.0, 1.0)
+            guided = argument is not None and self._guided((bound | kwargs).get(argument))
             if metadata.guidance_baked and not guided and bound.get("negative_prompt") is not None:
                 logger.warning(
                     "negative_prompt has no effect here: this student has guidance %.3g baked in and samples without classifier-free "
-                    "guidance; pass %s > 1 to apply guidance (and the negative prompt) on top of it.", metadata.guidance_scale, self._guidance_argument,
+                    "guidance; pass %s > %g to apply guidance (and the negative prompt) on top of it.", metadata.guidance_scale, argument,
+                    1 - self._guidance_offset,
                 )
         if metadata is not None and metadata.scheduler_class == "PolicyScheduler":
             self._check_policy_call(bound | kwargs)  # (with the student's defaults added above)
@@ -106,9 +127,10 @@ class FewStepPipelineMixin:
         if not isinstance(self.scheduler, PolicyScheduler):
             raise ValueError(f"This is a pi-Flow policy student: its {self._denoiser} outputs a policy, which PolicyScheduler integrates "
                              f"(got {type(self.scheduler).__name__}); restore it with pipe.set_student(pipe.student).")
-        if arguments.get(self._guidance_argument) not in (None, 0.0, 1.0):
+        if self._guidance_argument is not None and self._guided(arguments.get(self._guidance_argument)):
             raise ValueError(f"{self._guidance_argument}={arguments[self._guidance_argument]}: a policy student takes no classifier-free guidance "
-                             f"(its guidance, {self.student.guidance_scale:g}, is baked into its policy); leave it at 1.")
+                             f"(its guidance, {self.student.guidance_scale:g}, is baked into its policy); leave it at "
+                             f"{1 - self._guidance_offset:g}.")
 
     @contextlib.contextmanager
     def _passing_r(self, metadata: StudentMetadata | None):
@@ -185,15 +207,31 @@ class FewStepPipelineMixin:
         return result
 
 
+def _denoiser_classes() -> dict:
+    """Denoiser class -> architecture name (SD and SDXL share the UNet class: told apart by its config)."""
+    from diffusers.models import (
+        Flux2Transformer2DModel,
+        FluxTransformer2DModel,
+        QwenImageTransformer2DModel,
+        SD3Transformer2DModel,
+        ZImageTransformer2DModel,
+    )
+
+    return {SD3Transformer2DModel: "sd3", FluxTransformer2DModel: "flux", QwenImageTransformer2DModel: "qwen_image",
+            Flux2Transformer2DModel: "flux2", ZImageTransformer2DModel: "z_image", DigitsTransformer2DModel: "digits"}
+
+
 def architecture_of(model) -> str:
-    """``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or ``"digits"`` for a denoiser (or a pipeline holding one)."""
-    from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    """``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"qwen_image"``, ``"flux2"`` (FLUX.2 [dev] and [klein]), ``"z_image"``
+    or ``"digits"`` for a denoiser (or a pipeline holding one)."""
+    from diffusers.models import UNet2DConditionModel
 
     model = getattr(model, "unet", None) or getattr(model, "transformer", None) or model
     model = getattr(model, "_orig_mod", model)
     if isinstance(model, UNet2DConditionModel):
         return "sdxl" if model.config.addition_embed_type == "text_time" else "sd"
-    for cls, name in ((SD3Transformer2DModel, "sd3"), (FluxTransformer2DModel, "flux"), (DigitsTransformer2DModel, "digits")):
+    for cls, name in _denoiser_classes().items():
         if isinstance(model, cls):
             return name
-    raise TypeError(f"{type(model).__name__} is not a supported student architecture (SD/SDXL UNet, SD3, Flux, digits).")
+    raise TypeError(f"{type(model).__name__} is not a supported student architecture (SD/SDXL UNet, SD3, Flux, Qwen-Image, FLUX.2, Z-Image, "
+                    "digits).")

@@ -1,8 +1,9 @@
 """Tiny random-weight pipelines of the stock architectures, built fully offline.
 
 Used by the test-suite (and by benchmarks that need shapes, not quality): Stable Diffusion 1.x,
-SDXL, SD3, Flux and DiT pipelines with a few thousand parameters each, tokenizers written from
-local vocabularies, all models in eval mode. Nothing is downloaded.
+SDXL, SD3, Flux, Qwen-Image, FLUX.2 [dev] and [klein], Z-Image and DiT pipelines with a few thousand
+to a few hundred thousand parameters each, tokenizers written from local vocabularies, all models in
+eval mode. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .._image_processors import use_pil_image_processors
 
-ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "dit")
+ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "qwen_image", "flux2", "flux2_klein", "z_image", "dit")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -235,29 +236,45 @@ def tiny_flux_pipeline(seed: int = 0):
 
 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen3's chat format, as FLUX.2 [klein] (enable_thinking=False) and Z-Image (True) apply it; content may be a string or a
+# list of {"type": "text", "text": ...} parts (FLUX.2 [dev]'s Mistral format)
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{%- endif -%}"
+    "<|im_end|>\n{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}<think>\n\n</think>\n\n{%- endif -%}{%- endif -%}"
+)
 # Qwen/Qwen-Image's scheduler config on the Hub: dynamic exponential shift, stretched to end at sigma 0.02
 QWEN_IMAGE_SCHEDULER = dict(use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
                             max_image_seq_len=8192, shift_terminal=0.02)
 
 
+# the words of Qwen-Image's prompt-template prefix that are single tokens in Qwen's real vocabulary: as added tokens here,
+# the prefix is 34 tokens long, as QwenImagePipeline's prompt_template_encode_start_idx assumes
+QWEN_TEMPLATE_WORDS = ("system", "Describe", " image", " by", " detailing", " the", " color", " shape", " size", " texture", " quantity",
+                       " text", " spatial", " relationships", " of", " objects", " and", " background", "user")
+
+
 def qwen2_tokenizer():
-    """A Qwen2 byte-level BPE tokenizer of single bytes (no merges) with the chat special tokens, written offline: every
-    text encodes (one id per byte), as Qwen-Image's prompt template needs."""
+    """A Qwen2 byte-level BPE tokenizer of single bytes (no merges) with the chat special tokens and a Qwen3-style chat
+    template, written offline: every text encodes (one id per byte, or per word of Qwen-Image's template prefix)."""
+    from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     vocab = {c: i for i, c in enumerate(_byte_alphabet())}
     vocab.update({token: len(vocab) + i for i, token in enumerate(QWEN_SPECIAL_TOKENS)})
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    tokenizer.add_tokens([AddedToken(word, normalized=False) for word in QWEN_TEMPLATE_WORDS])
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
 
 def tiny_qwen_image_pipeline(seed: int = 0):
     """Qwen-Image layout: QwenImageTransformer2DModel (packed 2x2 latents), a Qwen2.5-VL text encoder, the Qwen-Image
-    VAE, and the Hub's scheduler config (dynamic exponential shift, ``shift_terminal`` 0.02). Its prompt template's
-    prefix is longer in bytes than in Qwen's real vocabulary, so ``prompt_template_encode_start_idx`` (an attribute,
-    not saved) is set to this tokenizer's count. Not yet among ``ARCHITECTURES``: the few-step pipelines and the
-    trainer do not take Qwen-Image yet."""
+    VAE, and the Hub's scheduler config (dynamic exponential shift, ``shift_terminal`` 0.02)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -276,7 +293,89 @@ def tiny_qwen_image_pipeline(seed: int = 0):
     scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
     pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
                              tokenizer=tokenizer)
-    pipe.prompt_template_encode_start_idx = len(tokenizer(pipe.prompt_template_encode.split("{}")[0]).input_ids)
+    return _eval(pipe)
+
+
+def _flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(sample_size=32, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                              block_out_channels=(4, 8), layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                              use_post_quant_conv=False)
+
+
+def _flux2_transformer(guidance_embeds: bool, joint_attention_dim: int):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                   joint_attention_dim=joint_attention_dim, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=guidance_embeds)
+
+
+def _qwen3_config(tokenizer, num_layers: int):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2,
+                       head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+
+
+# FLUX.2 [dev] (Mistral) and FLUX.2 [klein] (Qwen3) stack the hidden states of text-encoder layers 10/20/30 and 9/18/27: the tiny
+# encoders are that deep (16 wide), so the pipelines' default call arguments work unchanged
+FLUX2_TEXT_LAYERS, FLUX2_KLEIN_TEXT_LAYERS = 30, 27
+FLUX2_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+Z_IMAGE_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=False)  # Tongyi-MAI/Z-Image-Turbo
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """FLUX.2 [dev] layout: Flux2Transformer2DModel (guidance embedding, packed 2x2 latents), a Mistral-3 text encoder
+    (here with the byte-level Qwen tokenizer and its chat template: the pipeline only applies a chat template to text),
+    the FLUX.2 VAE (batch-norm latent statistics), FLUX.2-dev's scheduler config (its ``mu`` is the pipeline's own)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = qwen2_tokenizer()
+    torch.manual_seed(seed)
+    text = {"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 8, "num_hidden_layers": FLUX2_TEXT_LAYERS, "max_position_embeddings": 1024,
+            "sliding_window": None, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16,
+              "image_size": 16, "patch_size": 8}
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=len(tokenizer) - 1, pad_token_id=tokenizer.pad_token_id)
+    pipe = Flux2Pipeline(transformer=_flux2_transformer(True, 3 * 16), vae=_flux2_vae(), text_encoder=Mistral3ForConditionalGeneration(config),
+                         tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER))
+    return _eval(pipe)
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
+    """FLUX.2 [klein] layout: Flux2Transformer2DModel without guidance embedding (CFG unless ``is_distilled``), a Qwen3
+    text encoder, the FLUX.2 VAE and scheduler config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM
+
+    tokenizer = qwen2_tokenizer()
+    torch.manual_seed(seed)
+    pipe = Flux2KleinPipeline(transformer=_flux2_transformer(False, 3 * 16), vae=_flux2_vae(),
+                              text_encoder=Qwen3ForCausalLM(_qwen3_config(tokenizer, FLUX2_KLEIN_TEXT_LAYERS)), tokenizer=tokenizer,
+                              scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), is_distilled=is_distilled)
+    return _eval(pipe)
+
+
+def tiny_z_image_pipeline(seed: int = 0):
+    """Z-Image layout: ZImageTransformer2DModel (model time ``1 - sigma``, predicts ``x0 - noise``; unpacked latents), a
+    Qwen3 text encoder, a 16-channel AutoencoderKL and Z-Image-Turbo's scheduler config (static shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    tokenizer = qwen2_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+                                           n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    with torch.no_grad():  # allocated, not initialised, by the stock class
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    pipe = ZImagePipeline(transformer=transformer, vae=_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+                          text_encoder=Qwen3Model(_qwen3_config(tokenizer, 2)), tokenizer=tokenizer,
+                          scheduler=FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER))
     return _eval(pipe)
 
 
@@ -299,12 +398,19 @@ _BUILDERS = {
     "sdxl": tiny_sdxl_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
+    "qwen_image": tiny_qwen_image_pipeline,
+    "flux2": tiny_flux2_pipeline,
+    "flux2_klein": tiny_flux2_klein_pipeline,
+    "z_image": tiny_z_image_pipeline,
     "dit": tiny_dit_pipeline,
 }
+# classifier-free guidance 2 (uncond + 2 (cond - uncond)) as each family's pipeline takes it (Flux: its distilled-guidance
+# embedding; FLUX.2 [dev] has only that)
+GUIDANCE_KWARGS = {"qwen_image": {"true_cfg_scale": 2.0, "negative_prompt": ""}, "flux2": {"guidance_scale": 4.0}, "z_image": {"guidance_scale": 1.0}}
 
 
 def tiny_pipeline(architecture: str, seed: int = 0):
-    """A tiny random pipeline of ``architecture`` ("sd", "sdxl", "sd3", "flux" or "dit")."""
+    """A tiny random pipeline of ``architecture`` (one of ``ARCHITECTURES``)."""
     if architecture not in _BUILDERS:
         raise ValueError(f"architecture={architecture!r} is unknown; choose one of {list(ARCHITECTURES)}.")
     return _BUILDERS[architecture](seed)
@@ -315,9 +421,7 @@ def tiny_call_kwargs(architecture: str, num_inference_steps: int, seed: int = 0)
     kwargs = {"num_inference_steps": num_inference_steps, "generator": torch.Generator().manual_seed(seed), "output_type": "np"}
     if architecture == "dit":
         return {"class_labels": [1, 3], **kwargs}
-    kwargs.update(prompt="a cat", height=32, width=32, guidance_scale=2.0)
-    if architecture == "flux":
-        kwargs["max_sequence_length"] = 16
-    if architecture == "sd3":
+    kwargs.update(prompt="a cat", height=32, width=32, **GUIDANCE_KWARGS.get(architecture, {"guidance_scale": 2.0}))
+    if architecture not in ("sd", "sdxl"):
         kwargs["max_sequence_length"] = 16
     return kwargs
