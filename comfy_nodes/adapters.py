@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the LoRA functions import these (and with them diffusers an
 
 R_KEY = "onestep_r_sigma"  # transformer_options entry carrying the flow-map target sigma
 R_PATCH_KEY = "onestep_r_conditioning"  # model_options flag set by the r-conditioning patch
-ARCHITECTURES = {"SD15": "sd", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
+ARCHITECTURES = {"SD15": "sd", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux", "QwenImage": "qwen_image"}
 log = logging.getLogger("onestep_pipelines")
 
 
@@ -110,7 +110,8 @@ def flow_map_sampler(gamma: float):
 
 
 # -------------------------------------------------------------------------------- r-conditioning
-TIME_EMBEDDINGS = {"UNetModel": "time_embed", "MMDiT": "t_embedder", "OpenAISignatureMMDITWrapper": "t_embedder", "Flux": "time_in"}
+TIME_EMBEDDINGS = {"UNetModel": "time_embed", "MMDiT": "t_embedder", "OpenAISignatureMMDITWrapper": "t_embedder", "Flux": "time_in",
+                   "QwenImageTransformer2DModel": "time_text_embed"}
 
 
 class RTimeEmbedding(torch.nn.Module):
@@ -158,7 +159,7 @@ def patch_r_conditioning(model, r_embedder: torch.nn.Module):
     diffusion_model = model.get_model_object("diffusion_model")
     name = TIME_EMBEDDINGS.get(type(diffusion_model).__name__)
     if name is None:
-        raise ValueError(f"r-conditioning supports UNet, SD3 (MMDiT) and Flux denoisers, not {type(diffusion_model).__name__}.")
+        raise ValueError(f"r-conditioning supports UNet, SD3 (MMDiT), Flux and Qwen-Image denoisers, not {type(diffusion_model).__name__}.")
     original = getattr(diffusion_model, name)
     width = _out_features(original)
     if width != r_embedder.embedding.linear_2.out_features:
@@ -208,6 +209,15 @@ def read_lora(path: str) -> tuple[dict, StudentMetadata | None, dict]:
     return tensors, metadata_from_header(header, f"lora_name {os.path.basename(path)}"), header
 
 
+def published_recipe(path: str, architecture: str | None):
+    """``(metadata, entry)`` of a published few-step LoRA recognised by its file name (Qwen-Image-Lightning, ...) for a
+    model of ``architecture``, else ``(None, None)``: the recipe its authors give, as our own students record it."""
+    from onestep_pipelines.students.published import published_lora
+
+    entry = published_lora(path, architecture) if architecture is not None else None
+    return (entry.metadata(path), entry) if entry is not None else (None, None)
+
+
 def model_architecture(model) -> str | None:
     return ARCHITECTURES.get(type(model.model.model_config).__name__)
 
@@ -240,6 +250,9 @@ def load_lora(model, path: str, strength: float, allow_partial: bool):
     architecture = model_architecture(model)
     if metadata is not None and architecture is not None and metadata.architecture != architecture:
         raise ValueError(f"lora_name {name} is a LoRA for {metadata.architecture!r} models; this MODEL is {architecture!r}: load its base model.")
+    published = None
+    if metadata is None:
+        metadata, published = published_recipe(path, architecture)
     patches, n_modules, unmapped = lora_patches(model, tensors, header)
     if n_modules == 0:
         raise ValueError(f"lora_name {name} holds no LoRA pairs (lora_A/lora_B or lora_down/lora_up).")
@@ -252,6 +265,10 @@ def load_lora(model, path: str, strength: float, allow_partial: bool):
     patched = model.clone()
     applied = patched.add_patches(patches, strength)
     report = f"{n_modules - len(unmapped)}/{n_modules} LoRA modules mapped, {len(applied)} weights patched"
+    if published is not None:
+        report += f"; recognised as {published.name} ({published.repo}): sampling as its recipe says"
+        if strength != published.strength:
+            report += f" (its authors recommend strength {published.strength:g})"
     if metadata is not None and metadata.r_conditioning:
         beside = os.path.join(os.path.dirname(path), "r_embedder.safetensors")
         if r_tensors:
@@ -276,7 +293,11 @@ def student_sampling(model, metadata: StudentMetadata | None, fallback_steps: in
     gamma = float(config.get("gamma", 0.0 if metadata.scheduler_class == "TDMScheduler" else 1.0))
     sampler = flow_map_sampler(gamma) if metadata.r_conditioning else consistency_sampler(gamma)
     preset = config.get("timestep_preset") or ("tdm" if metadata.scheduler_class == "TDMScheduler" else "trailing")
-    sigmas = model_sigmas(model, metadata.num_inference_steps, preset, None, 0.0, 1.0)
+    # a flow student recorded on a static shift samples on it whatever the MODEL's own (Qwen-Image-Lightning: 3, where
+    # ComfyUI's Qwen-Image default is 1.15); dynamic-shift and VP students on the MODEL's model_sampling
+    flow_model = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+    static = flow_model and metadata.time_type == "flow" and not config.get("use_dynamic_shifting", False)
+    sigmas = model_sigmas(model, metadata.num_inference_steps, preset, None, float(config.get("shift", 1.0)) if static else 0.0, 1.0)
     return sampler, sigmas
 
 

@@ -18,6 +18,8 @@ FORMAT_VERSION = 1
 METADATA_KEY = "onestep_student"
 SCHEDULERS = {cls.__name__: cls for cls in (ConsistencyScheduler, FlowMapScheduler, PolicyScheduler, TDMScheduler)}
 ARCHITECTURES = ("sd", "sdxl", "sd3", "flux", "qwen_image", "flux2", "z_image", "digits")
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x", "sdxl": "SDXL", "sd3": "Stable Diffusion 3", "flux": "FLUX.1", "qwen_image": "Qwen-Image",
+                "flux2": "FLUX.2", "z_image": "Z-Image", "digits": "digits"}  # architecture -> the model family's own name
 
 
 @dataclass
@@ -39,6 +41,13 @@ class StudentMetadata:
         base_model: Hub id or path of the teacher.
         timesteps: the model timesteps of the default schedule (``num_inference_steps`` steps of the recorded
             scheduler); filled in from the scheduler, for readers that cannot run it (model cards, ComfyUI).
+        sigmas: custom sigmas the pipeline passes to the scheduler by default (before its shift, as diffusers passes a
+            call's ``sigmas``), where a student's recipe names them (fal's FLUX.2-dev-Turbo); None: the pipeline's own.
+        guidance_embedding: the distilled-guidance embedding value the model takes (FLUX.1 / FLUX.2 [dev]'s
+            ``guidance_scale``), where the student was trained or published with one; None: the pipeline's default.
+
+    ``sigmas`` and ``guidance_embedding`` are written only when set, so records without them stay readable by
+    earlier versions.
     """
 
     method: str
@@ -53,6 +62,8 @@ class StudentMetadata:
     base_model: str | None = None
     timesteps: list[float] | None = None
     format_version: int = FORMAT_VERSION
+    sigmas: list[float] | None = None
+    guidance_embedding: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
@@ -75,6 +86,12 @@ class StudentMetadata:
                 f"({FORMAT_VERSION}); upgrade onestep-pipelines."
             )
         self.guidance_scale = float(self.guidance_scale)
+        if self.sigmas is not None:
+            self.sigmas = [float(s) for s in self.sigmas]
+            if not self.sigmas or any(not 0 <= s <= 1 for s in self.sigmas) or self.sigmas != sorted(self.sigmas, reverse=True):
+                raise ValueError(f"student metadata: sigmas must be a decreasing list in [0, 1], got {self.sigmas}.")
+        if self.guidance_embedding is not None:
+            self.guidance_embedding = float(self.guidance_embedding)
         scheduler = self.make_scheduler()  # validates the scheduler config
         if self.timesteps is None and not scheduler.config.use_dynamic_shifting:
             scheduler.set_timesteps(self.num_inference_steps)
@@ -95,7 +112,22 @@ class StudentMetadata:
         return self.make_scheduler().config.time_type
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("sigmas", "guidance_embedding")}
+
+    def schedule_conflicts(self, scheduler) -> list[str]:
+        """How ``scheduler`` (any flow-matching scheduler with a diffusers config) would sample this student on another
+        schedule than recorded: differences in shift, dynamic shifting and ``shift_terminal``; empty when it agrees
+        (or when the student is not a flow student)."""
+        ours, theirs = self.scheduler_config, dict(scheduler.config)
+        if self.time_type != "flow" or "shift" not in theirs:
+            return []
+        keys = ["use_dynamic_shifting", "shift_terminal"]
+        dynamic = bool(ours.get("use_dynamic_shifting", False))
+        if dynamic == bool(theirs.get("use_dynamic_shifting", False)):
+            keys += ["base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"] if dynamic else ["shift"]
+        defaults = self.make_scheduler().config
+        return [f"{k}={theirs.get(k)!r} (the student's: {defaults.get(k)!r})" for k in keys
+                if k in defaults and theirs.get(k, defaults.get(k)) != defaults.get(k) and not _same_number(theirs.get(k), defaults.get(k))]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -120,6 +152,10 @@ class StudentMetadata:
         except json.JSONDecodeError as error:
             raise ValueError(f"student metadata is not valid JSON: {error}") from None
         return cls.from_dict(data)
+
+
+def _same_number(a, b) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
 def metadata_from_header(header: dict, source: str) -> StudentMetadata | None:

@@ -232,20 +232,25 @@ def test_trailing_sigmas_are_comfyuis_simple_schedule(env, graph):
 
 
 def test_flow_map_sampler_on_qwen_image(env):
-    """The flow-map sampler refuses a MODEL without r-conditioning, and the pack's r-conditioning does not know the
-    Qwen-Image denoiser (adapters.TIME_EMBEDDINGS). A model that takes r and ignores it (a zero-initialised r-embedding)
-    makes the flow-map sampler at gamma 0 exactly Euler."""
+    """The flow-map sampler refuses a MODEL without r-conditioning; the pack's r-conditioning patches the Qwen-Image
+    denoiser's time embedding: with a zero-initialised r-embedding (a student at initialisation) the flow-map sampler
+    at gamma 0 is exactly Euler, with a trained (non-zero) one r changes the result."""
+    from diffusers.models.embeddings import Timesteps
+
+    from onestep_pipelines.models.r_conditioning import IntervalEmbedding
+
     adapters = env.adapters
     sigmas = env.nodes.FewStepSigmas.execute(env.aura, "trailing", 4, "", 0.0, 1.0).result[0]
     sampler = env.nodes.FlowMapSampler.execute(0.0).result[0]
     with pytest.raises(ValueError, match="this MODEL does not take one"):
         _custom(env, env.aura, sampler, sigmas, 1.0)
-    with pytest.raises(ValueError) as error:
-        adapters.patch_r_conditioning(env.aura, torch.nn.Identity())
-    assert str(error.value) == "r-conditioning supports UNet, SD3 (MMDiT) and Flux denoisers, not QwenImageTransformer2DModel."
-    takes_r = env.aura.clone()
-    takes_r.model_options[adapters.R_PATCH_KEY] = True
-    _assert_same_latent(_custom(env, takes_r, sampler, sigmas, 1.0), _euler(env, env.aura, sigmas, 1.0))
+    width = adapters._out_features(env.aura.get_model_object("diffusion_model").time_text_embed)
+    r_embedder = IntervalEmbedding(Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0), width)
+    euler = _euler(env, env.aura, sigmas, 1.0)
+    _assert_same_latent(_custom(env, adapters.patch_r_conditioning(env.aura, r_embedder), sampler, sigmas, 1.0), euler)
+    torch.nn.init.normal_(r_embedder.embedding.linear_2.weight, std=0.5)
+    moved = _custom(env, adapters.patch_r_conditioning(env.aura, r_embedder), sampler, sigmas, 1.0)
+    assert moved.isfinite().all() and (moved - euler).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -366,15 +371,28 @@ def test_a_qwen_image_student_lora_samples_as_its_metadata_records(env, monkeypa
     assert torch.isfinite(_custom(env, patched, sampler, sigmas, 1.0)).all()
 
 
-def test_the_lora_family_check_does_not_know_qwen_image(env, monkeypatch, tmp_path):
-    """Today's behaviour, for the pack's owner: comfy_nodes/adapters.py ARCHITECTURES has no "QwenImage" entry, so
-    model_architecture() is None on this model and load_lora() skips its family check: a LoRA whose metadata says
-    'flux' loads onto Qwen-Image without the "is a LoRA for 'flux' models; this MODEL is ..." refusal that a
-    'qwen_image' LoRA gets on an SD3 or Flux model."""
-    assert env.adapters.model_architecture(env.qwen) is None and env.adapters.model_architecture(env.aura) is None
-    assert "QwenImage" not in env.adapters.ARCHITECTURES
+def test_the_lora_family_check_knows_qwen_image(env, monkeypatch, tmp_path):
+    """A LoRA whose metadata says 'flux' is refused on Qwen-Image, naming both families."""
+    assert env.adapters.model_architecture(env.qwen) == "qwen_image" == env.adapters.model_architecture(env.aura)
     _loras_folder(env, monkeypatch, tmp_path)
     _student_file(env, tmp_path, "flux_student.safetensors", "flux")
-    report = _load_with_node(env, "flux_student.safetensors")[3]
-    assert report.startswith("28/28 LoRA modules mapped")
+    with pytest.raises(Exception, match="is a LoRA for 'flux' models; this MODEL is 'qwen_image'"):
+        _load_with_node(env, "flux_student.safetensors")
 
+
+def test_a_qwen_image_lightning_file_samples_on_shift_3_whatever_the_models_shift(env, monkeypatch, tmp_path):
+    """lightx2v's Qwen-Image-Lightning files carry no metadata (bare keys, lora_down / lora_up, .alpha): recognised by
+    name, their recipe (static shift 3, 4 steps here, gamma 0) gives the SIGMAS, so on ComfyUI's default Qwen-Image
+    sampling (shift 1.15) the node's output equals ComfyUI's Euler on the usual Lightning graph (ModelSamplingAuraFlow
+    shift 3, simple schedule)."""
+    _loras_folder(env, monkeypatch, tmp_path)
+    tensors, pairs = _lora(env, "bare", seed=5)
+    save_file(tensors, str(tmp_path / "Qwen-Image-Lightning-4steps-V1.0.safetensors"))
+    patched, sampler, sigmas, report = env.nodes.StudentLoraLoader.execute(env.qwen, "Qwen-Image-Lightning-4steps-V1.0.safetensors", 1.0, False, 8).result
+    assert report.startswith("28/28 LoRA modules mapped, 28 weights patched; recognised as qwen-image-lightning (lightx2v/Qwen-Image-Lightning)")
+    assert sampler.extra_options == {"gamma": 0.0} and len(sigmas) == 5
+    lightning_graph = env.comfy.samplers.calculate_sigmas(env.aura.get_model_object("model_sampling"), "simple", 4)
+    torch.testing.assert_close(sigmas, lightning_graph.float(), rtol=0, atol=1e-3)
+    _assert_lora_applied(env, patched, pairs, ALPHA / RANK)
+    on_aura = _load_with_node(env, "Qwen-Image-Lightning-4steps-V1.0.safetensors")[0]
+    _assert_same_latent(_custom(env, patched, sampler, sigmas, 1.0), _euler(env, on_aura, sigmas, 1.0))

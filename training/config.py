@@ -94,7 +94,7 @@ class DistillConfig:
     reward_noise: float = option(0.05, "reward: std of the Gaussian policy around each sample for rewards without a gradient (policy-gradient surrogate)")
     lora_rank: int = option(0, "LoRA rank of the student; 0 trains all weights")
     lora_alpha: float = option(0.0, "LoRA alpha (0 = the rank)")
-    lora_targets: str = option("", "comma-separated module names the LoRA adapts (default: attention projections)")
+    lora_targets: str = option("", "comma-separated module names the LoRA adapts (default: attention projections; Qwen-Image, FLUX.2, Z-Image: every linear layer of the blocks)")
     ema_decay: float = option(0.99, "EMA decay of the student weights (0 = no EMA)")
     seed: int = option(0, "seed of the whole run")
     device: str = option("auto", "auto (the accelerator accelerate finds: CUDA, MPS, XPU..., else the CPU) or cpu")

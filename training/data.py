@@ -15,6 +15,7 @@ import torch
 from onestep_pipelines.benchmark.digits import real_halves
 
 from .config import captioned_images
+from .families import to_latents
 
 
 class DigitsData:
@@ -64,9 +65,7 @@ class ImageFolderData:
             for name in names:
                 image = Image.open(os.path.join(folder, name)).convert("RGB").resize((size, size))
                 pixels = pipe.image_processor.preprocess(image).to(pipe.vae.device, pipe.vae.dtype)
-                latent = pipe.vae.encode(pixels).latent_dist.mean
-                shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-                latents.append((latent - shift) * pipe.vae.config.scaling_factor)
+                latents.append(to_latents(pipe, teacher.architecture, pixels))
         self.device = torch.device(device)
         self.images = torch.cat(latents).float().cpu()
         if self.device.type == "cuda":

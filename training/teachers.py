@@ -23,9 +23,12 @@ from onestep_pipelines.pipelines import architecture_of
 from onestep_pipelines.sampling import calculate_shift, to_x0_eps
 from onestep_pipelines.schedulers import ConsistencyScheduler
 
+from . import families
+
 
 class Teacher:
-    """A frozen teacher pipeline (digits, SD, SDXL, SD3 or Flux) and the conventions of its denoiser.
+    """A frozen teacher pipeline (digits, SD, SDXL, SD3, Flux, Qwen-Image, FLUX.2 or Z-Image) and the conventions of its
+    denoiser.
 
     Args:
         pipeline: the teacher pipeline; its denoiser is frozen.
@@ -58,6 +61,14 @@ class Teacher:
         return "text-digits" if os.path.realpath(teacher_folder(self.source)) in folders else None
 
     @property
+    def guidance_embedding(self) -> float | None:
+        """The distilled-guidance embedding value the teacher (and so the student) gets: FLUX.1 [dev] 3.5, FLUX.2 [dev]
+        4.0 (their pipelines' defaults); None for models without one."""
+        if self.architecture not in ("flux", "flux2") or not self.model.config.guidance_embeds:
+            return None
+        return 3.5 if self.architecture == "flux" else families.FLUX2_GUIDANCE
+
+    @property
     def denoiser_name(self) -> str:
         return "unet" if self.architecture in ("sd", "sdxl") else "transformer"
 
@@ -70,16 +81,25 @@ class Teacher:
         cfg = self.model.config
         if self.architecture == "digits":
             return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if self.architecture in families.FAMILIES:
+            size = families.latent_size(self.pipeline, self.architecture, self.resolution)
+            return (families.latent_channels(self.pipeline, self.architecture), size, size)
         size = self.resolution // self.pipeline.vae_scale_factor
         channels = cfg.in_channels // 4 if self.architecture == "flux" else cfg.in_channels
         return (channels, size, size)
 
     # -------------------------------------------------------------------------------- time
-    def shift_mu(self) -> float | None:
-        """Flux-style resolution-dependent shift ``mu`` of the training resolution (None without dynamic shift)."""
+    def shift_mu(self, num_steps: int) -> float | None:
+        """The resolution-dependent shift ``mu`` the teacher's pipeline computes for ``num_steps`` steps at the training
+        resolution (None without dynamic shift): Flux-style ``calculate_shift`` of the image tokens, FLUX.2's empirical
+        fit of tokens and steps."""
         cfg = self.convention.config
         if not cfg.use_dynamic_shifting:
             return None
+        if self.architecture == "flux2":
+            from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+            return compute_empirical_mu(self.sample_shape[1] * self.sample_shape[2], num_steps)
         tokens = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
         return calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
 
@@ -149,9 +169,7 @@ class Teacher:
         """Samples as pixels in ``[-1, 1]``, differentiably: the digits' own pixels, or latents through the VAE."""
         if self.architecture == "digits":
             return x
-        vae = self.pipeline.vae
-        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        return vae.decode(latents.to(vae.dtype)).sample.float()
+        return families.to_pixels(self.pipeline, self.architecture, x)
 
     # -------------------------------------------------------------------------------- predictions
     def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float = 1.0):
@@ -176,7 +194,9 @@ class Teacher:
         if self.architecture == "digits":
             return model(x.to(dtype), timestep, conditions["class_labels"], **extra).sample
         index = conditions["prompt_index"]
-        emb = {k: v.to(index.device)[index].to(dtype) for k, v in self.embeddings.items()}
+        emb = {k: v.to(index.device)[index].to(dtype if v.is_floating_point() else v.dtype) for k, v in self.embeddings.items()}
+        if self.architecture in families.FAMILIES:
+            return families.call(self.pipeline, self.architecture, model, x, t, emb, r)
         if self.architecture == "sd":
             return model(x.to(dtype), timestep, encoder_hidden_states=emb["prompt_embeds"], **extra).sample
         if self.architecture == "sdxl":
@@ -188,7 +208,7 @@ class Teacher:
         b, c, h, w = x.shape  # flux: packed 2x2 patches, sigma as timestep
         packed = self.pipeline._pack_latents(x.to(dtype), b, c, h, w)
         image_ids = self.pipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
-        guidance = torch.full((b,), 3.5, device=x.device) if model.config.guidance_embeds else None
+        guidance = torch.full((b,), self.guidance_embedding, device=x.device) if model.config.guidance_embeds else None
         extra = {k: v / self.num_train_timesteps for k, v in extra.items()}  # Flux takes sigma
         out = model(hidden_states=packed, timestep=timestep / self.num_train_timesteps, guidance=guidance, pooled_projections=emb["pooled_prompt_embeds"],
                     encoder_hidden_states=emb["prompt_embeds"], txt_ids=emb["text_ids"][0], img_ids=image_ids, **extra).sample
@@ -199,6 +219,8 @@ def _encode(pipe, prompts: list[str], resolution: int) -> dict:
     """Prompt embeddings of a text-to-image pipeline, with its own ``encode_prompt``."""
     device = pipe._execution_device
     arch = architecture_of(pipe)
+    if arch in families.FAMILIES:
+        return families.encode(pipe, arch, prompts)
     if arch == "sd":
         embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
         return {"prompt_embeds": embeds}
@@ -217,6 +239,8 @@ def _encode(pipe, prompts: list[str], resolution: int) -> dict:
 def default_resolution(pipe) -> int:
     """The image size a text-to-image pipeline makes when called without ``height``: its denoiser's sample size (SD3:
     ``default_sample_size``; Flux: 128 latent pixels, whatever its transformer) times the VAE's factor."""
+    if architecture_of(pipe) == "z_image":
+        return 1024  # ZImagePipeline's default height and width
     size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
     return int(size) * pipe.vae_scale_factor
 
@@ -224,7 +248,7 @@ def default_resolution(pipe) -> int:
 def load_teacher(source: str = "digits", resolution: int = 0, allow_pickle: bool = False, local_files_only: bool = False) -> Teacher:
     """The teacher named by ``source``: ``"digits"`` (the embedded digits teacher), a shipped text-to-image digits
     teacher (``"text-digits-sd"``), or a folder or Hub id of a diffusers pipeline with a UNet (SD 1.5 / SDXL, epsilon
-    or v) or a transformer (SD3 / Flux, flow); ``resolution`` 0: the pipeline's default size; ``local_files_only``:
+    or v) or a transformer (SD3 / Flux / Qwen-Image / FLUX.2 / Z-Image, flow); ``resolution`` 0: the pipeline's default size; ``local_files_only``:
     a Hub id from the local cache only (the Hub is unreachable)."""
     if source == "digits":
         return Teacher(load_digits_teacher(), "digits")  # the embedded teacher (load_digits_teacher())

@@ -558,7 +558,7 @@ def _score(teacher, pipe, steps: list[int], device, name: str, grid_steps: int |
     (text-to-image: the CFG scale of the call; None: the student's own default)."""
     if teacher.benchmark == "digits":
         return score_digits(pipe, steps, DigitsMetric(device=device), name=name, grid_steps=grid_steps)
-    kwargs = {} if guidance is None else {"true_cfg_scale" if teacher.architecture == "flux" else "guidance_scale": guidance}
+    kwargs = {} if guidance is None else pipe.guidance_kwargs(guidance)
     return score_text_digits(pipe, steps, TextDigitsMetric(device=device), name=name, grid_steps=grid_steps, size=teacher.resolution, **kwargs)
 
 
@@ -572,7 +572,7 @@ def _preview(teacher, accelerator, model, ema, params, scheduler, config, name, 
             images = pipe(class_labels=list(range(10)) * 4, num_inference_steps=config.num_steps, generator=generator, output_type="latent").images
             images, nrow, scale = images.float().clamp(-1, 1), None, None
         else:
-            kwargs = {"true_cfg_scale" if teacher.architecture == "flux" else "guidance_scale": 1.0}
+            kwargs = pipe.guidance_kwargs(1.0)
             images = pipe(prompt=teacher.prompts[:4], num_inference_steps=config.num_steps, height=teacher.resolution, width=teacher.resolution,
                           generator=generator, output_type="pt", **kwargs).images
             images, nrow, scale = images.float() * 2 - 1, len(images), 1
@@ -630,6 +630,7 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
         scheduler, method=config.method, architecture=teacher.architecture, num_inference_steps=config.num_steps,
         recommended_steps=_steps_to_score(config, method_cls.any_step_count), guidance_scale=config.guidance_scale,
         guidance_baked=config.guidance_scale != 1.0, base_model=base_model_name(teacher.source), r_conditioning=uses_r,
+        guidance_embedding=teacher.guidance_embedding,
     )
     out = {}
     with _EMAWeights(ema, params), torch.no_grad():

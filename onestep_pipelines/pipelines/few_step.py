@@ -71,6 +71,7 @@ class FewStepFluxPipeline(FewStepPipelineMixin, FluxPipeline):
 
     _denoiser = "transformer"
     _guidance_argument = "true_cfg_scale"
+    _embedded_guidance_argument = "guidance_scale"
     _cfg_needs_negative_prompt = True
     _timestep_divisor = 1000.0
     __init__ = _with_student_argument(FluxPipeline)
@@ -91,11 +92,12 @@ class FewStepQwenImagePipeline(FewStepPipelineMixin, QwenImagePipeline):
 @with_stock_call
 class FewStepFlux2Pipeline(FewStepPipelineMixin, Flux2Pipeline):
     """``Flux2Pipeline`` (FLUX.2 [dev]) for few-step students (see :class:`FewStepPipelineMixin`). FLUX.2 [dev] has no
-    classifier-free guidance (``guidance_scale`` is its distilled-guidance embedding, left as the caller sets it), so
-    its students bake guidance in."""
+    classifier-free guidance: its ``guidance_scale`` is the distilled-guidance embedding, which defaults to the
+    student's ``guidance_embedding``; its students bake guidance in."""
 
     _denoiser = "transformer"
     _guidance_argument = None
+    _embedded_guidance_argument = "guidance_scale"
     _timestep_divisor = 1000.0
     __init__ = _with_student_argument(Flux2Pipeline)
 

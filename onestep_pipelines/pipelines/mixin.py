@@ -36,7 +36,8 @@ class FewStepPipelineMixin:
     Class attributes: ``_denoiser`` names the model component; ``_guidance_argument`` the ``__call__`` argument
     that applies classifier-free guidance (None: the pipeline has none, as FLUX.2 [dev]); ``_guidance_offset`` what
     that argument's value lacks of the usual scale ``w`` (``uncond + w (cond - uncond)``, 1 = no guidance): Z-Image's
-    ``cond + s (cond - uncond)`` takes ``s = w - 1``; ``_timestep_divisor`` converts scheduler timesteps into the units
+    ``cond + s (cond - uncond)`` takes ``s = w - 1``; ``_embedded_guidance_argument`` the argument of a distilled-guidance
+    embedding (FLUX.1 / FLUX.2 [dev]: ``guidance_scale``), set from the student's ``guidance_embedding``; ``_timestep_divisor`` converts scheduler timesteps into the units
     the pipeline passes to its model (Flux passes ``sigma = t / 1000``); ``_cfg_needs_negative_prompt`` marks pipelines
     that apply CFG only when a negative prompt is given (Flux's and Qwen-Image's true CFG).
     """
@@ -44,6 +45,7 @@ class FewStepPipelineMixin:
     _denoiser = "unet"
     _guidance_argument: str | None = "guidance_scale"
     _guidance_offset = 0.0
+    _embedded_guidance_argument: str | None = None
     _timestep_divisor = 1.0
     _cfg_needs_negative_prompt = False
 
@@ -86,7 +88,13 @@ class FewStepPipelineMixin:
         argument = self._guidance_argument
         if metadata is not None:
             if not {"num_inference_steps", "timesteps", "sigmas"} & set(bound):
-                kwargs["num_inference_steps"] = metadata.num_inference_steps
+                kwargs["num_inference_steps"] = metadata.num_inference_steps  # (also with sigmas: FLUX.2's mu depends on it)
+                if metadata.sigmas:
+                    kwargs["sigmas"] = metadata.sigmas
+            embedded = self._embedded_guidance_argument
+            if embedded is not None and metadata.guidance_embedding is not None and embedded not in bound:
+                kwargs[embedded] = metadata.guidance_embedding
+            self._warn_on_schedule_conflicts(metadata)
             if argument is None or argument not in bound:
                 defaults = self.guidance_kwargs(1.0 if metadata.guidance_baked else metadata.guidance_scale)
                 kwargs.update({k: v for k, v in defaults.items() if k not in bound})
@@ -120,6 +128,21 @@ class FewStepPipelineMixin:
         if ours:
             scheduler.raise_if_nonfinite()
         return output
+
+    def _warn_on_schedule_conflicts(self, metadata: StudentMetadata) -> None:
+        """Warn (once per scheduler) when the pipeline's scheduler would sample the student on another schedule than it
+        records (e.g. a Lightning LoRA's shift 3 under Qwen-Image's dynamic shift)."""
+        scheduler = self.scheduler
+        if getattr(scheduler, "_onestep_schedule_checked", None) == metadata.method:
+            return
+        conflicts = metadata.schedule_conflicts(scheduler)
+        if conflicts:
+            logger.warning(
+                "This %s student samples on the schedule it records (%s); the pipeline's %s differs: %s. Its images will be off: "
+                "restore the recorded scheduler with pipe.set_student(pipe.student).", metadata.method, metadata.scheduler_class,
+                type(scheduler).__name__, ", ".join(conflicts),
+            )
+        scheduler._onestep_schedule_checked = metadata.method
 
     def _check_policy_call(self, arguments: dict) -> None:
         """A pi-Flow policy student's output is a policy: only PolicyScheduler integrates it, and classifier-free

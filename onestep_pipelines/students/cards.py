@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..benchmark import TEXT_TEACHERS
 from ..pipelines import PIPELINE_NAMES
 from ..pipelines.loading import INSTALL_COMMAND, REPOSITORY_URL, write_atomically
-from ..metadata import StudentMetadata
+from ..metadata import FAMILY_NAMES, StudentMetadata
 
 try:  # installed (wheel or editable): model_cards/ is the data package onestep_pipelines.model_cards
     from ..model_cards import TEMPLATES_DIR
@@ -185,7 +185,7 @@ def write_model_card(
     card = ModelCard.from_template(
         card_data,
         template_path=os.path.join(TEMPLATES_DIR, KINDS[kind]),
-        title=title or f"{m.method} few-step student ({m.architecture})",
+        title=title or f"{m.method} few-step student ({FAMILY_NAMES[m.architecture]})",
         method=m.method,
         papers=_papers(m.method),
         base_ref=base_ref,
@@ -217,7 +217,9 @@ def write_model_card(
         comfyui_file=comfyui_file,
         comfyui_sampler=_comfyui_sampler(m),
         comfyui_cfg=1.0 if m.guidance_baked else m.guidance_scale,
-        comfyui_note="ComfyUI cannot load this architecture natively." if digits else "the LoRA form of a student is the native ComfyUI route.",
+        comfyui_note="ComfyUI cannot load this architecture natively." if digits else f"the ComfyUI this package is tested with (October 2025) has "
+        f"no native {FAMILY_NAMES[m.architecture]} model (newer ComfyUI has; untested here): the node pack's Diffusers Student node runs the diffusers folder." if m.architecture in ("flux2", "z_image")
+        else "the LoRA form of a student is the native ComfyUI route.",
         rank=lora.get("r"),
         alpha=lora.get("lora_alpha"),
         numbers=numbers_table(numbers or []),

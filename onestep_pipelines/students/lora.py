@@ -22,6 +22,7 @@ injects it with diffusers' ``load_lora_adapter``, optionally fuses it, and sets 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -39,6 +40,9 @@ from ..models.r_conditioning import add_r_conditioning, takes_r_timestep
 from ..pipelines.mixin import FewStepPipelineMixin, architecture_of
 from ..pipelines.loading import PICKLE_SUFFIXES, atomic_path, write_atomically
 from ..metadata import METADATA_KEY, StudentMetadata
+from .published import published_lora
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig
 COMFYUI_R_PREFIX = "onestep_r_embedder."  # the second-time embedding inside a ComfyUI file
@@ -251,24 +255,41 @@ def _read(path: str) -> tuple[dict, dict]:
     return torch.load(path, map_location="cpu", weights_only=True), {}  # allow_pickle was given
 
 
+# the LoRA layouts in circulation: prefixes before the module name, and the names of a pair's halves and its alpha
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_")
+_PARTS = {"lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight", "lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight",
+          "lora.down.weight": "lora_A.weight", "lora.up.weight": "lora_B.weight", "lora_A.default.weight": "lora_A.weight",
+          "lora_B.default.weight": "lora_B.weight", "alpha": "alpha"}
+
+
+def _module_and_part(key: str, modules: dict, kohya_names: dict, prefix: str) -> tuple[str | None, str | None]:
+    """``(module of the model, part)`` of one LoRA key in any common layout: diffusers / peft (``<prefix>.<module>.lora_A``),
+    bare module names (lightx2v's Lightning files), ``diffusion_model.`` (ComfyUI / original repos), ``base_model.model.``
+    (peft), kohya (``lora_unet_<module with _>``, also with a stray ``_`` as VideoX-Fun writes it); halves named
+    ``lora_A`` / ``lora_B``, ``lora_down`` / ``lora_up`` or ``lora.down`` / ``lora.up``, and ``.alpha``."""
+    leaf = next((p for p in _PARTS if key.endswith("." + p)), None)
+    if leaf is None:
+        return None, None
+    body = key[: -len(leaf) - 1]
+    if body.startswith(_KOHYA_PREFIXES):
+        stem = body.split("_", 2)[2].lstrip("_")
+        return kohya_names.get(stem), _PARTS[leaf]
+    for start in (*_PREFIXES, f"{prefix}."):
+        if body.startswith(start):
+            body = body[len(start):]
+            break
+    return (body if body in modules else None), _PARTS[leaf]
+
+
 def _to_peft(tensors: dict, model, prefix: str) -> tuple[dict, dict[str, float], list[str]]:
-    """Any supported key layout -> (peft state dict, alpha per module, keys that do not map)."""
+    """Any supported key layout (:func:`_module_and_part`) -> (peft state dict, alpha per module, keys that do not map)."""
     modules = dict(model.named_modules())
     kohya_names = {name.replace(".", "_"): name for name in modules}
     lora, alphas, unmatched = {}, {}, []
     for key, value in tensors.items():
-        stem, _, leaf = key.partition(".")
-        if key.startswith("lora_unet_") and prefix == "unet":  # kohya: lora_unet_<module>.lora_down.weight / .alpha
-            module = kohya_names.get(stem.removeprefix("lora_unet_"))
-            part = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}.get(leaf)
-        elif key.startswith(f"{prefix}."):  # diffusers / peft: <prefix>.<module>.lora_A.weight or .alpha
-            body = key[len(prefix) + 1 :]
-            module, part = next(
-                ((body[: -len(s) - 1], s) for s in ("lora_A.weight", "lora_B.weight", "alpha") if body.endswith("." + s)), (None, None)
-            )
-        else:
-            module = part = None
-        if module not in modules or part is None:
+        module, part = _module_and_part(key, modules, kohya_names, prefix)
+        if module is None:
             unmatched.append(key)
         elif part == "alpha":
             alphas[module] = float(value)
@@ -309,12 +330,39 @@ def _lora_config(lora: dict, alphas: dict[str, float]) -> dict:
     }
 
 
+def _converted_by_diffusers(pipe, tensors: dict) -> dict | None:
+    """The LoRA as the diffusers loader of ``pipe``'s family converts it (original-repo layouts such as FLUX.2's BFL
+    names with fused ``qkv``, which :func:`_module_and_part` does not rename), as ``transformer.*`` keys with the alphas
+    folded into the weights; None where diffusers has no converter or it fails."""
+    convert = getattr(type(pipe), "lora_state_dict", None)
+    if convert is None or isinstance(pipe, torch.nn.Module):
+        return None
+    folded = dict(tensors)  # alphas folded into the down halves first: not every converter reads them (FLUX.2's does not)
+    for key in [k for k in folded if k.endswith(".alpha")]:
+        stem = key[: -len(".alpha")]
+        down = next((f"{stem}.{d}" for d in ("lora_down.weight", "lora_A.weight") if f"{stem}.{d}" in folded), None)
+        if down is not None:
+            alpha = folded.pop(key)
+            folded[down] = folded[down] * (float(alpha) / folded[down].shape[0])
+    try:
+        result = convert(folded)
+    except Exception:  # diffusers' converters raise ValueError / KeyError / NotImplementedError on layouts they do not know
+        return None
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _lora_modules(tensors: dict) -> set[str]:
+    """The LoRA pairs of a file in any layout (keys of their down / A halves)."""
+    downs = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A.default.weight")
+    return {k for k in tensors if k.endswith(downs)}
+
+
 def load_student_lora(
     pipe,
     path_or_repo: str,
     adapter_name: str | None = None,
     weight_name: str | None = None,
-    lora_scale: float = 1.0,
+    lora_scale: float | None = None,
     fuse: bool = False,
     set_scheduler: bool = True,
     allow_pickle: bool = False,
@@ -323,14 +371,18 @@ def load_student_lora(
     """Load a LoRA student into ``pipe`` (a diffusers pipeline with a UNet or transformer).
 
     Reads the diffusers file or the ComfyUI file written by :func:`save_student_lora`, or any diffusers / peft /
-    kohya LoRA for the same model. Every LoRA module must map onto the pipeline's denoiser with matching shapes,
-    otherwise nothing is loaded and the error lists the unmatched keys. With sampling metadata in the file, the
-    pipeline's scheduler (and, for :class:`FewStepPipelineMixin` pipelines, the default steps and guidance) are
-    set from it; r-conditioned students also get the second-time embedding (``r_embedder.safetensors``).
+    kohya / ComfyUI / original-repo LoRA for the same model (layouts diffusers' own loader converts are converted by
+    it). Every LoRA module must map onto the pipeline's denoiser with matching shapes, otherwise nothing is loaded and
+    the error lists the unmatched keys. With sampling metadata in the file, or for a published few-step LoRA of
+    :data:`~onestep_pipelines.students.published.PUBLISHED_LORAS` (recognised by its file name: Qwen-Image-Lightning,
+    FLUX.2-dev-Turbo, Z-Image-Fun-Lora-Distill), the pipeline's scheduler (and, for :class:`FewStepPipelineMixin`
+    pipelines, the default steps and guidance) are set from it; r-conditioned students also get the second-time
+    embedding (``r_embedder.safetensors``).
 
     Args:
         adapter_name: peft adapter name (defaults to the metadata's method, else "student").
-        lora_scale: adapter weight (or the scale of the fused weights when ``fuse``).
+        lora_scale: adapter weight (or the scale of the fused weights when ``fuse``); None: 1, or the strength a
+            published LoRA's authors recommend.
         fuse: merge the LoRA into the weights and remove the adapter.
         allow_pickle: allow ``.bin`` / ``.pt`` files (pickle can run code; loaded with ``weights_only=True``).
         hub_kwargs: ``revision``, ``token``, ``cache_dir``... for Hub repo ids.
@@ -346,6 +398,13 @@ def load_student_lora(
     embedded_r = {k[len(COMFYUI_R_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(COMFYUI_R_PREFIX)]}
     metadata = StudentMetadata.from_json(header[METADATA_KEY]) if METADATA_KEY in header else None
     architecture = architecture_of(model)
+    published = None if metadata is not None else published_lora(weight_name or path, architecture)
+    if published is not None:
+        metadata = published.metadata(weight_name or path)
+        logger.info("%s is %s (%s): sampling as its recipe says: %s, %d steps.", os.path.basename(path), published.name, published.repo,
+                    metadata.scheduler_class, metadata.num_inference_steps)
+    if lora_scale is None:
+        lora_scale = published.strength if published is not None else 1.0
     if metadata is not None and metadata.architecture != architecture:
         raise ValueError(f"{path} is a LoRA for {metadata.architecture!r} models; this pipeline's {prefix} is {architecture!r}.")
     if metadata is not None and metadata.r_conditioning:
@@ -353,6 +412,11 @@ def load_student_lora(
             raise ValueError(f"r-conditioned students need a few-step pipeline that passes r, not {type(pipe).__name__}.")
         model = add_r_conditioning(model)
     lora, alphas, unmatched = _to_peft(tensors, model, prefix)
+    converted = _converted_by_diffusers(pipe, tensors) if unmatched else None
+    if converted:
+        lora_c, alphas_c, unmatched_c = _to_peft(converted, model, prefix)
+        if not unmatched_c and len(_lora_modules(converted)) >= len(_lora_modules(tensors)):  # (fused qkv pairs come out split)
+            lora, alphas, unmatched = lora_c, alphas_c, unmatched_c
     if unmatched or not lora:
         shown = ", ".join(unmatched[:20]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 20 else "")
         raise ValueError(
@@ -392,4 +456,9 @@ def load_student_lora(
             pipe.set_student(metadata)
         else:
             pipe.scheduler = metadata.make_scheduler()
+    elif metadata is not None and not isinstance(pipe, FewStepPipelineMixin) and metadata.schedule_conflicts(pipe.scheduler):
+        logger.warning("%s samples on another schedule than this pipeline's scheduler: %s. Load it with set_scheduler=True.",
+                       os.path.basename(path), ", ".join(metadata.schedule_conflicts(pipe.scheduler)))
+    if isinstance(pipe, FewStepPipelineMixin) and metadata is not None and not set_scheduler:
+        pipe.set_student(metadata, set_scheduler=False)
     return metadata

@@ -56,13 +56,30 @@ class FiniteGuard:
             raise TrainingDiverged(f"update {first // 64 + 1}: the {names.get(first % 64, 'loss or gradient')} became non-finite")
 
 
+_ATTENTION = "to_q,to_k,to_v,to_out.0"
+_JOINT_ATTENTION = f"{_ATTENTION},add_q_proj,add_k_proj,add_v_proj,to_add_out"
+LORA_TARGETS = {
+    "digits": "qkv,proj",
+    # the 2026 families: every linear layer of the transformer blocks, as their few-step LoRAs (Lightning, Turbo) train
+    "qwen_image": f"{_JOINT_ATTENTION},img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2",
+    # (a regular expression: a single block's attn.to_out is a Linear, a double block's a ModuleList)
+    "flux2": r".*(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff(_context)?\.linear_(in|out))"
+             r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))",
+    "z_image": f"{_ATTENTION},feed_forward.w1,feed_forward.w2,feed_forward.w3",
+}
+"""Default LoRA target modules per architecture (``--lora-targets`` overrides); others: the attention projections."""
+
+
 def add_lora(model, rank: int, alpha: float = 0.0, targets: str = "", architecture: str = "") -> None:
     """A peft LoRA adapter on ``model`` (diffusers' ``add_adapter``): ``targets`` comma-separated module names, by
-    default the attention projections (``qkv``, ``proj`` for the digits DiT)."""
+    default :data:`LORA_TARGETS` of the architecture (the attention projections where it names none)."""
     from peft import LoraConfig
 
-    default = "qkv,proj" if architecture == "digits" else "to_q,to_k,to_v,to_out.0"
-    modules = [t.strip() for t in (targets or default).split(",") if t.strip()]
+    default = LORA_TARGETS.get(architecture, _ATTENTION)
+    if not targets and default.startswith(".*"):
+        modules = default  # peft matches a string as a regular expression over the full module name
+    else:
+        modules = [t.strip() for t in (targets or default).split(",") if t.strip()]
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=modules))
 
 
@@ -115,7 +132,7 @@ class Method:
         self.optimizer = None  # the student's, from :meth:`place`
         self.update_index, self.last_micro_step = 0, True  # the update being computed (from :meth:`step`)
         self.scheduler = scheduler  # the student's sampler; its times drive the roll-outs
-        scheduler.set_timesteps(config.num_steps, mu=teacher.shift_mu())
+        scheduler.set_timesteps(config.num_steps, mu=teacher.shift_mu(config.num_steps))
         self.times = scheduler.native_times(scheduler.timesteps).cpu()  # native times (host), one per student step
         self.student_trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
 

@@ -59,7 +59,7 @@ class Reflow(Method):
         """Native times of the teacher's Euler ODE (the student's schedule at ``--ode-steps`` steps, then 0), on the
         training device."""
         grid = type(self.scheduler).from_config(self.scheduler.config)
-        grid.set_timesteps(self.config.ode_steps, mu=self.teacher.shift_mu())
+        grid.set_timesteps(self.config.ode_steps, mu=self.teacher.shift_mu(self.config.ode_steps))
         times = torch.cat([grid.native_times(grid.timesteps).cpu().float(), torch.zeros(1)])
         return times.to(self.accelerator.device)
 
