@@ -217,9 +217,7 @@ def write_model_card(
         comfyui_file=comfyui_file,
         comfyui_sampler=_comfyui_sampler(m),
         comfyui_cfg=1.0 if m.guidance_baked else m.guidance_scale,
-        comfyui_note="ComfyUI cannot load this architecture natively." if digits else f"the ComfyUI this package is tested with (October 2025) has "
-        f"no native {FAMILY_NAMES[m.architecture]} model (newer ComfyUI has; untested here): the node pack's Diffusers Student node runs the diffusers folder." if m.architecture in ("flux2", "z_image")
-        else "the LoRA form of a student is the native ComfyUI route.",
+        comfyui_note="ComfyUI cannot load this architecture natively." if digits else _comfyui_route(m.architecture),
         rank=lora.get("r"),
         alpha=lora.get("lora_alpha"),
         numbers=numbers_table(numbers or []),
@@ -227,3 +225,10 @@ def write_model_card(
     )
     write_atomically(os.path.join(folder, "README.md"), str(card))
     return card
+
+
+def _comfyui_route(architecture: str) -> str:
+    if architecture in ("flux2", "z_image"):
+        return (f"the ComfyUI this package is tested with (October 2025) has no native {FAMILY_NAMES[architecture]} model (newer ComfyUI "
+                "has; untested here): the node pack's Diffusers Student node runs the diffusers folder.")
+    return "the LoRA form of a student is the native ComfyUI route."
