@@ -61,8 +61,8 @@ def with_lora(teacher, lora: str, strength: float = 1.0, label: str = "the stude
     except TypeError:
         architecture = None
     if denoiser is None or architecture is None:
-        raise ValueError(f"lora {file}: student {label} ({type(teacher).__name__}) has no SD / SDXL UNet, SD3, Flux or digits "
-                         "denoiser to apply a LoRA student to; set lora to none.")
+        raise ValueError(f"lora {file}: student {label} ({type(teacher).__name__}) has no SD / SDXL UNet, SD3, Flux, Qwen-Image, FLUX.2, "
+                         "Z-Image or digits denoiser to apply a LoRA student to; set lora to none.")
     if metadata is not None and metadata.architecture != architecture:
         raise ValueError(f"lora {file} is a LoRA for {metadata.architecture!r} models; student {label} is {architecture!r}: "
                          "pick a LoRA trained on this student's base model.")
@@ -138,8 +138,8 @@ def generate(pipe, prompt: str = "", class_labels: str = "", seed: int = 0, step
         kwargs["num_inference_steps"] = int(steps)
     elif getattr(pipe, "student", None) is None:
         raise ValueError("this pipeline records no student defaults: set steps > 0.")
-    if guidance >= 0:
-        kwargs["guidance_scale"] = float(guidance)
+    if guidance >= 0:  # in the usual convention; a few-step pipeline names it as its family does (true_cfg_scale, Z-Image's w - 1)
+        kwargs.update(pipe.guidance_kwargs(float(guidance)) if hasattr(pipe, "guidance_kwargs") else {"guidance_scale": float(guidance)})
     if "class_labels" in _parameters(pipe):
         kwargs["class_labels"] = parse_labels(class_labels) * int(batch_size) if class_labels.strip() else None
     else:

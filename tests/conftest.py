@@ -44,22 +44,37 @@ def tiny_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stock_teachers(tmp_path_factory):
-    """Tiny random SD / SDXL / SD3 / Flux pipeline folders and a folder of captioned images with a prompt list."""
-    from onestep_pipelines.testing import tiny_pipeline
-
-    folders = {}
-    for arch in ("sd", "sdxl", "sd3", "flux"):
-        folders[arch] = str(tmp_path_factory.mktemp(arch))
-        tiny_pipeline(arch).save_pretrained(folders[arch])
-    data = tmp_path_factory.mktemp("images")
+def captioned_data(tmp_path_factory) -> str:
+    """A folder of two captioned images and a prompt list (``prompts.txt``, with blank lines)."""
     from PIL import Image
 
+    data = tmp_path_factory.mktemp("images")
     for i, caption in enumerate(["a red square", "a blue circle"]):
         Image.new("RGB", (40, 40), ("red", "blue")[i]).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(caption)
     (data / "prompts.txt").write_text("a cat\na dog\n\n")
-    return folders, str(data)
+    return str(data)
+
+
+@pytest.fixture(scope="module")
+def teacher_folders(tmp_path_factory):
+    """``teacher_folders(architectures)``: saved tiny random pipelines, ``{architecture: folder}``."""
+    from onestep_pipelines.testing import tiny_pipeline
+
+    def save(architectures) -> dict:
+        folders = {}
+        for arch in architectures:
+            folders[arch] = str(tmp_path_factory.mktemp(arch))
+            tiny_pipeline(arch).save_pretrained(folders[arch])
+        return folders
+
+    return save
+
+
+@pytest.fixture(scope="module")
+def stock_teachers(teacher_folders, captioned_data):
+    """Tiny random SD / SDXL / SD3 / Flux pipeline folders and a folder of captioned images with a prompt list."""
+    return teacher_folders(("sd", "sdxl", "sd3", "flux")), captioned_data
 
 
 @pytest.fixture

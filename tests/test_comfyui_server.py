@@ -157,11 +157,46 @@ def comfy(tmp_path_factory):
     incomplete = base / "models" / "diffusers" / "incomplete-student"
     incomplete.mkdir()
     (incomplete / "model_index.json").write_text((base / "models" / "diffusers" / "digits-dmd2-student" / "model_index.json").read_text())
+    _write_family_teachers_and_loras(base)
     text_teacher = _text_teacher_in(str(base / "custom_nodes" / "onestep-pipelines"))
     text_loras = _write_text_lora_students(base, text_teacher) if text_teacher else {}
     with ComfyServer(str(base), forget_installed=True) as server:
         yield {"server": server, "unet": unet, "lora_unet": lora_unet, "r_unet": r_unet, "r_lora_dir": str(base / "rlora"), "base": base,
                "text_teacher": text_teacher, "text_loras": text_loras}
+
+
+# the 2026 families through the bridge: tiny random teachers, and a LoRA in each family's published layout, named as published
+FAMILY_LORAS = {"qwen_image": "Qwen-Image-Lightning-4steps-V1.0.safetensors", "flux2": "flux.2-turbo-lora.safetensors",
+                "z_image": "Z-Image-Fun-Lora-Distill-4-Steps-2603.safetensors"}
+
+
+def _family_lora(model, family: str) -> dict:
+    """A random LoRA on a few of ``model``'s block layers in the layout the family's published file uses."""
+    generator = torch.Generator().manual_seed(3)
+    blocks = "layers" if family == "z_image" else "transformer_blocks"
+    tensors = {}
+    for target in ("attn.to_q", "attn.to_v") if family != "z_image" else ("attention.to_q", "feed_forward.w1"):
+        module = f"{blocks}.0.{target}"
+        layer = model.get_submodule(module)
+        down, up = 0.3 * torch.randn(4, layer.in_features, generator=generator), 0.3 * torch.randn(layer.out_features, 4, generator=generator)
+        if family == "qwen_image":  # lightx2v: bare names, lora_down / lora_up, alpha
+            tensors |= {f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up, f"{module}.alpha": torch.tensor(4.0)}
+        elif family == "flux2":  # fal: diffusers transformer.* keys
+            tensors |= {f"transformer.{module}.lora_A.weight": down, f"transformer.{module}.lora_B.weight": up}
+        else:  # VideoX-Fun: bare peft keys, no alpha
+            tensors |= {f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up}
+    return tensors
+
+
+def _write_family_teachers_and_loras(base) -> None:
+    from safetensors.torch import save_file
+
+    from onestep_pipelines.testing import tiny_pipeline
+
+    for family, name in FAMILY_LORAS.items():
+        teacher = tiny_pipeline(family)
+        teacher.save_pretrained(str(base / "models" / "diffusers" / f"tiny-{family}"))
+        save_file(_family_lora(teacher.transformer, family), str(base / "models" / "loras" / name))
 
 
 def _pipeline(unet, scheduler, cls=None):
@@ -309,7 +344,14 @@ def test_example_workflows_run(comfy, name):
     files = {"ckpt_name": "tiny_sd15.safetensors", "lora_name": "student_comfyui.safetensors", "r_embedder": "r_embedder.safetensors"}
     if comfy["text_teacher"] is None and any(node["inputs"].get("student") == "text-digits-sd" for node in prompt.values()):
         pytest.skip(NO_TEXT_TEACHER)
+    if any(node["class_type"] == "UNETLoader" for node in prompt.values()):  # a native Qwen-Image graph: ComfyUI's detector cannot
+        _assert_valid_graph(comfy["server"], prompt)  # load a tiny Qwen-Image (test_comfy_qwen_image.py runs the nodes on one)
+        return
     for node in prompt.values():
+        family = WORKFLOW_FAMILIES.get(node["inputs"].get("student"))
+        if family is not None:  # a bridge graph of a 2026 family: its tiny teacher and published-layout LoRA
+            node["inputs"].update(student=f"tiny-{family}", lora=FAMILY_LORAS[family], width=32, height=32)
+            continue
         for key, value in files.items():
             if key in node["inputs"]:
                 node["inputs"][key] = value
@@ -319,6 +361,23 @@ def test_example_workflows_run(comfy, name):
     assert execution_error(entry) is None, execution_error(entry)
     images = [item for out in entry["outputs"].values() for item in out.get("images", [])]
     assert images and all(os.path.isfile(comfy["server"].output_path(i.get("subfolder", ""), i["filename"])) for i in images)
+
+
+WORKFLOW_FAMILIES = {"FLUX.2-dev": "flux2", "Z-Image": "z_image"}  # the example workflows' diffusers folders -> tiny teachers
+
+
+def _assert_valid_graph(server, prompt: dict) -> None:
+    """Every node of ``prompt`` exists in the running server with the inputs it is given, and every combo value that is
+    not a model file name is one the node offers."""
+    info = server.get("/object_info")
+    for node in prompt.values():
+        assert node["class_type"] in info, node["class_type"]
+        declared = {**info[node["class_type"]]["input"].get("required", {}), **info[node["class_type"]]["input"].get("optional", {})}
+        assert set(node["inputs"]) <= set(declared), (node["class_type"], set(node["inputs"]) - set(declared))
+        for name, value in node["inputs"].items():
+            options = declared[name][0]
+            if isinstance(options, list) and not isinstance(value, list) and not name.endswith("_name"):
+                assert value in options, (node["class_type"], name, value)
 
 
 def test_pip_installed_package_loads_through_the_one_line_shim(tmp_path):
@@ -711,3 +770,27 @@ def test_cancel_stops_the_diffusers_bridge_and_it_reports_progress(comfy):
     outcome, progress, stopped_after = asyncio.run(watch())
     assert outcome == "execution_interrupted", outcome
     assert stopped_after < 5.0 and 20 <= len(progress) < 1000 and progress == sorted(progress)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LORAS))
+def test_published_few_step_loras_of_the_2026_families_through_the_bridge_equal_diffusers(comfy, family):
+    """Qwen-Image-Lightning, FLUX.2-dev-Turbo and Z-Image-Fun-Lora-Distill layouts (tiny, random), applied by the bridge
+    node to a tiny teacher of their family in models/diffusers: the IMAGE equals the few-step pipeline with
+    load_student_lora for the same prompt and seed, sampled on each file's published recipe (steps, shift, sigmas)."""
+    from diffusers import DiffusionPipeline
+
+    from onestep_pipelines.pipelines import student_pipeline
+    from onestep_pipelines.students import load_student_lora
+
+    server, folder = comfy["server"], comfy["base"] / "models" / "diffusers" / f"tiny-{family}"
+    node = {"class_type": "OneStepDiffusersStudent", "inputs": {"student": f"tiny-{family}", "prompt": "a cat", "class_labels": "", "seed": SEED,
+            "steps": 0, "guidance": -1.0, "width": 32, "height": 32, "batch_size": 1, "substeps": 0, "lora": FAMILY_LORAS[family], "lora_strength": 1.0}}
+    entry = server.run({"1": node, "2": {"class_type": "TestImageAsLatent", "inputs": {"images": ["1", 0]}},
+                        "3": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": f"family_{family}"}}})
+    assert execution_error(entry) is None, execution_error(entry)
+    pipe = student_pipeline(DiffusionPipeline.from_pretrained(str(folder)))
+    metadata = load_student_lora(pipe, str(comfy["base"] / "models" / "loras" / FAMILY_LORAS[family]), lora_scale=1.0)
+    assert metadata.num_inference_steps == {"qwen_image": 4, "flux2": 8, "z_image": 4}[family]
+    with torch.no_grad():
+        images = pipe(prompt="a cat", height=32, width=32, generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt").images
+    torch.testing.assert_close(server.latent(entry, "3"), images.float().clamp(0, 1).permute(0, 2, 3, 1), rtol=0, atol=1e-4)

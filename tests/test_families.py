@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image
 from safetensors import safe_open
 
 from onestep_pipelines import ConsistencyScheduler
@@ -24,17 +23,8 @@ PIPELINES = {"qwen_image": "FewStepQwenImagePipeline", "flux2": "FewStepFlux2Pip
 
 
 @pytest.fixture(scope="module")
-def family_teachers(tmp_path_factory):
-    folders = {}
-    for name in FAMILIES:
-        folders[name] = str(tmp_path_factory.mktemp(name))
-        tiny_pipeline(name).save_pretrained(folders[name])
-    data = tmp_path_factory.mktemp("images")
-    for i, caption in enumerate(["a red square", "a blue circle"]):
-        Image.new("RGB", (40, 40), ("red", "blue")[i]).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(caption)
-    (data / "prompts.txt").write_text("a cat\na dog\n")
-    return folders, str(data)
+def family_teachers(teacher_folders, captioned_data):
+    return teacher_folders(FAMILIES), captioned_data
 
 
 def _run(folders, data, tmp_path, family, method, **overrides):
@@ -122,3 +112,16 @@ def test_z_image_refuses_flow_map_methods_by_name(family_teachers, tmp_path):
     folders, data = family_teachers
     with pytest.raises(TypeError, match="not ZImageTransformer2DModel"):
         _run(folders, data, tmp_path, "z_image", "flowmap", lora_rank=0)
+
+
+@pytest.mark.parametrize("family,blocks", [("qwen_image", ["QwenImageTransformerBlock"]), ("flux2", ["Flux2TransformerBlock", "Flux2SingleTransformerBlock"]),
+                                           ("z_image", ["ZImageTransformerBlock"])])
+def test_fsdp_wraps_each_familys_blocks(family, blocks):
+    """FSDP2 units are the transformer's own blocks (its ``_no_split_modules``), present in the model."""
+    from types import SimpleNamespace
+
+    from onestep_pipelines.training.sharding import wrap_class_names
+
+    model = tiny_pipeline(family).transformer
+    assert wrap_class_names(model, SimpleNamespace(transformer_cls_names_to_wrap=None)) == blocks
+    assert {type(m).__name__ for m in model.modules()} >= set(blocks)

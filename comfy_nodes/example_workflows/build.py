@@ -202,8 +202,49 @@ def flow_flux() -> dict:
     return _finish(g, ckpt, model, positive, negative, latent, sampler[0], sigmas[0], "onestep_flux")
 
 
+# ---------------------------------------------------------------------------- the 2026 families: published few-step LoRAs
+def qwen_image_lightning() -> dict:
+    """Qwen-Image-Lightning (lightx2v/Qwen-Image-Lightning, 8 steps) on ComfyUI's native Qwen-Image: the student LoRA
+    loader recognises the file and outputs its recipe (Euler on shift 3, 8 steps, whatever the model's own shift 1.15),
+    CFG 1."""
+    g = Graph()
+    model = g.node("UNETLoader", unet_name="qwen_image_fp8_e4m3fn.safetensors", weight_dtype="default")
+    clip = g.node("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image", device="default")
+    vae = g.node("VAELoader", vae_name="qwen_image_vae.safetensors")
+    lora = g.node("OneStepLoraLoader", model=model[0], lora_name="Qwen-Image-Lightning-8steps-V1.1.safetensors", strength=1.0, allow_partial=False,
+                  fallback_steps=8)
+    positive = g.node("CLIPTextEncode", text="a photo of a red fox in the snow", clip=clip[0])
+    negative = g.node("CLIPTextEncode", text="", clip=clip[0])
+    latent = g.node("EmptySD3LatentImage", width=1328, height=1328, batch_size=1)
+    out = g.node("SamplerCustom", model=lora[0], add_noise=True, noise_seed=0, cfg=1.0, positive=positive[0], negative=negative[0], sampler=lora[1],
+                 sigmas=lora[2], latent_image=latent[0])
+    g.node("SaveImage", images=g.node("VAEDecode", samples=out[0], vae=vae[0])[0], filename_prefix="onestep_qwen_image_lightning")
+    return g.nodes
+
+
+def _bridge_lora(student: str, lora: str, strength: float, prefix: str, size: int = 1024) -> dict:
+    g = Graph()
+    image = g.node("OneStepDiffusersStudent", student=student, prompt="a photo of a red fox in the snow", class_labels="", seed=0, steps=0, guidance=-1.0,
+                   width=size, height=size, batch_size=1, substeps=0, lora=lora, lora_strength=strength)
+    g.node("SaveImage", images=image[0], filename_prefix=prefix)
+    return g.nodes
+
+
+def flux2_turbo_lora() -> dict:
+    """FLUX.2-dev-Turbo (fal/FLUX.2-dev-Turbo) on a FLUX.2 [dev] diffusers folder (models/diffusers/FLUX.2-dev) through the
+    diffusers bridge (this ComfyUI has no native FLUX.2): fal's 8 sigmas, guidance embedding 2.5, as the file's recipe."""
+    return _bridge_lora("FLUX.2-dev", "flux.2-turbo-lora.safetensors", 1.0, "onestep_flux2_turbo")
+
+
+def z_image_distill_lora() -> dict:
+    """Z-Image-Fun-Lora-Distill (alibaba-pai, 8 steps) on a base Z-Image diffusers folder (models/diffusers/Z-Image)
+    through the diffusers bridge (this ComfyUI has no native Z-Image): shift 3, no CFG, strength 0.8 as its card says."""
+    return _bridge_lora("Z-Image", "Z-Image-Fun-Lora-Distill-8-Steps.safetensors", 0.8, "onestep_z_image_distill")
+
+
 WORKFLOWS = {f.__name__: f for f in (consistency_sampler, tcd_custom_timesteps, tdm_sampler, student_lora, flow_map_sampler, diffusers_student,
-                                     text_digits_lora_student, lcm_lora, tcd_lora, hyper_sd_lora, dmd2_unet, lightning_unet, flow_sd3, flow_flux)}
+                                     text_digits_lora_student, lcm_lora, tcd_lora, hyper_sd_lora, dmd2_unet, lightning_unet, flow_sd3, flow_flux,
+                                     qwen_image_lightning, flux2_turbo_lora, z_image_distill_lora)}
 
 
 def to_ui(api: dict, object_info: dict) -> dict:
