@@ -336,7 +336,7 @@ def test_a_clone_has_the_example_workflows_where_comfyui_looks():
     assert os.path.samefile(EXAMPLES, os.path.join(REPO, "comfy_nodes", "example_workflows"))
     shipped = {os.path.basename(p): open(p, "rb").read() for p in ui_workflows()}
     in_clone = {os.path.basename(p): open(p, "rb").read() for p in glob.glob(os.path.join(REPO, "example_workflows", "*"))}
-    assert len(shipped) == 14 and in_clone == shipped
+    assert len(shipped) == 17 and in_clone == shipped
     assert all(json.loads(data)["nodes"] for data in shipped.values())  # UI format: templates load in the editor
 
 
