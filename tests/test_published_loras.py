@@ -148,6 +148,21 @@ def test_flux2_bfl_layout_is_converted_by_diffusers_with_its_qkv_split(family_pi
     assert len(deltas) == 3
 
 
+def test_the_comfyui_copy_of_flux2_turbo_with_its_mixed_prefixes_loads_completely(family_pipes, tmp_path):
+    """fal's ComfyUI copy mixes ``transformer.transformer_blocks.*`` keys with BFL ``diffusion_model.guidance_in.*`` ones
+    (diffusers issue 13484): diffusers' converter takes the whole file, and every module lands."""
+    pipe = family_pipes["flux2"]
+    model = pipe.transformer
+    pairs = _pairs(model, ["transformer_blocks.0.attn.to_q", "time_guidance_embed.guidance_embedder.linear_1"])
+    (down, up), (g_down, g_up) = pairs.values()
+    tensors = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": down, "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": up,
+               "diffusion_model.guidance_in.in_layer.lora_A.weight": g_down, "diffusion_model.guidance_in.in_layer.lora_B.weight": g_up}
+    metadata, deltas = _load(pipe, tmp_path, "Flux_2-Turbo-LoRA_comfyui.safetensors", tensors)
+    assert metadata.method == "flux2-dev-turbo" and len(deltas) == 2
+    torch.testing.assert_close(deltas["transformer_blocks.0.attn.to_q.weight"], up @ down, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(deltas["time_guidance_embed.guidance_embedder.linear_1.weight"], g_up @ g_down, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["peft-bare", "kohya-videox"])
 def test_z_image_fun_distill_layouts_load_at_strength_0_8_without_cfg(family_pipes, tmp_path, layout):
     """diffusers' own loader loads nothing from the bare layout (no alpha: its converter does not trigger, a warning only)
