@@ -362,5 +362,5 @@ def test_pip_users_install_the_pack_with_its_example_workflows(tmp_path):
         install(str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "onestep_pipelines.comfy_nodes", str(tmp_path), "--name", "onestep2"], capture_output=True,
                          text=True, cwd=str(tmp_path))
-    assert out.returncode == 0 and "14 example workflows" in out.stdout, out.stderr[-2000:]
-    assert len(os.listdir(tmp_path / "custom_nodes" / "onestep2" / "example_workflows")) == 14
+    assert out.returncode == 0 and "17 example workflows" in out.stdout, out.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "custom_nodes" / "onestep2" / "example_workflows")) == 17
