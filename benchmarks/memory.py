@@ -7,16 +7,18 @@ has run these models in this project yet (``benchmarks/gpu.py`` is how a lent GP
 
 What a LoRA DMD2 run holds on one GPU (batch 1, 1024 x 1024, bf16 weights, gradient checkpointing):
 
-- frozen base weights: today the trainer keeps three copies of the transformer (the teacher, the student under its
-  LoRA, the fake score under its LoRA); a shared frozen base (one copy, three adapters), fp8 or NF4 base weights are the
-  memory options of the scale issue (31) and are computed here as what they would need;
+- frozen base weights: the teacher, the LoRA student and the LoRA fake score share one bf16 copy of the transformer
+  (``training.methods.base.tied_copy``; measured on tiny models: the run's ``weights_mb`` is one base plus adapters);
+  under FSDP2 each network is sharded on its own (three copies, divided among the GPUs); fp8 and NF4 bases are not
+  built yet and are computed here as what they would need;
 - the two LoRAs (rank ``--rank`` on the family's default targets, ``training.methods.base.LORA_TARGETS``): fp32 weights,
   gradients and Adam moments, plus the student's EMA: 20 bytes per student LoRA parameter, 16 per fake-score one;
 - activations of one backward pass with checkpointing: the block inputs kept for recomputation (2 bytes x tokens x
   width per block) plus one block recomputed in full, ``34 x tokens x width`` bytes (Korthikanti et al. 2022, "Reducing
   Activation Recomputation in Large Transformer Models", eq. 1 without the attention-score term, which flash / SDPA
   attention does not store);
-- the text encoder is needed only while the prompt list is encoded (the trainer encodes prompts once): listed apart.
+- the text encoder in bf16 (the trainer encodes the prompt list once, but keeps the encoder on the device for previews
+  and validation samples; a cache of embeddings, issue 31, would drop it) and the VAE in float32.
 
     python benchmarks/memory.py [--rank 64] [--json out.json]
 """
@@ -111,11 +113,13 @@ def estimate(rank: int) -> list[dict]:
         tokens = TOKENS_1024 + text
         activations = 2 * tokens * width * blocks + 34 * tokens * width
         adapters = 20 * lora + 16 * lora  # student LoRA (+ EMA) and fake-score LoRA, fp32 with Adam
-        base = {"today (3 bf16 copies)": 3 * 2 * params, "shared bf16 base": 2 * params, "shared fp8 base": params, "shared NF4 base": params // 2}
+        base = {"one shared bf16 base": 2 * params, "fp8 base (not built)": params, "NF4 base (not built)": params // 2,
+                "3 bf16 copies (FSDP2: / GPUs)": 3 * 2 * params}
         rows.append({
             "family": architecture, "transformer_params": params, "vae_params": _count(vae), "text_encoder": encoders[architecture][0],
             "text_encoder_params": encoders[architecture][1], "lora_params": lora, "rank": rank,
-            "gib": {option: (weights + adapters + activations + 2 * _count(vae)) / GIB for option, weights in base.items()},
+            "gib": {option: (weights + adapters + activations + 4 * _count(vae) + 2 * encoders[architecture][1]) / GIB for option, weights in base.items()}
+            | {"shared base, no text encoder (cache: not built)": (2 * params + adapters + activations + 4 * _count(vae)) / GIB},
             "text_encoder_bf16_gib": 2 * encoders[architecture][1] / GIB, "activations_gib": activations / GIB,
         })
     return rows
@@ -133,7 +137,7 @@ def main() -> None:
     rows = estimate(args.rank)
     options = list(rows[0]["gib"])
     print(f"LoRA DMD2, rank {args.rank}, batch 1 at 1024 px, gradient checkpointing: GiB per GPU (smallest card that fits), COMPUTED not measured\n")
-    print("| family | transformer | LoRA params | " + " | ".join(options) + " | text encoder (once) |")
+    print("| family | transformer | LoRA params | " + " | ".join(options) + " | of which the text encoder |")
     print("|---" * (len(options) + 4) + "|")
     for r in rows:
         cells = " | ".join(f"{v:.1f} ({fits(v)})" for v in r["gib"].values())

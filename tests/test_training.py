@@ -485,3 +485,32 @@ def test_flow_map_methods_refuse_students_without_r_and_models_without_forward_a
     z, t, r = torch.randn(2, 1, 8, 8), torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.2])
     with pytest.raises(ValueError, match="--target jvp: DigitsTransformer2DModel cannot do forward-mode AD here.*use --target euler"):
         method.jvp(student, (z, r, t), (torch.zeros_like(z), torch.ones_like(r), torch.zeros_like(t)), {"class_labels": torch.tensor([1, 2])})
+
+
+@pytest.mark.parametrize("method,fake", [("dmd2", 4), ("consistency", 0)])
+def test_lora_networks_share_one_frozen_base_and_train_exactly_as_copies_did(stock_teachers, tmp_path, monkeypatch, method, fake):
+    """A LoRA student, a LoRA fake score (DMD2) and a target network (consistency) hold the teacher's frozen base weights
+    themselves, not copies: the weights of all the networks are one base plus adapters, and the run's weights after 3
+    updates equal those of a run with a copy per network (the same checksum)."""
+    import functools
+    import importlib
+
+    import onestep_pipelines.training.methods.base as base
+    from onestep_pipelines.testing import tiny_pipeline
+
+    folders, data = stock_teachers
+    source = {"data": data} if method == "consistency" else {"prompts": os.path.join(data, "prompts.txt")}
+
+    def run(name):
+        return distill(DistillConfig(method=method, teacher=folders["sd"], output_dir=str(tmp_path / name), resolution=32, num_steps=2,
+                                     max_train_steps=3, batch_size=2, evaluate=False, preview_every=0, lora_rank=4, fake_lora_rank=fake, **source))
+
+    tied = run("tied")
+    unet_mb = sum(p.numel() * 4 for p in tiny_pipeline("sd").unet.parameters()) / 2**20
+    assert unet_mb < tied["weights_mb"] < 1.5 * unet_mb  # one float32 base (the CPU run's precision) plus the adapters
+    copies_only = functools.partial(base.tied_copy, tie=False)
+    for module in ("trainer", "methods.dmd2", "methods.consistency"):  # (imported before base changes: they bind the name)
+        monkeypatch.setattr(importlib.import_module(f"onestep_pipelines.training.{module}"), "tied_copy", lambda module, tie=True: copies_only(module))
+    copies = run("copies")
+    assert copies["weights_mb"] > (3 if fake else 2.9) * unet_mb
+    assert copies["rank_checksums"] == tied["rank_checksums"]

@@ -40,7 +40,7 @@ from .config import CONFIG_FILE, RUN_FILE, DistillConfig, config_yaml, flag
 from .data import make_data
 from .draws import Draws
 from .methods import TrainingDiverged, get_method
-from .methods.base import FiniteGuard, add_lora
+from .methods.base import FiniteGuard, Method, add_lora, tied_copy
 from .stopping import StopRequest, TrainingInterrupted
 from .threads import CpuThreads
 from .teachers import load_teacher
@@ -90,6 +90,19 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
     float32; these models have none)."""
     for p in module.parameters():
         p.data = p.data.to(dtype)
+
+
+def parameter_memory(modules) -> tuple[int, int]:
+    """``(bytes, shared bytes)`` of the parameters of ``modules``, each tensor counted once (by its storage), and the
+    bytes of those that more than one module holds (a tied frozen base)."""
+    seen, owners = {}, {}
+    for index, module in enumerate(modules):
+        for p in module.parameters():
+            p = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 shard: this process's part
+            key = (p.device, p.untyped_storage().data_ptr()) if p.device.type != "meta" else id(p)
+            seen[key] = p.untyped_storage().nbytes() if p.device.type != "meta" else 0
+            owners.setdefault(key, set()).add(index)
+    return sum(seen.values()), sum(n for key, n in seen.items() if len(owners[key]) > 1)
 
 
 def _count(module) -> tuple[int, int]:
@@ -151,6 +164,7 @@ class _Placed:
     ema: EMAModel | None
     names: list[str]  # the student's trainable parameter names (checkpoint keys)
     template: torch.nn.Module | None  # FSDP2: the weightless skeleton the sharded student is exported into
+    weight_bytes: int = 0  # parameters of the teacher, student and method networks, each tensor counted once
 
 
 def _distill(config: DistillConfig, teacher, data, export: bool, threads: CpuThreads) -> dict:
@@ -204,7 +218,15 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
     the scheduler it samples with, and the FSDP2 wrap classes. The teacher moves to the device in the compute
     precision."""
     teacher.pipeline.to(run.device)
-    student = copy.deepcopy(teacher.model).train()
+    if run.weight_dtype == torch.bfloat16:  # the text encoders in bf16 too (a 7-24 B one in float32 would hold 30-90 GB for
+        # previews); not in fp16, where T5 overflows, and the VAE stays float32 (SDXL's overflows in fp16)
+        for name, component in teacher.pipeline.components.items():
+            if name.startswith("text_encoder") and isinstance(component, torch.nn.Module):
+                cast(component, torch.bfloat16)
+    # a LoRA student shares the teacher's frozen base (one copy of the weights) unless FSDP2 shards it, or the method
+    # changes the copy's weights before training (reward loads a student's, pi-Flow widens the output layer)
+    tie = config.lora_rank > 0 and not run.fsdp and method_cls.start_from.__func__ is Method.start_from.__func__
+    student = tied_copy(teacher.model, tie).train()
     scheduler = method_cls.start_from(teacher, student, config)  # reward: a student folder's weights and sampler; piflow: a policy head
     cast(teacher.model, run.weight_dtype)  # the frozen denoiser in the compute precision (as diffusers' training scripts do)
     if method_cls.uses_r:  # flow-map / MeanFlow students: the teacher plus a zero-initialised second-time embedding
@@ -265,13 +287,16 @@ def _place(run: _Run, config: DistillConfig, method, blocks) -> _Placed:
     ema = EMAModel(params, decay=config.ema_decay, foreach=not run.fsdp) if config.ema_decay > 0 else None
     total, trainable = _count(accelerator.unwrap_model(student))
     aux = sum(_count(accelerator.unwrap_model(m))[1] for m, _ in method.checkpoint_modules().values())
+    networks = [method.teacher.model, student, *method.trained_networks().values(), *method.target_networks().values()]
+    weights, shared = parameter_memory([accelerator.unwrap_model(m) for m in networks])
     accelerator.print(
         f"student: {total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trained"
         f"{f'; method networks: {aux / 1e6:.2f} M' if aux else ''}; optimizer and EMA state about "
         f"{(trainable * (3 if ema else 2) + aux * 2) * 4 / 2**20 / (accelerator.num_processes if run.fsdp else 1):.0f} MB"
-        f"{' per process' if run.fsdp else ''}"
+        f"{' per process' if run.fsdp else ''}; weights of the {len(networks)} networks {weights / 2**20:.1f} MB"
+        f"{f' (the frozen base held once: {shared / 2**20:.1f} MB shared)' if shared else ''}"
     )
-    return _Placed(method, optimizer, method_optimizers, params, ema, names, template)
+    return _Placed(method, optimizer, method_optimizers, params, ema, names, template, weights)
 
 
 def _resume(run: _Run, config: DistillConfig, placed: _Placed) -> tuple[int, list]:
@@ -399,6 +424,7 @@ def _summary(run: _Run, config: DistillConfig, placed: _Placed, start: int, runs
         "processes": accelerator.num_processes,
         "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
         "peak_memory_mb": peak_memory_mb(run.device),
+        "weights_mb": placed.weight_bytes / 2**20,  # teacher, student and method networks, a shared frozen base counted once
         "cpu_threads": {"why": run.threads_why, "changes": run.threads.history},  # [update, count] at the start and at each change
         "rank_checksums": accelerator.gather(checksum).tolist(),  # identical on every process (DDP replicas, FSDP gathers)
     }

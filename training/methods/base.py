@@ -3,6 +3,8 @@ optimizer step with its NaN / inf guard."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from onestep_pipelines.sampling import consistency_step
@@ -68,6 +70,23 @@ LORA_TARGETS = {
     "z_image": f"{_ATTENTION},feed_forward.w1,feed_forward.w2,feed_forward.w3",
 }
 """Default LoRA target modules per architecture (``--lora-targets`` overrides); others: the attention projections."""
+
+
+def tied_copy(module: torch.nn.Module, tie: bool = True) -> torch.nn.Module:
+    """A copy of ``module`` whose frozen parameters *are* ``module``'s (the same tensors) and whose trainable ones are
+    copied: the teacher, a LoRA student, a LoRA fake score and a target network then hold one frozen base between them
+    and differ only in their adapters (pi-Flow ties its teacher, student and EMA bases the same way). ``tie=False``: a
+    plain deep copy (FSDP2 shards each network's parameters in place, so sharded networks cannot share them)."""
+    if not tie:
+        return copy.deepcopy(module)
+    return copy.deepcopy(module, {id(p): p for p in module.parameters() if not p.requires_grad})
+
+
+def ties_bases(accelerator) -> bool:
+    """Whether this run's networks share their frozen base (every run but FSDP2's)."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) != DistributedType.FSDP
 
 
 def add_lora(model, rank: int, alpha: float = 0.0, targets: str = "", architecture: str = "") -> None:

@@ -13,12 +13,11 @@ EMA of the student. One phase is LCM (sample with full re-noising, gamma 1); ``p
 
 from __future__ import annotations
 
-import copy
 
 import torch
 
 from onestep_pipelines.sampling import consistency_step
-from .base import Method, distance
+from .base import Method, distance, tied_copy, ties_bases
 
 
 class ConsistencyDistillation(Method):
@@ -28,7 +27,7 @@ class ConsistencyDistillation(Method):
     def __init__(self, teacher, student, scheduler, config, **run):
         super().__init__(teacher, student, scheduler, config, **run)
         self.phases = config.phases or 1
-        self.target = copy.deepcopy(student).eval().requires_grad_(False)
+        self.target = tied_copy(student, ties_bases(self.accelerator)).eval().requires_grad_(False)  # (a LoRA student's frozen base shared)
 
     @staticmethod
     def sampler_gamma(config) -> float | None:

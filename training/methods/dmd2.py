@@ -15,13 +15,12 @@ samples, both noised to the same ``t``.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, add_lora
+from .base import Method, add_lora, tied_copy, ties_bases
 
 
 
@@ -70,7 +69,8 @@ class DMD2(Method):
         """The fake score (a trainable float32 copy of the teacher, or a LoRA on it) and the optional GAN head; their
         optimizer is made by :meth:`build_optimizers`. Also used by other methods' score regularisers (sCM's rCM)."""
         config, teacher = self.config, self.teacher
-        self.fake = copy.deepcopy(teacher.model).train()
+        # a LoRA fake score shares the teacher's frozen base (one copy of the weights); a full one is its own float32 copy
+        self.fake = tied_copy(teacher.model, tie=bool(config.fake_lora_rank) and ties_bases(self.accelerator)).train()
         if config.fake_lora_rank:  # a LoRA on the frozen teacher (kept in the training precision)
             self.fake.requires_grad_(False)
             add_lora(self.fake, config.fake_lora_rank, 0.0, config.lora_targets, teacher.architecture)

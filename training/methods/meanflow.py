@@ -26,7 +26,6 @@ independently, of ``r``) is set to the end points 1 (noise) and 0 (data), the ju
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -34,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from onestep_pipelines.models.r_conditioning import takes_r_timestep
 
 from . import METHODS
-from .base import Method
+from .base import Method, tied_copy, ties_bases
 
 
 class MeanFlow(Method):
@@ -55,7 +54,7 @@ class MeanFlow(Method):
         if not takes_r_timestep(student):
             raise ValueError(f"{self.name} trains a flow map u(x, r, t): the student must take a second time r (add_r_conditioning); "
                              f"{type(student).__name__} does not.")
-        self.target_net = copy.deepcopy(student).eval().requires_grad_(False)
+        self.target_net = tied_copy(student, ties_bases(self.accelerator)).eval().requires_grad_(False)  # (a LoRA student's frozen base shared)
 
     def u(self, model, z, r, t, conditions):
         """Average velocity over ``[r, t]`` (native flow times)."""
