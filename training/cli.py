@@ -132,6 +132,23 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", default="", help="comma-separated step counts (default: the student's recommended steps)")
     evaluate.add_argument("--device", default="auto", type=_one_of(("auto", "cpu")), metavar="{auto,cpu}", help="auto: CUDA / MPS when present, else the CPU")
     evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")
+    cache = commands.add_parser(
+        "cache", help="encode a prompt list once into an on-disk embedding cache (for distill --cache)",
+        usage="%(prog)s --teacher T --prompts SOURCE --output DIR [--prompt-column C] [--resolution N] [--shard-rows N] [--limit N]",
+        description="Encode the prompts of SOURCE with the teacher's text encoders into sharded safetensors files in DIR; "
+                    "`onestep-train distill --teacher T --cache DIR` then trains from them without holding them in memory. "
+                    "An interrupted run continues after its last complete shard when started again.",
+    )
+    cache.add_argument("--teacher", required=True, help="the teacher the run will distil (a pipeline folder, Hub id or shipped text-to-image teacher)")
+    cache.add_argument("--prompts", required=True, metavar="SOURCE", help="a text / .jsonl / .json / .csv / .tsv file, or (datasets package) a .parquet file, "
+                                                                        "a saved dataset folder or a Hub dataset name")
+    cache.add_argument("--output", required=True, metavar="DIR", help="the cache folder (new, or one an interrupted run left)")
+    cache.add_argument("--prompt-column", default="", help="the prompt's field in records (default: prompt, text or caption)")
+    cache.add_argument("--resolution", type=int, default=0, help="the run's --resolution (SDXL's embeddings hold the image size); 0 = the pipeline's default")
+    cache.add_argument("--shard-rows", type=int, default=4096, help="prompts per shard file")
+    cache.add_argument("--batch-size", type=int, default=64, help="prompts encoded at once")
+    cache.add_argument("--limit", type=int, default=0, help="stop after this many prompts (0: all)")
+    cache.add_argument("--device", default="auto", type=_one_of(("auto", "cpu")), metavar="{auto,cpu}", help="auto: CUDA / MPS when present, else the CPU")
     push = commands.add_parser(
         "push", help="upload a run's student to the Hugging Face Hub (what --push-to-hub does; retries a failed upload)", usage="%(prog)s RUN_DIR --repo-id USER/NAME",
         description="Upload a student to the Hugging Face Hub (token from HF_TOKEN / `hf auth login`); the repository is created when missing.",
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     if extras:
         return _unrecognized(parser.command_parsers[command], extras)
-    return {"distill": _distill, "evaluate": _evaluate, "push": _push}[command](args, argv)
+    return {"distill": _distill, "evaluate": _evaluate, "push": _push, "cache": _cache}[command](args, argv)
 
 
 def _distill(args: dict, argv: list[str]) -> int:
@@ -273,6 +290,33 @@ def _interrupted(argv: list[str], config: DistillConfig, what: str, saved: str |
         launcher = " (under the same launcher: torchrun or accelerate launch)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"onestep-train: {what} (Ctrl-C); saved: {saved}. Resume with{launcher}:\n  {resume_command(argv, config.output_dir)}", file=sys.stderr)
     return 130
+
+
+def _cache(args: dict, argv: list[str]) -> int:
+    import time
+
+    if os.path.isfile(args["output"]):
+        return _error(f"--output {args['output']} is a file; choose a folder.")
+    from .cache import write_cache
+    from .evaluate import pick_device
+    from .teachers import load_teacher
+
+    start = time.perf_counter()
+    try:
+        teacher = load_teacher(args["teacher"], resolution=args["resolution"])
+        if teacher.architecture == "digits":
+            return _error("--teacher digits is class-conditional: it takes no prompts.")
+        teacher.to_device(pick_device(args["device"]))
+        record = write_cache(teacher, args["prompts"], args["output"], column=args["prompt_column"], shard_rows=args["shard_rows"],
+                             batch_size=args["batch_size"], limit=args["limit"])
+    except ValueError as error:
+        return _error(str(error))
+    size = sum(os.path.getsize(os.path.join(args["output"], name)) for name in os.listdir(args["output"]))
+    resolution = f" --resolution {args['resolution']}" if args["resolution"] else ""
+    print(f"cached {record['count']} prompts of {args['prompts']} for {args['teacher']} in {args['output']}: {len(record['shards'])} shard(s), "
+          f"{size / 2**20:.1f} MB, {time.perf_counter() - start:.1f} s. Train with: onestep-train distill --teacher {args['teacher']} "
+          f"--cache {args['output']}{resolution} ...")
+    return 0
 
 
 def _push(args: dict, argv: list[str]) -> int:

@@ -43,7 +43,11 @@ class DistillConfig:
     method: str = option("dmd2", "distillation method", tuple(METHODS))
     teacher: str = option("digits", "'digits' (the embedded teacher), 'text-digits-sd' (the shipped text-to-image digits teacher, a StableDiffusionPipeline), "
                                     "or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)")
-    prompts: str = option("", "text-to-image teachers: a text file with one prompt per line (data-free methods)")
+    prompts: str = option("", "text-to-image teachers: the prompts of data-free methods: a text file (one per line), a .jsonl / .json / .csv / "
+                              ".tsv file, or (with the datasets package) a .parquet file, a saved dataset folder or a Hub dataset name")
+    prompt_column: str = option("", "--prompts records: the prompt's field (default: prompt, text or caption)")
+    cache: str = option("", "text-to-image teachers: a prompt-embedding cache written by `onestep-train cache`, instead of --prompts "
+                            "(rows read from disk as batches draw them; the text encoders stay off the training device)")
     data: str = option("", "text-to-image teachers: an image folder with a .txt caption per image")
     resolution: int = option(0, "text-to-image teachers: image size of training samples (0 = the pipeline's default size: its denoiser's sample size "
                                 "times the VAE factor, 512 for SD 1.5, 1024 for SDXL, SD3 and Flux, 32 for the text-digits teachers)")
@@ -187,14 +191,14 @@ class DistillConfig:
             check_reward_spec(self.reward)
             if self.regularizer == "none" and (self.gan_weight or self.divergence != "reverse-kl"):
                 raise ValueError("--regularizer none trains no fake score: --gan-weight and --divergence need --regularizer dmd.")
-        if self.prompts and self.data:
-            raise ValueError("pass --prompts FILE or --data FOLDER, not both.")
+        if sum(map(bool, (self.prompts, self.data, self.cache))) > 1:
+            raise ValueError("pass one of --prompts, --cache and --data.")
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("--mixed-precision fp16 needs a GPU, and --device cpu runs on the CPU: use --mixed-precision bf16 or no.")
 
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
-        keep = ("method", "teacher", "prompts", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
+        keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
                 "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
         return {k: getattr(self, k) for k in keep}
@@ -227,24 +231,30 @@ class DistillConfig:
         if not teacher:
             return
         self._check_teacher()
-        if self.prompts and not os.path.isfile(self.prompts):
+        if self.prompts and not os.path.exists(self.prompts) and not _looks_like_hub_id(self.prompts):
             raise ValueError(f"--prompts {self.prompts}: no such file.")
-        if self.prompts:
-            with open(self.prompts, encoding="utf-8") as f:
-                if not any(line.strip() for line in f):
-                    raise ValueError(f"--prompts {self.prompts} holds no prompt.")
+        if self.prompts and os.path.isfile(self.prompts):
+            from .cache import iter_prompts
+
+            if next(iter_prompts(self.prompts, self.prompt_column), None) is None:
+                raise ValueError(f"--prompts {self.prompts} holds no prompt.")
+        if self.cache:
+            from .cache import PromptCache
+
+            PromptCache(self.cache)  # a readable cache folder (its teacher is checked once the teacher loads)
         if self.data:
             if not os.path.isdir(self.data):
                 raise ValueError(f"--data {self.data}: no such folder.")
             if not captioned_images(self.data):
                 raise ValueError(f"--data {self.data} holds no image with a caption (name.png + name.txt).")
-        if self.digits_teacher and (self.prompts or self.data):
-            raise ValueError("the digits teacher trains on the embedded digits; --prompts and --data are for text-to-image teachers.")
+        if self.digits_teacher and (self.prompts or self.data or self.cache):
+            raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
             needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm") or self.gan_weight > 0
             if needs_images and not self.data:
-                raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions).")
-            if not self.prompts and not self.data:
+                raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
+                                 f"{'; a prompt cache holds no images' if self.cache else ''}.")
+            if not self.prompts and not self.data and not self.cache:
                 raise ValueError("a text-to-image teacher needs --prompts FILE (one prompt per line) or --data FOLDER.")
 
     def _check_output_dir(self) -> None:
@@ -463,3 +473,8 @@ def config_yaml(config: DistillConfig) -> str:
     return ("# onestep-train distill --config config.yaml repeats this run, in a new folder (NAME-2, ...) unless --output-dir is given\n"
             + yaml.safe_dump(common, sort_keys=False)
             + (f"# options of --method {config.method} (other methods' options are left out)\n" + yaml.safe_dump(own, sort_keys=False) if own else ""))
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``name`` or ``org/name``: what a Hub dataset id looks like (not a path)."""
+    return not text.startswith((".", "/", "~")) and text.count("/") <= 1 and "\\" not in text and not os.path.splitext(text)[1]

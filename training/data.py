@@ -34,12 +34,18 @@ class DigitsData:
 
 
 class PromptData:
-    """Data-free batches: prompts drawn from a list (no images)."""
+    """Data-free batches: prompts drawn from a list (no images): ``--prompts`` (read and encoded at the start, held in
+    memory) or ``--cache`` (embeddings written by ``onestep-train cache``, read from disk as batches draw them)."""
 
-    def __init__(self, teacher, path: str):
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        teacher.set_prompts(prompts)
+    def __init__(self, teacher, source: str = "", column: str = "", cache: str = ""):
+        if cache:
+            from .cache import PromptCache
+
+            teacher.use_cache(PromptCache(cache))
+        else:
+            from .cache import iter_prompts
+
+            teacher.set_prompts(list(iter_prompts(source, column)))
         self.teacher = teacher
 
     def batch(self, rng) -> dict:
@@ -85,4 +91,4 @@ def make_data(teacher, config, device):
         return DigitsData(device)
     if config.data:
         return ImageFolderData(teacher, config.data, device)
-    return PromptData(teacher, config.prompts)
+    return PromptData(teacher, config.prompts, config.prompt_column, config.cache)

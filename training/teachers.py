@@ -12,6 +12,7 @@ embeddings computed once for text-to-image teachers), so batches stay cheap and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -144,7 +145,34 @@ class Teacher:
             raise ValueError("the prompt list is empty or has empty lines.")
         self.prompts = prompts
         with torch.no_grad():
-            self.embeddings = _encode(self.pipeline, [*prompts, ""], self.resolution)
+            self.embeddings = encode_prompts(self, [*prompts, ""])
+
+    @contextlib.contextmanager
+    def text_encoders_on(self, device):
+        """The text encoders on ``device`` for the duration (previews and validation samples of a run that trains from a
+        prompt cache, whose text encoders otherwise stay on the CPU); a no-op where they already are there."""
+        encoders = [m for name, m in self.pipeline.components.items() if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+        moved = [m for m in encoders if next(m.parameters()).device != torch.device(device)]
+        for module in moved:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module in moved:
+                module.to("cpu")
+
+    def to_device(self, device, text_encoders: bool = True) -> None:
+        """The pipeline's models on ``device``; ``text_encoders=False`` leaves the text encoders on the CPU (a run that
+        trains from a prompt cache)."""
+        for name, component in self.pipeline.components.items():
+            if isinstance(component, torch.nn.Module) and (text_encoders or not name.startswith("text_encoder")):
+                component.to(device)
+
+    def use_cache(self, cache) -> None:
+        """Conditions index the rows of a prompt cache (:class:`~onestep_pipelines.training.cache.PromptCache`, read on
+        demand) instead of embeddings held in memory; its empty-prompt row is row ``len(prompts)``, as here."""
+        cache.check(self)
+        self.prompts, self.embeddings = cache.prompts, dict(cache.columns)
 
     def sample_conditions(self, rng) -> dict:
         """Random conditions for a data-free batch (one per sample, on the training device)."""
@@ -213,6 +241,11 @@ class Teacher:
         out = model(hidden_states=packed, timestep=timestep / self.num_train_timesteps, guidance=guidance, pooled_projections=emb["pooled_prompt_embeds"],
                     encoder_hidden_states=emb["prompt_embeds"], txt_ids=emb["text_ids"][0], img_ids=image_ids, **extra).sample
         return self.pipeline._unpack_latents(out, h * self.pipeline.vae_scale_factor, w * self.pipeline.vae_scale_factor, self.pipeline.vae_scale_factor)
+
+
+def encode_prompts(teacher: Teacher, prompts: list[str]) -> dict:
+    """Embeddings of ``prompts`` as the teacher's denoiser takes them (one row per prompt)."""
+    return _encode(teacher.pipeline, prompts, teacher.resolution)
 
 
 def _encode(pipe, prompts: list[str], resolution: int) -> dict:

@@ -217,7 +217,7 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
     """The student (a copy of the teacher, made what the method starts from: r-conditioning, LoRA, a policy head...),
     the scheduler it samples with, and the FSDP2 wrap classes. The teacher moves to the device in the compute
     precision."""
-    teacher.pipeline.to(run.device)
+    teacher.to_device(run.device, text_encoders=not config.cache)  # (a cache run's prompts are encoded: its text encoders stay on the CPU)
     if run.weight_dtype == torch.bfloat16:  # the text encoders in bf16 too (a 7-24 B one in float32 would hold 30-90 GB for
         # previews); not in fp16, where T5 overflows, and the VAE stays float32 (SDXL's overflows in fp16)
         for name, component in teacher.pipeline.components.items():
@@ -585,7 +585,8 @@ def _score(teacher, pipe, steps: list[int], device, name: str, grid_steps: int |
     if teacher.benchmark == "digits":
         return score_digits(pipe, steps, DigitsMetric(device=device), name=name, grid_steps=grid_steps)
     kwargs = {} if guidance is None else pipe.guidance_kwargs(guidance)
-    return score_text_digits(pipe, steps, TextDigitsMetric(device=device), name=name, grid_steps=grid_steps, size=teacher.resolution, **kwargs)
+    with teacher.text_encoders_on(device):
+        return score_text_digits(pipe, steps, TextDigitsMetric(device=device), name=name, grid_steps=grid_steps, size=teacher.resolution, **kwargs)
 
 
 def _preview(teacher, accelerator, model, ema, params, scheduler, config, name, folder=None):
@@ -598,9 +599,9 @@ def _preview(teacher, accelerator, model, ema, params, scheduler, config, name, 
             images = pipe(class_labels=list(range(10)) * 4, num_inference_steps=config.num_steps, generator=generator, output_type="latent").images
             images, nrow, scale = images.float().clamp(-1, 1), None, None
         else:
-            kwargs = pipe.guidance_kwargs(1.0)
-            images = pipe(prompt=teacher.prompts[:4], num_inference_steps=config.num_steps, height=teacher.resolution, width=teacher.resolution,
-                          generator=generator, output_type="pt", **kwargs).images
+            with teacher.text_encoders_on(accelerator.device):
+                images = pipe(prompt=teacher.prompts[:4], num_inference_steps=config.num_steps, height=teacher.resolution, width=teacher.resolution,
+                              generator=generator, output_type="pt", **pipe.guidance_kwargs(1.0)).images
             images, nrow, scale = images.float() * 2 - 1, len(images), 1
     model.train()
     if accelerator.is_main_process:
