@@ -9,8 +9,8 @@ What a LoRA DMD2 run holds on one GPU (batch 1, 1024 x 1024, bf16 weights, gradi
 
 - frozen base weights: the teacher, the LoRA student and the LoRA fake score share one bf16 copy of the transformer
   (``training.methods.base.tied_copy``; measured on tiny models: the run's ``weights_mb`` is one base plus adapters);
-  under FSDP2 each network is sharded on its own (three copies, divided among the GPUs); fp8 and NF4 bases are not
-  built yet and are computed here as what they would need;
+  under FSDP2 each network is sharded on its own (three copies, divided among the GPUs); ``--quantize-base int8`` or
+  ``float8`` holds the base's linear layers in one byte per weight (torchao); an NF4 base is not built (computed here);
 - the two LoRAs (rank ``--rank`` on the family's default targets, ``training.methods.base.LORA_TARGETS``): fp32 weights,
   gradients and Adam moments, plus the student's EMA: 20 bytes per student LoRA parameter, 16 per fake-score one;
 - activations of one backward pass with checkpointing: the block inputs kept for recomputation (2 bytes x tokens x
@@ -18,7 +18,7 @@ What a LoRA DMD2 run holds on one GPU (batch 1, 1024 x 1024, bf16 weights, gradi
   Activation Recomputation in Large Transformer Models", eq. 1 without the attention-score term, which flash / SDPA
   attention does not store);
 - the text encoder in bf16 (the trainer encodes the prompt list once, but keeps the encoder on the device for previews
-  and validation samples; a cache of embeddings, issue 31, would drop it) and the VAE in float32.
+  and validation samples; with ``--cache`` it stays on the CPU) and the VAE in float32.
 
     python benchmarks/memory.py [--rank 64] [--json out.json]
 """
@@ -113,13 +113,13 @@ def estimate(rank: int) -> list[dict]:
         tokens = TOKENS_1024 + text
         activations = 2 * tokens * width * blocks + 34 * tokens * width
         adapters = 20 * lora + 16 * lora  # student LoRA (+ EMA) and fake-score LoRA, fp32 with Adam
-        base = {"one shared bf16 base": 2 * params, "fp8 base (not built)": params, "NF4 base (not built)": params // 2,
+        base = {"one shared bf16 base": 2 * params, "--quantize-base int8 / float8": params, "NF4 base (not built)": params // 2,
                 "3 bf16 copies (FSDP2: / GPUs)": 3 * 2 * params}
         rows.append({
             "family": architecture, "transformer_params": params, "vae_params": _count(vae), "text_encoder": encoders[architecture][0],
             "text_encoder_params": encoders[architecture][1], "lora_params": lora, "rank": rank,
             "gib": {option: (weights + adapters + activations + 4 * _count(vae) + 2 * encoders[architecture][1]) / GIB for option, weights in base.items()}
-            | {"shared base, no text encoder (cache: not built)": (2 * params + adapters + activations + 4 * _count(vae)) / GIB},
+            | {"shared base, --cache (text encoder on the CPU)": (2 * params + adapters + activations + 4 * _count(vae)) / GIB},
             "text_encoder_bf16_gib": 2 * encoders[architecture][1] / GIB, "activations_gib": activations / GIB,
         })
     return rows

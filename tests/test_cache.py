@@ -31,12 +31,20 @@ def test_prompt_sources_read_one_prompt_at_a_time(sources):
         assert list(iter_prompts(str(sources / name))) == expected, name
     with pytest.raises(ValueError, match="no prompt_field field.*--prompt-column"):
         list(iter_prompts(str(sources / "p.jsonl"), "prompt_field"))
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        (sources / "p.parquet").write_bytes(b"PAR1")
-        with pytest.raises(ValueError, match="pip install datasets"):
-            list(iter_prompts(str(sources / "p.parquet")))
+    import datasets
+
+    table = datasets.Dataset.from_dict({"id": list(range(len(PROMPTS))), "prompt": PROMPTS})
+    table.to_parquet(str(sources / "p.parquet"))
+    table.save_to_disk(str(sources / "saved"))
+    assert list(iter_prompts(str(sources / "p.parquet"))) == expected == list(iter_prompts(str(sources / "saved")))
+
+
+def test_without_the_datasets_package_its_sources_name_it(sources, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # (import datasets raises ImportError)
+    with pytest.raises(ValueError, match="pip install datasets"):
+        list(iter_prompts(str(sources / "p.parquet")))
 
 
 def test_the_cache_holds_the_teachers_own_embeddings_and_training_from_it_equals_training_from_the_prompts(stock_teachers, sources, tmp_path):

@@ -514,3 +514,39 @@ def test_lora_networks_share_one_frozen_base_and_train_exactly_as_copies_did(sto
     copies = run("copies")
     assert copies["weights_mb"] > (3 if fake else 2.9) * unet_mb
     assert copies["rank_checksums"] == tied["rank_checksums"]
+
+
+def test_an_int8_base_under_lora_adapters_trains_in_less_memory_and_exports_a_full_precision_student(stock_teachers, tmp_path):
+    """--quantize-base int8: the linear layers of the shared frozen base in int8 (torchao, weight-only); the adapters train;
+    the exported student is the base reloaded at full precision with the LoRA fused, and equals what diffusers gives
+    with the LoRA file on the teacher."""
+    from onestep_pipelines.students import load_student_lora
+
+    folders, data = stock_teachers
+    base = dict(teacher=folders["sd"], prompts=os.path.join(data, "prompts.txt"), resolution=32, num_steps=1, max_train_steps=3, batch_size=2,
+                evaluate=False, preview_every=3, lora_rank=4, fake_lora_rank=4)
+    full = distill(DistillConfig(output_dir=str(tmp_path / "full"), **base))
+    int8 = distill(DistillConfig(output_dir=str(tmp_path / "int8"), quantize_base="int8", **base))
+    assert int8["weights_mb"] < 0.85 * full["weights_mb"]  # (the tiny UNet's convolutions stay as they are)
+    student = DiffusionPipeline.from_pretrained(int8["student_dir"])
+    assert all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in student.unet.parameters())
+    teacher = DiffusionPipeline.from_pretrained(folders["sd"])
+    from onestep_pipelines.pipelines import student_pipeline
+
+    merged = student_pipeline(teacher)
+    load_student_lora(merged, int8["lora_dir"], fuse=True)
+    for (name, a), b in zip(student.unet.state_dict().items(), merged.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert os.path.isfile(tmp_path / "int8" / "previews" / "step-3.png")
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"quantize_base": "int8"}, "quantizes the frozen base under a LoRA student: pass --lora-rank"),
+    ({"quantize_base": "int8", "lora_rank": 4}, "the fake score of --method dmd2 would be a trained full copy"),
+    ({"quantize_base": "float8", "lora_rank": 4, "fake_lora_rank": 4, "device": "cpu"}, "float8 needs a GPU with float8 arithmetic"),
+])
+def test_bad_quantized_base_options_are_refused_by_name(stock_teachers, tmp_path, options, message):
+    folders, data = stock_teachers
+    with pytest.raises(ValueError, match=message):
+        distill(DistillConfig(teacher=folders["sd"], prompts=os.path.join(data, "prompts.txt"), resolution=32, max_train_steps=1, batch_size=2,
+                              evaluate=False, output_dir=str(tmp_path / "run"), **options))

@@ -97,6 +97,9 @@ class DistillConfig:
     regularizer: str = option("dmd", "reward: dmd (DMD2's reverse-KL gradient against the teacher, with a fake score) or none (reward hacking)", ("dmd", "none"))
     reward_noise: float = option(0.05, "reward: std of the Gaussian policy around each sample for rewards without a gradient (policy-gradient surrogate)")
     lora_rank: int = option(0, "LoRA rank of the student; 0 trains all weights")
+    quantize_base: str = option("none", "the frozen base under LoRA adapters (student, fake score) in int8 (weight-only, torchao; any device) or "
+                                        "float8 (torchao; GPUs with float8) instead of the compute precision; needs --lora-rank and, with a fake score, "
+                                        "--fake-lora-rank", ("none", "int8", "float8"))
     lora_alpha: float = option(0.0, "LoRA alpha (0 = the rank)")
     lora_targets: str = option("", "comma-separated module names the LoRA adapts (default: attention projections; Qwen-Image, FLUX.2, Z-Image: every linear layer of the blocks)")
     ema_decay: float = option(0.99, "EMA decay of the student weights (0 = no EMA)")
@@ -183,6 +186,14 @@ class DistillConfig:
             if self.method not in methods and names:
                 listed = " and ".join(filter(None, [", ".join(flag(n) for n in names[:-1]), flag(names[-1])]))
                 raise ValueError(f"{listed} {'applies' if len(names) == 1 else 'apply'} to --method {', '.join(methods)}, not {self.method}.")
+        if self.quantize_base != "none":
+            if self.method in ("reward", "piflow"):
+                raise ValueError(f"--quantize-base {self.quantize_base} does not apply to --method {self.method} (it changes the base weights).")
+            if not self.lora_rank:
+                raise ValueError(f"--quantize-base {self.quantize_base} quantizes the frozen base under a LoRA student: pass --lora-rank.")
+            if applies("fake_lora_rank", self.method) and not self.fake_lora_rank and (self.method != "scm" or self.dmd_weight):
+                raise ValueError(f"--quantize-base {self.quantize_base}: the fake score of --method {self.method} would be a trained full copy "
+                                 "of the quantized base; pass --fake-lora-rank too.")
         if self.method == "piflow" and self.lora_rank:
             raise ValueError("--method piflow trains a new policy head with the whole network: --lora-rank is not supported.")
         if self.method == "reward":
@@ -199,6 +210,7 @@ class DistillConfig:
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
+                "quantize_base",
                 "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
         return {k: getattr(self, k) for k in keep}

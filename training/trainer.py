@@ -41,6 +41,7 @@ from .data import make_data
 from .draws import Draws
 from .methods import TrainingDiverged, get_method
 from .methods.base import FiniteGuard, Method, add_lora, tied_copy
+from .quantized import is_quantized, quantize_base
 from .stopping import StopRequest, TrainingInterrupted
 from .threads import CpuThreads
 from .teachers import load_teacher
@@ -89,7 +90,8 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """Parameters of ``module`` in ``dtype``, in place (diffusers' ``.to(dtype)`` warns about modules it keeps in
     float32; these models have none)."""
     for p in module.parameters():
-        p.data = p.data.to(dtype)
+        if not is_quantized(p):  # (a quantized base keeps its storage: --quantize-base)
+            p.data = p.data.to(dtype)
 
 
 def parameter_memory(modules) -> tuple[int, int]:
@@ -99,9 +101,11 @@ def parameter_memory(modules) -> tuple[int, int]:
     for index, module in enumerate(modules):
         for p in module.parameters():
             p = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 shard: this process's part
-            key = (p.device, p.untyped_storage().data_ptr()) if p.device.type != "meta" else id(p)
-            seen[key] = p.untyped_storage().nbytes() if p.device.type != "meta" else 0
-            owners.setdefault(key, set()).add(index)
+            inner = [getattr(p, name) for name in p.__tensor_flatten__()[0]] if is_quantized(p) else [p]  # a quantized weight's parts
+            for t in inner:
+                key = (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else id(t)
+                seen[key] = t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+                owners.setdefault(key, set()).add(index)
     return sum(seen.values()), sum(n for key, n in seen.items() if len(owners[key]) > 1)
 
 
@@ -226,6 +230,13 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
     # a LoRA student shares the teacher's frozen base (one copy of the weights) unless FSDP2 shards it, or the method
     # changes the copy's weights before training (reward loads a student's, pi-Flow widens the output layer)
     tie = config.lora_rank > 0 and not run.fsdp and method_cls.start_from.__func__ is Method.start_from.__func__
+    if config.quantize_base != "none":  # the base in the compute precision, then quantized, before the networks share it
+        if not tie:
+            raise ValueError(f"--quantize-base {config.quantize_base}: a quantized base is shared by the LoRA networks; "
+                             f"{'FSDP2 shards each network apart' if run.fsdp else f'--method {config.method} changes the base'}: leave it out.")
+        cast(teacher.model, run.weight_dtype)
+        layers = quantize_base(teacher.model, config.quantize_base, run.device)
+        run.accelerator.print(f"base: {layers} linear layers in {config.quantize_base} (torchao, weight-only); the LoRA adapters train in float32")
     student = tied_copy(teacher.model, tie).train()
     scheduler = method_cls.start_from(teacher, student, config)  # reward: a student folder's weights and sampler; piflow: a policy head
     cast(teacher.model, run.weight_dtype)  # the frozen denoiser in the compute precision (as diffusers' training scripts do)
@@ -246,7 +257,8 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
     # trainable weights in float32, frozen ones (a LoRA student's base) in the compute precision; under FSDP all in
     # float32 (one dtype per sharded unit; autocast computes in the run's precision)
     for p in student.parameters():
-        p.data = p.data.float() if (p.requires_grad or run.fsdp) else p.data.to(run.weight_dtype)
+        if not is_quantized(p):
+            p.data = p.data.float() if (p.requires_grad or run.fsdp) else p.data.to(run.weight_dtype)
     if scheduler is None:
         gamma = method_cls.sampler_gamma(config)
         scheduler = getattr(schedulers, method_cls.scheduler_class).from_config(
@@ -649,6 +661,20 @@ def _resume_point(config, processes: int) -> tuple[str, dict] | None:
     return path, saved
 
 
+def _merged_over_a_full_precision_base(teacher, config, lora_dir: str):
+    """The student of a ``--quantize-base`` run as full weights: the teacher's denoiser reloaded from its source at full
+    precision with the LoRA fused (``load_student_lora``); the teacher's quantized denoiser is replaced by the reloaded
+    one too, so that the teacher is scored at full precision."""
+    from onestep_pipelines.students import load_student_lora
+
+    fresh = load_teacher(teacher.source, resolution=teacher.resolution)
+    model = fresh.model.to(next(teacher.model.parameters()).device)
+    setattr(teacher.pipeline, teacher.denoiser_name, model)
+    merged = pipelines.student_pipeline(fresh.pipeline, copy.deepcopy(model))
+    load_student_lora(merged, lora_dir, fuse=True, set_scheduler=False)
+    return merged.denoiser
+
+
 def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
     """Write the student (full pipeline, or LoRA + merged pipeline), its model card, FD table and grid."""
     method_cls = get_method(config.method)
@@ -665,9 +691,12 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
         if config.lora_rank > 0:
             save_student_lora(os.path.join(config.output_dir, "lora"), model, metadata)
             out["lora_dir"] = os.path.join(config.output_dir, "lora")
-            model = copy.deepcopy(model)
-            model.fuse_lora()
-            model.unload_lora()
+            if config.quantize_base != "none":  # the merged student: the base at full precision, reloaded, plus the LoRA
+                model = _merged_over_a_full_precision_base(teacher, config, out["lora_dir"])
+            else:
+                model = copy.deepcopy(model)
+                model.fuse_lora()
+                model.unload_lora()
         if config.lora_rank > 0 or teacher.architecture == "digits":
             cast(model, torch.float32)  # (a LoRA student's merged copy: its base is the teacher in the training precision)
         cast(teacher.model, torch.float32)
