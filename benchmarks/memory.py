@@ -119,7 +119,8 @@ def estimate(rank: int) -> list[dict]:
             "family": architecture, "transformer_params": params, "vae_params": _count(vae), "text_encoder": encoders[architecture][0],
             "text_encoder_params": encoders[architecture][1], "lora_params": lora, "rank": rank,
             "gib": {option: (weights + adapters + activations + 4 * _count(vae) + 2 * encoders[architecture][1]) / GIB for option, weights in base.items()}
-            | {"shared base, --cache (text encoder on the CPU)": (2 * params + adapters + activations + 4 * _count(vae)) / GIB},
+            | {"shared base, --cache (text encoder on the CPU)": (2 * params + adapters + activations + 4 * _count(vae)) / GIB,
+               "--cache --quantize-base int8": (params + adapters + activations + 4 * _count(vae)) / GIB},
             "text_encoder_bf16_gib": 2 * encoders[architecture][1] / GIB, "activations_gib": activations / GIB,
         })
     return rows
