@@ -74,31 +74,83 @@ def iter_prompts(source: str, column: str = "") -> Iterator[str]:
 
 def _dataset_prompts(source: str, column: str) -> Iterator[str]:
     """Prompts of a parquet file, a ``save_to_disk`` folder or a Hub dataset, through the ``datasets`` package."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"--prompts {source}: parquet files, dataset folders and Hub datasets are read with the datasets package: "
-                         "pip install datasets (or pass a .txt / .jsonl / .csv file).") from None
-    if source.endswith(".parquet"):
-        rows = datasets.load_dataset("parquet", data_files=source, split="train", streaming=True)
-    elif os.path.isdir(source):
-        rows = datasets.load_from_disk(source)
-        rows = rows["train"] if isinstance(rows, datasets.DatasetDict) else rows
-    else:
-        try:
-            rows = datasets.load_dataset(source, split="train", streaming=True)
-        except Exception as error:  # the Hub, a missing or private dataset
-            raise ValueError(f"--prompts {source}: neither a file, a folder nor a loadable Hub dataset ({error}).") from None
-    for record in rows:
+    for record in _dataset_records(source, "--prompts"):
         text = _clean(_column(record, column, source))
         if text:
             yield text
 
 
+def _dataset_records(source: str, flag: str):
+    """The records of a parquet file, WebDataset shards, a ``save_to_disk`` folder or a Hub dataset (``datasets``;
+    streamed where the source is large)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{flag} {source}: parquet files, WebDataset shards, dataset folders and Hub datasets are read with the datasets "
+                         "package: pip install datasets (or pass a text / .jsonl / .csv file, or a folder of captioned images).") from None
+    shards = sorted(os.path.join(source, n) for n in os.listdir(source) if n.endswith(".tar")) if os.path.isdir(source) else []
+    if source.endswith(".parquet"):
+        return datasets.load_dataset("parquet", data_files=source, split="train", streaming=True)
+    if source.endswith(".tar") or shards:
+        return datasets.load_dataset("webdataset", data_files=shards or source, split="train", streaming=True)
+    if os.path.isdir(source):
+        try:
+            rows = datasets.load_from_disk(source)
+        except FileNotFoundError:
+            raise ValueError(f"{flag} {source}: a folder with neither captioned images (name.png + name.txt), WebDataset .tar shards "
+                             "nor a saved dataset.") from None
+        return rows["train"] if isinstance(rows, datasets.DatasetDict) else rows
+    try:
+        return datasets.load_dataset(source, split="train", streaming=True)
+    except Exception as error:  # the Hub, a missing or private dataset
+        raise ValueError(f"{flag} {source}: neither a file, a folder nor a loadable Hub dataset ({error}).") from None
+
+
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
+CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
+
+
+def iter_image_captions(source: str, image_column: str = "", caption_column: str = "") -> Iterator[tuple]:
+    """``(PIL image, caption)`` pairs of ``source``: a folder of images with a ``.txt`` caption each, or (``datasets``
+    package) a ``.parquet`` file, a ``save_to_disk`` folder, WebDataset ``.tar`` shards (a file, or a folder of them) or
+    a Hub dataset; records name their image and caption by ``image_column`` / ``caption_column`` (default: the first of
+    image / jpg / jpeg / png / webp, and of caption / text / txt / prompt)."""
+    from PIL import Image
+
+    from .config import captioned_images
+
+    if os.path.isdir(source) and captioned_images(source):
+        for name in captioned_images(source):
+            with open(os.path.join(source, os.path.splitext(name)[0] + ".txt"), encoding="utf-8") as f:
+                yield Image.open(os.path.join(source, name)), _clean(f.read()) or " "
+        return
+    for record in _dataset_records(source, "--data"):
+        image = _field(record, image_column, IMAGE_COLUMNS, source, "--image-column")
+        if isinstance(image, dict) and image.get("bytes") is not None:
+            import io
+
+            image = Image.open(io.BytesIO(image["bytes"]))
+        elif isinstance(image, (bytes, bytearray)):
+            import io
+
+            image = Image.open(io.BytesIO(image))
+        yield image, _clean(_field(record, caption_column, CAPTION_COLUMNS, source, "--caption-column")) or " "
+
+
+def _field(record: dict, column: str, defaults: tuple, source: str, flag: str):
+    name = column or next((c for c in defaults if c in record), None)
+    if name is None or name not in record:
+        raise ValueError(f"--data {source}: its records have no {column or ' / '.join(defaults)} field (fields: {sorted(record)[:8]}); name it with {flag}.")
+    return record[name]
+
+
 # ------------------------------------------------------------------------------------------------------- writing
-def write_cache(teacher, source: str, output: str, column: str = "", shard_rows: int = 4096, batch_size: int = 64, limit: int = 0) -> dict:
+def write_cache(teacher, source: str, output: str, column: str = "", shard_rows: int = 4096, batch_size: int = 64, limit: int = 0,
+                images: bool = False, image_column: str = "") -> dict:
     """Encode the prompts of ``source`` with ``teacher`` (a :class:`~onestep_pipelines.training.teachers.Teacher`) into a
-    cache folder ``output``; returns its ``cache.json`` record. ``limit`` > 0 stops after that many prompts."""
+    cache folder ``output``; returns its ``cache.json`` record. ``limit`` > 0 stops after that many prompts. With
+    ``images``, ``source`` holds captioned images (:func:`iter_image_captions`, ``column`` naming the caption): each row
+    also holds the image's latents (``latents``, as ``--data`` encodes them; zeros in the unconditional row)."""
     from onestep_pipelines.pipelines.loading import atomic_path, write_atomically
     from safetensors.torch import save_file
 
@@ -108,7 +160,7 @@ def write_cache(teacher, source: str, output: str, column: str = "", shard_rows:
         raise ValueError("--shard-rows and --batch-size must be at least 1.")
     os.makedirs(output, exist_ok=True)
     record = {"format": FORMAT, "teacher": teacher.source, "architecture": teacher.architecture, "resolution": teacher.resolution,
-              "source": source, "column": column, "shard_rows": shard_rows}
+              "source": source, "column": column, "images": images, "shard_rows": shard_rows}
     progress_path = os.path.join(output, "progress.json")
     done = _completed_shards(output, progress_path, record)
     skip = done * shard_rows
@@ -129,21 +181,25 @@ def write_cache(teacher, source: str, output: str, column: str = "", shard_rows:
         if not final:
             write_atomically(progress_path, json.dumps({**record, "shards": len(shards)}))
 
-    def encode(prompts: list[str]):
+    def encode(chunk: list[tuple]):
         with torch.no_grad():
-            rows = encode_prompts(teacher, prompts)
+            rows = encode_prompts(teacher, [text for _, text in chunk])
+            if images:  # one image at a time, as --data encodes them
+                rows["latents"] = torch.cat([image_latents(teacher, image) if image is not None else torch.zeros(1, *teacher.sample_shape)
+                                             for image, _ in chunk])
         for key, value in rows.items():
             buffers.setdefault(key, []).append(value.cpu())
 
     prompts_path = os.path.join(output, "prompts.txt")
     count = 0
+    records = iter_image_captions(source, image_column, column) if images else ((None, p) for p in iter_prompts(source, column))
     with atomic_path(prompts_path) as tmp, open(tmp, "w", encoding="utf-8") as text:
-        for prompt in iter_prompts(source, column):
+        for image, prompt in records:
             offsets.append(text.tell())
             text.write(prompt + "\n")
             count += 1
             if count > skip:
-                chunk.append(prompt)
+                chunk.append((image, prompt))
                 if len(chunk) == batch_size or (count - skip) % shard_rows == 0:
                     encode(chunk)
                     chunk = []
@@ -157,7 +213,7 @@ def write_cache(teacher, source: str, output: str, column: str = "", shard_rows:
     if count < skip:
         raise ValueError(f"{output} holds {done} shards of {skip} prompts, but --prompts {source} has only {count}: another source? "
                          "Remove the folder to start again.")
-    encode(chunk + [""])  # the rest, and the unconditional row N
+    encode(chunk + [(None, "")])  # the rest, and the unconditional row N
     flush_shard(final=True)
     np.save(os.path.join(output, "prompts.offsets.npy"), np.asarray(offsets, dtype=np.int64))
     record.update(count=count, shards=shards, keys=keys)
@@ -186,6 +242,15 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
         length = max(t.shape[1] for t in tensors)
         tensors = [torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [0, length - t.shape[1]]) for t in tensors]
     return torch.cat(tensors)
+
+
+def image_latents(teacher, image) -> torch.Tensor:
+    """The teacher's latents ``x`` of one image, resized to the training resolution (as ``--data`` encodes them)."""
+    from .families import to_latents
+
+    pipe, size = teacher.pipeline, teacher.resolution
+    pixels = pipe.image_processor.preprocess(image.convert("RGB").resize((size, size))).to(pipe.vae.device, pipe.vae.dtype)
+    return to_latents(pipe, teacher.architecture, pixels).float()
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -244,7 +309,8 @@ class PromptCache:
         self.folder, self.shard_rows = folder, self.record["shard_rows"]
         self._open: dict[int, object] = {}
         self.prompts = CachedPrompts(folder, self.record["count"])
-        self.columns = {key: CachedColumn(self, key) for key in self.record["keys"]}
+        self.columns = {key: CachedColumn(self, key) for key in self.record["keys"] if key != "latents"}  # the prompt embeddings
+        self.images = CachedColumn(self, "latents") if "latents" in self.record["keys"] else None  # an image cache's latents
 
     def check(self, teacher) -> None:
         """Refuse a cache of another teacher, architecture or resolution (SDXL's embeddings hold the image size)."""

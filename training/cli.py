@@ -134,16 +134,20 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")
     cache = commands.add_parser(
         "cache", help="encode a prompt list once into an on-disk embedding cache (for distill --cache)",
-        usage="%(prog)s --teacher T --prompts SOURCE --output DIR [--prompt-column C] [--resolution N] [--shard-rows N] [--limit N]",
-        description="Encode the prompts of SOURCE with the teacher's text encoders into sharded safetensors files in DIR; "
-                    "`onestep-train distill --teacher T --cache DIR` then trains from them without holding them in memory. "
-                    "An interrupted run continues after its last complete shard when started again.",
+        usage="%(prog)s --teacher T (--prompts SOURCE | --data SOURCE) --output DIR [--prompt-column C] [--image-column C] [--resolution N] ...",
+        description="Encode the prompts of SOURCE (or the captions and images of --data SOURCE: prompt embeddings and VAE latents) with the "
+                    "teacher's own encoders into sharded safetensors files in DIR; `onestep-train distill --teacher T --cache DIR` then trains "
+                    "from them without holding them in memory. An interrupted run continues after its last complete shard when started again.",
     )
     cache.add_argument("--teacher", required=True, help="the teacher the run will distil (a pipeline folder, Hub id or shipped text-to-image teacher)")
-    cache.add_argument("--prompts", required=True, metavar="SOURCE", help="a text / .jsonl / .json / .csv / .tsv file, or (datasets package) a .parquet file, "
-                                                                        "a saved dataset folder or a Hub dataset name")
+    sources = cache.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--prompts", metavar="SOURCE", help="a text / .jsonl / .json / .csv / .tsv file, or (datasets package) a .parquet file, "
+                                                              "a saved dataset folder or a Hub dataset name")
+    sources.add_argument("--data", metavar="SOURCE", help="captioned images: a folder (name.png + name.txt), or (datasets package) a .parquet "
+                                                           "file, WebDataset .tar shards, a saved dataset folder or a Hub dataset")
     cache.add_argument("--output", required=True, metavar="DIR", help="the cache folder (new, or one an interrupted run left)")
-    cache.add_argument("--prompt-column", default="", help="the prompt's field in records (default: prompt, text or caption)")
+    cache.add_argument("--prompt-column", default="", help="the prompt's (or caption's) field in records (default: prompt, text or caption)")
+    cache.add_argument("--image-column", default="", help="--data records: the image's field (default: image, jpg, jpeg, png or webp)")
     cache.add_argument("--resolution", type=int, default=0, help="the run's --resolution (SDXL's embeddings hold the image size); 0 = the pipeline's default")
     cache.add_argument("--shard-rows", type=int, default=4096, help="prompts per shard file")
     cache.add_argument("--batch-size", type=int, default=64, help="prompts encoded at once")
@@ -307,13 +311,14 @@ def _cache(args: dict, argv: list[str]) -> int:
         if teacher.architecture == "digits":
             return _error("--teacher digits is class-conditional: it takes no prompts.")
         teacher.to_device(pick_device(args["device"]))
-        record = write_cache(teacher, args["prompts"], args["output"], column=args["prompt_column"], shard_rows=args["shard_rows"],
-                             batch_size=args["batch_size"], limit=args["limit"])
+        record = write_cache(teacher, args["prompts"] or args["data"], args["output"], column=args["prompt_column"], shard_rows=args["shard_rows"],
+                             batch_size=args["batch_size"], limit=args["limit"], images=bool(args["data"]), image_column=args["image_column"])
     except ValueError as error:
         return _error(str(error))
     size = sum(os.path.getsize(os.path.join(args["output"], name)) for name in os.listdir(args["output"]))
     resolution = f" --resolution {args['resolution']}" if args["resolution"] else ""
-    print(f"cached {record['count']} prompts of {args['prompts']} for {args['teacher']} in {args['output']}: {len(record['shards'])} shard(s), "
+    what, source = ("images", args["data"]) if args["data"] else ("prompts", args["prompts"])
+    print(f"cached {record['count']} {what} of {source} for {args['teacher']} in {args['output']}: {len(record['shards'])} shard(s), "
           f"{size / 2**20:.1f} MB, {time.perf_counter() - start:.1f} s. Train with: onestep-train distill --teacher {args['teacher']} "
           f"--cache {args['output']}{resolution} ...")
     return 0

@@ -45,10 +45,13 @@ class DistillConfig:
                                     "or a diffusers pipeline folder or Hub id (SD 1.5, SDXL, SD3, Flux)")
     prompts: str = option("", "text-to-image teachers: the prompts of data-free methods: a text file (one per line), a .jsonl / .json / .csv / "
                               ".tsv file, or (with the datasets package) a .parquet file, a saved dataset folder or a Hub dataset name")
-    prompt_column: str = option("", "--prompts records: the prompt's field (default: prompt, text or caption)")
+    prompt_column: str = option("", "--prompts / --data records: the prompt's or caption's field (default: prompt, text or caption; for --data "
+                                    "caption, text, txt or prompt)")
     cache: str = option("", "text-to-image teachers: a prompt-embedding cache written by `onestep-train cache`, instead of --prompts "
                             "(rows read from disk as batches draw them; the text encoders stay off the training device)")
-    data: str = option("", "text-to-image teachers: an image folder with a .txt caption per image")
+    data: str = option("", "text-to-image teachers: captioned images: a folder with a .txt caption per image, or (with the datasets package) a "
+                           ".parquet file, WebDataset .tar shards, a saved dataset folder or a Hub dataset (--image-column, --prompt-column)")
+    image_column: str = option("", "--data records: the image's field (default: image, jpg, jpeg, png or webp)")
     resolution: int = option(0, "text-to-image teachers: image size of training samples (0 = the pipeline's default size: its denoiser's sample size "
                                 "times the VAE factor, 512 for SD 1.5, 1024 for SDXL, SD3 and Flux, 32 for the text-digits teachers)")
     output_dir: str = option("onestep-digits-student", "run folder: checkpoints, previews, validation reports, the student")
@@ -209,7 +212,8 @@ class DistillConfig:
 
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
-        keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "resolution", "num_steps", "batch_size", "gradient_accumulation_steps", "lora_rank",
+        keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "batch_size",
+                "gradient_accumulation_steps", "lora_rank",
                 "quantize_base",
                 "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
@@ -250,22 +254,25 @@ class DistillConfig:
 
             if next(iter_prompts(self.prompts, self.prompt_column), None) is None:
                 raise ValueError(f"--prompts {self.prompts} holds no prompt.")
-        if self.cache:
-            from .cache import PromptCache
+        from .cache import PromptCache
 
+        if self.cache:
             PromptCache(self.cache)  # a readable cache folder (its teacher is checked once the teacher loads)
         if self.data:
-            if not os.path.isdir(self.data):
+            if not os.path.exists(self.data) and not _looks_like_hub_id(self.data):
                 raise ValueError(f"--data {self.data}: no such folder.")
-            if not captioned_images(self.data):
-                raise ValueError(f"--data {self.data} holds no image with a caption (name.png + name.txt).")
+            shards = os.path.isdir(self.data) and any(n.endswith(".tar") for n in os.listdir(self.data))
+            dataset = os.path.isdir(self.data) and any(os.path.isfile(os.path.join(self.data, n)) for n in ("dataset_info.json", "dataset_dict.json"))
+            if os.path.isdir(self.data) and not (captioned_images(self.data) or shards or dataset):
+                raise ValueError(f"--data {self.data} holds no image with a caption (name.png + name.txt), no WebDataset .tar shards and no saved dataset.")
         if self.digits_teacher and (self.prompts or self.data or self.cache):
             raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
             needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm") or self.gan_weight > 0
-            if needs_images and not self.data:
+            image_cache = bool(self.cache) and "latents" in PromptCache(self.cache).record["keys"]
+            if needs_images and not self.data and not image_cache:
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
-                                 f"{'; a prompt cache holds no images' if self.cache else ''}.")
+                                 f"{' or a cache of images (onestep-train cache --data); this cache holds prompts only' if self.cache else ''}.")
             if not self.prompts and not self.data and not self.cache:
                 raise ValueError("a text-to-image teacher needs --prompts FILE (one prompt per line) or --data FOLDER.")
 

@@ -8,14 +8,11 @@ micro-batch's :class:`~onestep_pipelines.training.draws.Draws`, so a batch does 
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from onestep_pipelines.benchmark.digits import real_halves
 
-from .config import captioned_images
-from .families import to_latents
 
 
 class DigitsData:
@@ -53,34 +50,35 @@ class PromptData:
 
 
 class ImageFolderData:
-    """Images with captions (``name.png`` + ``name.txt``), encoded once by the teacher's VAE and kept in host memory
-    (pinned on CUDA, so a batch moves to the device without stopping the host)."""
+    """Images with captions (a folder of ``name.png`` + ``name.txt``, or a parquet / WebDataset / saved or Hub dataset:
+    :func:`~onestep_pipelines.training.cache.iter_image_captions`), encoded once by the teacher's VAE and kept in host
+    memory (pinned on CUDA, so a batch moves to the device without stopping the host); or the latents and caption
+    embeddings of an image cache (``onestep-train cache --data``), read from disk as batches draw them."""
 
-    def __init__(self, teacher, folder: str, device):
-        from PIL import Image
-
-        names = captioned_images(folder)
-        captions = []
-        for name in names:
-            with open(os.path.join(folder, os.path.splitext(name)[0] + ".txt"), encoding="utf-8") as f:
-                captions.append(f.read().strip() or " ")
-        teacher.set_prompts(captions)
-        pipe, size = teacher.pipeline, teacher.resolution
-        latents = []
-        with torch.no_grad():
-            for name in names:
-                image = Image.open(os.path.join(folder, name)).convert("RGB").resize((size, size))
-                pixels = pipe.image_processor.preprocess(image).to(pipe.vae.device, pipe.vae.dtype)
-                latents.append(to_latents(pipe, teacher.architecture, pixels))
+    def __init__(self, teacher, source: str, device, caption_column: str = "", image_column: str = "", cache=None):
         self.device = torch.device(device)
-        self.images = torch.cat(latents).float().cpu()
+        if cache is not None:
+            teacher.use_cache(cache)
+            self.images, self.count = cache.images.to(self.device), len(cache.prompts)
+            return
+        from .cache import image_latents, iter_image_captions
+
+        captions, latents = [], []
+        with torch.no_grad():
+            for image, caption in iter_image_captions(source, image_column, caption_column):
+                captions.append(caption)
+                latents.append(image_latents(teacher, image))
+        if not captions:
+            raise ValueError(f"--data {source} holds no image with a caption.")
+        teacher.set_prompts(captions)
+        self.images, self.count = torch.cat(latents).float().cpu(), len(captions)
         if self.device.type == "cuda":
             self.images = self.images.pin_memory()
 
     def batch(self, rng) -> dict:
-        idx = rng.host_integers(len(self.images))
-        images = self.images[idx]
-        if self.device.type == "cuda":
+        idx = rng.host_integers(self.count)
+        images = self.images[idx]  # (a cache's rows come on the device)
+        if self.device.type == "cuda" and not images.is_cuda:
             images = images.pin_memory()
         return {"images": images.to(self.device, non_blocking=True), "conditions": {"prompt_index": idx.to(self.device, non_blocking=True)}}
 
@@ -90,5 +88,11 @@ def make_data(teacher, config, device):
     if teacher.architecture == "digits":
         return DigitsData(device)
     if config.data:
-        return ImageFolderData(teacher, config.data, device)
+        return ImageFolderData(teacher, config.data, device, config.prompt_column, config.image_column)
+    if config.cache:
+        from .cache import PromptCache
+
+        cache = PromptCache(config.cache)
+        if cache.images is not None:  # an image cache: latents and caption embeddings
+            return ImageFolderData(teacher, "", device, cache=cache)
     return PromptData(teacher, config.prompts, config.prompt_column, config.cache)
