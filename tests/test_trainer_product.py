@@ -516,8 +516,8 @@ def test_misspelled_and_abbreviated_flags_get_the_commands_usage_and_a_suggestio
     (["distill", "--lr-scheduler", "exponential"], ["onestep-train distill: error: argument --lr-scheduler: invalid choice: 'exponential' (choose from "
                                                     "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)"]),
     (["distill", "--num-steps", "two"], ["onestep-train distill: error: argument --num-steps: invalid int value: 'two'"]),
-    (["distil"], ["usage: onestep-train [-h] {distill,evaluate,push} ...",
-                  "onestep-train: error: argument command: invalid choice: 'distil' (choose from 'distill', 'evaluate', 'push'); did you mean distill?"]),
+    (["distil"], ["usage: onestep-train [-h] {distill,evaluate,cache,push} ...",
+                  "onestep-train: error: argument command: invalid choice: 'distil' (choose from 'distill', 'evaluate', 'cache', 'push'); did you mean distill?"]),
 ])
 def test_an_invalid_value_is_answered_on_one_line(capsys, argv, lines):
     with pytest.raises(SystemExit) as exit:

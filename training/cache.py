@@ -25,9 +25,10 @@ import csv
 import json
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CACHE_FILE = "cache.json"
 FORMAT = 1
@@ -151,6 +152,8 @@ def write_cache(teacher, source: str, output: str, column: str = "", shard_rows:
     cache folder ``output``; returns its ``cache.json`` record. ``limit`` > 0 stops after that many prompts. With
     ``images``, ``source`` holds captioned images (:func:`iter_image_captions`, ``column`` naming the caption): each row
     also holds the image's latents (``latents``, as ``--data`` encodes them; zeros in the unconditional row)."""
+    import numpy as np
+    import torch
     from onestep_pipelines.pipelines.loading import atomic_path, write_atomically
     from safetensors.torch import save_file
 
@@ -238,6 +241,8 @@ def _completed_shards(output: str, progress_path: str, record: dict) -> int:
 
 def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Rows of several batches as one tensor, sequence dimensions (dim 1) zero-padded to the longest."""
+    import torch
+
     if tensors[0].dim() >= 2 and len({t.shape[1] for t in tensors}) > 1:
         length = max(t.shape[1] for t in tensors)
         tensors = [torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [0, length - t.shape[1]]) for t in tensors]
@@ -258,6 +263,8 @@ class CachedPrompts:
     """The prompts of a cache as a read-only sequence (one line read per item; only the offsets are in memory)."""
 
     def __init__(self, folder: str, count: int):
+        import numpy as np
+
         self.path, self.count = os.path.join(folder, "prompts.txt"), count
         self.offsets = np.load(os.path.join(folder, "prompts.offsets.npy"), mmap_mode="r")
 
@@ -280,6 +287,8 @@ class CachedColumn:
     (a tensor of row numbers) on ``device``, as a dict of in-memory tensors would give them."""
 
     def __init__(self, cache: "PromptCache", key: str, device=None):
+        import torch
+
         self.cache, self.key, self.device = cache, key, device
         self.dtype = getattr(torch, cache.record["keys"][key]["dtype"])
 

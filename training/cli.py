@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import sys
@@ -174,8 +175,17 @@ def _error(message: str) -> int:
     return 2
 
 
+def _quiet_optional_backends() -> None:
+    """With torchao installed (``--quantize-base``), peft and diffusers import it at their own import, and on a machine
+    without its CUDA kernels it logs one warning per kernel (and torch one per enum it registers): noise on every run
+    that uses no quantization. Those three loggers report errors only; ``--quantize-base`` still fails loudly."""
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _quiet_optional_backends()
     parser = _parser(_method_asked(argv))
     namespace, extras = parser.parse_known_args(argv)
     args = vars(namespace)
