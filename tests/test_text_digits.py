@@ -65,7 +65,7 @@ def test_real_images_score_the_digits_benchmarks_numbers(metric):
 def test_a_captioned_folder_is_what_the_trainer_reads(tmp_path):
     from PIL import Image
 
-    from onestep_pipelines.training.data import captioned_images
+    from onestep_pipelines.training.cache import captioned_images
 
     n = write_captioned_folder(str(tmp_path / "a"), "A", size=16)
     names = captioned_images(str(tmp_path / "a"))

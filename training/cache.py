@@ -107,7 +107,16 @@ def _dataset_records(source: str, flag: str):
         raise ValueError(f"{flag} {source}: neither a file, a folder nor a loadable Hub dataset ({error}).") from None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
+
+
+def captioned_images(folder: str) -> list[str]:
+    """Image files of ``folder`` that have a ``.txt`` caption beside them, sorted."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+    return [n for n in names if os.path.isfile(os.path.join(folder, os.path.splitext(n)[0] + ".txt"))]
+
+
 CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
 
 
@@ -117,8 +126,6 @@ def iter_image_captions(source: str, image_column: str = "", caption_column: str
     a Hub dataset; records name their image and caption by ``image_column`` / ``caption_column`` (default: the first of
     image / jpg / jpeg / png / webp, and of caption / text / txt / prompt)."""
     from PIL import Image
-
-    from .config import captioned_images
 
     if os.path.isdir(source) and captioned_images(source):
         for name in captioned_images(source):

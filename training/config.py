@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from onestep_pipelines.benchmark import TEXT_TEACHERS, teacher_folder
 
+from .cache import PromptCache, captioned_images, iter_prompts
 from .methods import METHODS, check_method_name
 
 RUN_FILE = "run.json"  # the options a resumed run must share with the run it continues
@@ -24,7 +25,6 @@ DIVERGENCES = ("reverse-kl", "forward-kl", "js")
 LOSSES = ("huber", "l2")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")  # diffusers' get_scheduler
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def flag(name: str) -> str:
@@ -250,12 +250,8 @@ class DistillConfig:
         if self.prompts and not os.path.exists(self.prompts) and not _looks_like_hub_id(self.prompts):
             raise ValueError(f"--prompts {self.prompts}: no such file.")
         if self.prompts and os.path.isfile(self.prompts):
-            from .cache import iter_prompts
-
             if next(iter_prompts(self.prompts, self.prompt_column), None) is None:
                 raise ValueError(f"--prompts {self.prompts} holds no prompt.")
-        from .cache import PromptCache
-
         if self.cache:
             PromptCache(self.cache)  # a readable cache folder (its teacher is checked once the teacher loads)
         if self.data:
@@ -395,12 +391,6 @@ def _read_json(path: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {path} does not hold a JSON object.")
     return data
-
-
-def captioned_images(folder: str) -> list[str]:
-    """Image files of ``folder`` that have a ``.txt`` caption beside them, sorted."""
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
-    return [n for n in names if os.path.isfile(os.path.join(folder, os.path.splitext(n)[0] + ".txt"))]
 
 
 # ---------------------------------------------------------------------------------------------- config files
