@@ -53,3 +53,31 @@ def test_leaderboard_trains_every_method_scores_each_nfe_and_resumes(tiny_teache
     assert leaderboard.main(args) == 0
     assert trained == ["tdm"]
     assert leaderboard.main(["--minutes", "2", "--teacher", tiny_teacher, "--out", str(tmp_path)]) == 2  # another budget
+
+
+def test_cache_memory_benchmark_writes_readable_caches_and_reports_each_size(tmp_path, capsys, monkeypatch):
+    import sys
+
+    import cache_memory
+
+    monkeypatch.setattr(sys, "argv", ["cache_memory.py", "--sizes", "50,5000", "--batches", "5", "--folder", str(tmp_path)])
+    cache_memory.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 5")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 50", "| 5,000"]
+    from onestep_pipelines.training.cache import PromptCache
+
+    cache = PromptCache(str(tmp_path / "cache-5000"))
+    assert len(cache.prompts) == 5000 and cache.prompts[4999] == "a photo of prompt number 4999"
+    assert cache.columns["prompt_embeds"].to("cpu")[torch.tensor([0, 5000])].shape == (2, 8, 16)
+
+
+@pytest.mark.slow
+def test_memory_benchmark_counts_the_real_configs():
+    import memory
+
+    rows = {r["family"]: r for r in memory.estimate(rank=64)}
+    assert round(rows["qwen_image"]["transformer_params"] / 1e9, 2) == 20.43 and rows["qwen_image"]["lora_params"] == 424_673_280
+    assert round(rows["flux2"]["transformer_params"] / 1e9, 2) == 32.22 and round(rows["z_image"]["transformer_params"] / 1e9, 2) == 6.15
+    for r in rows.values():  # sharing, caching and quantizing each lower the total
+        gib = r["gib"]
+        assert gib["3 bf16 copies (FSDP2: / GPUs)"] > gib["one shared bf16 base"] > gib["shared base, --cache (text encoder on the CPU)"] > gib["--cache --quantize-base int8"]
