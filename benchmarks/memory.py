@@ -138,7 +138,7 @@ def main() -> None:
     rows = estimate(args.rank)
     options = list(rows[0]["gib"])
     print(f"LoRA DMD2, rank {args.rank}, batch 1 at 1024 px, gradient checkpointing: GiB per GPU (smallest card that fits), COMPUTED not measured\n")
-    print("| family | transformer | LoRA params | " + " | ".join(options) + " | of which the text encoder |")
+    print("| family | transformer | LoRA params | " + " | ".join(options) + " | text encoder (bf16) |")
     print("|---" * (len(options) + 4) + "|")
     for r in rows:
         cells = " | ".join(f"{v:.1f} ({fits(v)})" for v in r["gib"].values())
