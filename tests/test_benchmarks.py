@@ -1,6 +1,7 @@
 """The benchmark scripts run (their numbers are measured by hand and written in README; these check the code)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -81,3 +82,17 @@ def test_memory_benchmark_counts_the_real_configs():
     for r in rows.values():  # sharing, caching and quantizing each lower the total
         gib = r["gib"]
         assert gib["3 bf16 copies (FSDP2: / GPUs)"] > gib["one shared bf16 base"] > gib["shared base, --cache (text encoder on the CPU)"] > gib["--cache --quantize-base int8"]
+
+
+@pytest.mark.slow
+def test_cache_memory_benchmark_runs_distill_from_caches_of_each_size(stock_teachers, tmp_path, capsys, monkeypatch):
+    import sys
+
+    import cache_memory
+
+    folders, _ = stock_teachers
+    monkeypatch.setattr(sys, "argv", ["cache_memory.py", "--teacher", folders["sd"], "--sizes", "50,500", "--updates", "2", "--folder", str(tmp_path)])
+    cache_memory.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 5")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 50", "| 500"]
+    assert os.path.isdir(tmp_path / "run-500" / "student")
