@@ -176,8 +176,7 @@ def write_cache(teacher, source: str, output: str, column: str = "", shard_rows:
     skip = done * shard_rows
     offsets, shards = [], [f"embeddings-{i:05d}.safetensors" for i in range(done)]
     buffers: dict[str, list] = {}
-    chunk: list[str] = []
-
+    chunk: list[tuple] = []  # (image or None, prompt) records waiting to be encoded
     keys: dict[str, dict] = {}
 
     def flush_shard(final: bool = False):
@@ -218,10 +217,11 @@ def write_cache(teacher, source: str, output: str, column: str = "", shard_rows:
             if count == limit:
                 break
         offsets.append(text.tell())
+    flag, what = ("--data", "captioned image") if images else ("--prompts", "prompt")
     if count == 0:
-        raise ValueError(f"--prompts {source} holds no prompt.")
+        raise ValueError(f"{flag} {source} holds no {what}.")
     if count < skip:
-        raise ValueError(f"{output} holds {done} shards of {skip} prompts, but --prompts {source} has only {count}: another source? "
+        raise ValueError(f"{output} holds {done} shards of {skip} {what}s, but {flag} {source} has only {count}: another source? "
                          "Remove the folder to start again.")
     encode(chunk + [(None, "")])  # the rest, and the unconditional row N
     flush_shard(final=True)
