@@ -14,9 +14,10 @@ What a LoRA DMD2 run holds on one GPU (batch 1, 1024 x 1024, bf16 weights, gradi
 - the two LoRAs (rank ``--rank`` on the family's default targets, ``training.methods.base.LORA_TARGETS``): fp32 weights,
   gradients and Adam moments, plus the student's EMA: 20 bytes per student LoRA parameter, 16 per fake-score one;
 - activations of one backward pass with checkpointing: the block inputs kept for recomputation (2 bytes x tokens x
-  width per block) plus one block recomputed in full, ``34 x tokens x width`` bytes (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation in Large Transformer Models", eq. 1 without the attention-score term, which flash / SDPA
-  attention does not store);
+  width per block) plus one block recomputed in full: ``k x tokens x width`` bytes, k measured for Qwen-Image's block
+  (44.5, ``benchmarks/activation_memory.py``: the tensors autograd saves, linear in tokens), else Korthikanti et al.'s
+  34 (2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without the attention-score term,
+  which flash / SDPA attention does not store; measured 30.6 for a Flux.1 double block);
 - the text encoder in bf16 (the trainer encodes the prompt list once, but keeps the encoder on the device for previews
   and validation samples; with ``--cache`` it stays on the CPU) and the VAE in float32.
 
@@ -34,6 +35,7 @@ import torch
 
 GIB = 1024**3
 TOKENS_1024 = 4096  # 1024 x 1024 px: a 128 x 128 latent in 2 x 2 patches (all three families)
+SAVED_PER_TOKEN_AND_WIDTH = {"qwen_image": 44.5}  # bytes one recomputed block saves, measured (benchmarks/activation_memory.py)
 
 
 def _count(model) -> int:
@@ -111,7 +113,7 @@ def estimate(rank: int) -> list[dict]:
         lora = _lora_params(transformer, architecture, rank)
         width, blocks, text = _width_and_blocks(transformer, architecture)
         tokens = TOKENS_1024 + text
-        activations = 2 * tokens * width * blocks + 34 * tokens * width
+        activations = 2 * tokens * width * blocks + SAVED_PER_TOKEN_AND_WIDTH.get(architecture, 34) * tokens * width
         adapters = 20 * lora + 16 * lora  # student LoRA (+ EMA) and fake-score LoRA, fp32 with Adam
         base = {"one shared bf16 base": 2 * params, "--quantize-base int8 / float8": params, "NF4 base (not built)": params // 2,
                 "3 bf16 copies (FSDP2: / GPUs)": 3 * 2 * params}

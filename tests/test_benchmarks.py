@@ -96,3 +96,16 @@ def test_cache_memory_benchmark_runs_distill_from_caches_of_each_size(stock_teac
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 5")]
     assert [row.split(" | ")[0] for row in rows] == ["| 50", "| 500"]
     assert os.path.isdir(tmp_path / "run-500" / "student")
+
+
+@pytest.mark.slow
+def test_activation_benchmark_measures_a_real_width_block_linear_in_tokens(capsys, monkeypatch):
+    import sys
+
+    import activation_memory
+
+    monkeypatch.setattr(sys, "argv", ["activation_memory.py", "--families", "qwen_image", "--tokens", "16,64"])
+    activation_memory.main()
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| qwen_image"))
+    per_token = float(row.split(" | ")[4])
+    assert 40 < per_token < 50  # the measured 44.5 bytes per token and width of README's memory numbers
