@@ -1,4 +1,4 @@
-"""GPU memory of a LoRA DMD2 run on the real Qwen-Image, FLUX.2 [dev] and Z-Image, computed from their real configs.
+"""GPU memory of a LoRA DMD2 run on the real FLUX.1 [dev], Qwen-Image, FLUX.2 [dev] and Z-Image, from their real configs.
 
 Nothing is downloaded or allocated: every model is built on the meta device from its released configuration (the
 diffusers transformers' class defaults are the released sizes; the text encoders' configs are written out below from
@@ -14,10 +14,11 @@ What a LoRA DMD2 run holds on one GPU (batch 1, 1024 x 1024, bf16 weights, gradi
 - the two LoRAs (rank ``--rank`` on the family's default targets, ``training.methods.base.LORA_TARGETS``): fp32 weights,
   gradients and Adam moments, plus the student's EMA: 20 bytes per student LoRA parameter, 16 per fake-score one;
 - activations of one backward pass with checkpointing: the block inputs kept for recomputation (2 bytes x tokens x
-  width per block) plus one block recomputed in full: ``k x tokens x width`` bytes, k measured for Qwen-Image's block
-  (44.5, ``benchmarks/activation_memory.py``: the tensors autograd saves, linear in tokens), else Korthikanti et al.'s
+  width per block) plus one block recomputed in full: ``k x tokens x width`` bytes, k measured for FLUX.1's and
+  Qwen-Image's blocks (30.6 and 44.5, ``benchmarks/activation_memory.py``: the tensors autograd saves, linear in
+  tokens), else Korthikanti et al.'s
   34 (2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without the attention-score term,
-  which flash / SDPA attention does not store; measured 30.6 for a Flux.1 double block);
+  which flash / SDPA attention does not store);
 - the text encoder in bf16 (the trainer encodes the prompt list once, but keeps the encoder on the device for previews
   and validation samples; with ``--cache`` it stays on the CPU) and the VAE in float32.
 
@@ -35,7 +36,7 @@ import torch
 
 GIB = 1024**3
 TOKENS_1024 = 4096  # 1024 x 1024 px: a 128 x 128 latent in 2 x 2 patches (all three families)
-SAVED_PER_TOKEN_AND_WIDTH = {"qwen_image": 44.5}  # bytes one recomputed block saves, measured (benchmarks/activation_memory.py)
+SAVED_PER_TOKEN_AND_WIDTH = {"flux": 30.6, "qwen_image": 44.5}  # bytes one recomputed block saves, measured (benchmarks/activation_memory.py)
 
 
 def _count(model) -> int:
@@ -44,7 +45,18 @@ def _count(model) -> int:
 
 def _text_encoders():
     """The released text encoders (their Hub config.json values), on the meta device."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3Model
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3Config,
+        Qwen3Model,
+        T5Config,
+        T5EncoderModel,
+    )
 
     qwen25_vl_7b = Qwen2_5_VLConfig(
         text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -52,8 +64,11 @@ def _text_encoders():
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584), vocab_size=152064)
     qwen3_4b = Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                            head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+    t5_xxl = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu", vocab_size=32128)
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
     with torch.device("meta"):
         return {
+            "flux": ("CLIP-L + T5-XXL", _count(CLIPTextModel(clip_l)) + _count(T5EncoderModel(t5_xxl))),
             "qwen_image": ("Qwen2.5-VL-7B", _count(Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b))),
             "flux2": ("Mistral-Small-3.1-24B", _count(Mistral3ForConditionalGeneration(Mistral3Config()))),  # its defaults are that model
             "z_image": ("Qwen3-4B", _count(Qwen3Model(qwen3_4b))),
@@ -61,12 +76,21 @@ def _text_encoders():
 
 
 def _transformers_and_vaes():
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, Flux2Transformer2DModel, QwenImageTransformer2DModel, ZImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderKLFlux2,
+        AutoencoderKLQwenImage,
+        Flux2Transformer2DModel,
+        FluxTransformer2DModel,
+        QwenImageTransformer2DModel,
+        ZImageTransformer2DModel,
+    )
 
     with torch.device("meta"):
         flux1_ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                                  block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
         return {
+            "flux": (FluxTransformer2DModel(guidance_embeds=True), flux1_ae),  # FLUX.1 [dev]
             "qwen_image": (QwenImageTransformer2DModel(), AutoencoderKLQwenImage()),
             "flux2": (Flux2Transformer2DModel(), AutoencoderKLFlux2()),
             "z_image": (ZImageTransformer2DModel(), flux1_ae),
@@ -80,7 +104,7 @@ def _lora_params(model, architecture: str, rank: int) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from onestep_pipelines.training.methods.base import LORA_TARGETS
 
-    targets = LORA_TARGETS[architecture]
+    targets = LORA_TARGETS.get(architecture, "to_q,to_k,to_v,to_out.0")  # (FLUX.1: the attention projections)
     total = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -98,7 +122,7 @@ def _width_and_blocks(model, architecture: str) -> tuple[int, int, int]:
     if architecture == "qwen_image":
         c = model.config
         return c.num_attention_heads * c.attention_head_dim, c.num_layers, 512 - 34  # max_sequence_length minus the template
-    if architecture == "flux2":
+    if architecture in ("flux", "flux2"):
         c = model.config
         return c.num_attention_heads * c.attention_head_dim, c.num_layers + c.num_single_layers, 512
     c = model.config
