@@ -1,4 +1,4 @@
-"""GPU memory of a LoRA DMD2 run on the real FLUX.1 [dev], Qwen-Image, FLUX.2 [dev] and Z-Image, from their real configs.
+"""GPU memory of a LoRA DMD2 run on the real SDXL, FLUX.1 [dev], Qwen-Image, FLUX.2 [dev] and Z-Image, from their configs.
 
 Nothing is downloaded or allocated: every model is built on the meta device from its released configuration (the
 diffusers transformers' class defaults are the released sizes; the text encoders' configs are written out below from
@@ -36,7 +36,11 @@ import torch
 
 GIB = 1024**3
 TOKENS_1024 = 4096  # 1024 x 1024 px: a 128 x 128 latent in 2 x 2 patches (all three families)
-SAVED_PER_TOKEN_AND_WIDTH = {"flux": 30.6, "qwen_image": 44.5}  # bytes one recomputed block saves, measured (benchmarks/activation_memory.py)
+SAVED_PER_TOKEN_AND_WIDTH = {"flux": 30.6, "qwen_image": 44.5}
+# SDXL's UNet (blocks of different widths): measured at 512 px (activation_memory.py --families sdxl: checkpointed blocks'
+# inputs 48.1 MB, the largest block's saved tensors 156.6 MB), times 4 for the 4x pixels of 1024 px (from 256 to 512 px
+# they grew 4.0x and 3.4x)
+SDXL_ACTIVATIONS_1024 = 4 * (48.1 + 156.6) * 2**20  # bytes one recomputed block saves, measured (benchmarks/activation_memory.py)
 
 
 def _count(model) -> int:
@@ -48,6 +52,7 @@ def _text_encoders():
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
+        CLIPTextModelWithProjection,
         Mistral3Config,
         Mistral3ForConditionalGeneration,
         Qwen2_5_VLConfig,
@@ -64,10 +69,15 @@ def _text_encoders():
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584), vocab_size=152064)
     qwen3_4b = Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                            head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+    clip_big_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+                                hidden_act="gelu")
     t5_xxl = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu", vocab_size=32128)
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
     with torch.device("meta"):
         return {
+            "sdxl": ("CLIP-L + OpenCLIP bigG", _count(CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                                                    num_attention_heads=12)))
+                     + _count(CLIPTextModelWithProjection(clip_big_g))),
             "flux": ("CLIP-L + T5-XXL", _count(CLIPTextModel(clip_l)) + _count(T5EncoderModel(t5_xxl))),
             "qwen_image": ("Qwen2.5-VL-7B", _count(Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b))),
             "flux2": ("Mistral-Small-3.1-24B", _count(Mistral3ForConditionalGeneration(Mistral3Config()))),  # its defaults are that model
@@ -83,13 +93,19 @@ def _transformers_and_vaes():
         Flux2Transformer2DModel,
         FluxTransformer2DModel,
         QwenImageTransformer2DModel,
+        UNet2DConditionModel,
         ZImageTransformer2DModel,
     )
 
     with torch.device("meta"):
         flux1_ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                                  block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
+        sdxl_vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+        from activation_memory import SDXL_UNET
+
         return {
+            "sdxl": (UNet2DConditionModel(**SDXL_UNET), sdxl_vae),
             "flux": (FluxTransformer2DModel(guidance_embeds=True), flux1_ae),  # FLUX.1 [dev]
             "qwen_image": (QwenImageTransformer2DModel(), AutoencoderKLQwenImage()),
             "flux2": (Flux2Transformer2DModel(), AutoencoderKLFlux2()),
@@ -135,9 +151,12 @@ def estimate(rank: int) -> list[dict]:
     for architecture, (transformer, vae) in _transformers_and_vaes().items():
         params = _count(transformer)
         lora = _lora_params(transformer, architecture, rank)
-        width, blocks, text = _width_and_blocks(transformer, architecture)
-        tokens = TOKENS_1024 + text
-        activations = 2 * tokens * width * blocks + SAVED_PER_TOKEN_AND_WIDTH.get(architecture, 34) * tokens * width
+        if architecture == "sdxl":
+            activations = SDXL_ACTIVATIONS_1024
+        else:
+            width, blocks, text = _width_and_blocks(transformer, architecture)
+            tokens = TOKENS_1024 + text
+            activations = 2 * tokens * width * blocks + SAVED_PER_TOKEN_AND_WIDTH.get(architecture, 34) * tokens * width
         adapters = 20 * lora + 16 * lora  # student LoRA (+ EMA) and fake-score LoRA, fp32 with Adam
         base = {"one shared bf16 base": 2 * params, "--quantize-base int8 / float8": params, "NF4 base (not built)": params // 2,
                 "3 bf16 copies (FSDP2: / GPUs)": 3 * 2 * params}

@@ -63,7 +63,8 @@ def test_the_cache_holds_the_teachers_own_embeddings_and_training_from_it_equals
     index = torch.tensor([5, 0, 3, 3])
     torch.testing.assert_close(opened.columns["prompt_embeds"].to("cpu")[index], teacher.embeddings["prompt_embeds"][index], rtol=0, atol=1e-6)
 
-    base = dict(teacher=folders["sd"], resolution=32, num_steps=1, max_train_steps=3, batch_size=2, evaluate=False, preview_every=0, lora_rank=4)
+    base = dict(teacher=folders["sd"], resolution=32, num_steps=1, max_train_steps=3, batch_size=2, evaluate=False, preview_every=0, lora_rank=4,
+                cpu_threads=1)  # (one thread: runs that compare weights bit for bit must not round with another thread count)
     from_prompts = distill(DistillConfig(prompts=str(sources / "p.jsonl"), output_dir=str(tmp_path / "a"), **base))
     from transformers import CLIPTextModel
 
@@ -84,7 +85,7 @@ def test_a_cache_run_resumes_exactly_and_refuses_another_teachers_cache(stock_te
     teacher = load_teacher(folders["sd"], resolution=32)
     write_cache(teacher, str(sources / "p.txt"), cache, shard_rows=2)
     base = dict(teacher=folders["sd"], cache=cache, resolution=32, num_steps=1, batch_size=2, evaluate=False, preview_every=0, lora_rank=4,
-                checkpoint_every=2)
+                checkpoint_every=2, cpu_threads=1)
     straight = distill(DistillConfig(output_dir=str(tmp_path / "straight"), max_train_steps=4, **base))
     distill(DistillConfig(output_dir=str(tmp_path / "split"), max_train_steps=2, **base))
     resumed = distill(DistillConfig(output_dir=str(tmp_path / "split"), max_train_steps=4, resume="latest", **base))
@@ -166,7 +167,7 @@ def test_image_caption_sources_and_an_image_cache_train_exactly_as_the_folder(st
     assert main(["cache", "--teacher", folders["sd"], "--data", data, "--output", str(cache), "--resolution", "32", "--device", "cpu"]) == 0
     assert "latents" in json.loads((cache / "cache.json").read_text())["keys"]
     base = dict(teacher=folders["sd"], method="consistency", resolution=32, num_steps=2, max_train_steps=3, batch_size=2, evaluate=False,
-                preview_every=0, lora_rank=4)
+                preview_every=0, lora_rank=4, cpu_threads=1)
     from_folder = distill(DistillConfig(data=data, output_dir=str(tmp_path / "a"), **base))
     from_cache = distill(DistillConfig(cache=str(cache), output_dir=str(tmp_path / "b"), **base))
     from_parquet = distill(DistillConfig(data=str(tmp_path / "pairs.parquet"), image_column="picture", output_dir=str(tmp_path / "c"), **base))

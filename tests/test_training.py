@@ -503,7 +503,8 @@ def test_lora_networks_share_one_frozen_base_and_train_exactly_as_copies_did(sto
 
     def run(name):
         return distill(DistillConfig(method=method, teacher=folders["sd"], output_dir=str(tmp_path / name), resolution=32, num_steps=2,
-                                     max_train_steps=3, batch_size=2, evaluate=False, preview_every=0, lora_rank=4, fake_lora_rank=fake, **source))
+                                     max_train_steps=3, batch_size=2, evaluate=False, preview_every=0, lora_rank=4, fake_lora_rank=fake,
+                                     cpu_threads=1, **source))  # (one thread: the two runs are compared bit for bit)
 
     tied = run("tied")
     unet_mb = sum(p.numel() * 4 for p in tiny_pipeline("sd").unet.parameters()) / 2**20
