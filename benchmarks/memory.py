@@ -1,4 +1,4 @@
-"""GPU memory of a LoRA DMD2 run on the real SDXL, FLUX.1 [dev], Qwen-Image, FLUX.2 [dev] and Z-Image, from their configs.
+"""GPU memory of a LoRA DMD2 (and consistency) run on the real SDXL, FLUX.1 [dev], Qwen-Image, FLUX.2 [dev] and Z-Image.
 
 Nothing is downloaded or allocated: every model is built on the meta device from its released configuration (the
 diffusers transformers' class defaults are the released sizes; the text encoders' configs are written out below from
@@ -165,7 +165,9 @@ def estimate(rank: int) -> list[dict]:
             "text_encoder_params": encoders[architecture][1], "lora_params": lora, "rank": rank,
             "gib": {option: (weights + adapters + activations + 4 * _count(vae) + 2 * encoders[architecture][1]) / GIB for option, weights in base.items()}
             | {"shared base, --cache (text encoder on the CPU)": (2 * params + adapters + activations + 4 * _count(vae)) / GIB,
-               "--cache --quantize-base int8": (params + adapters + activations + 4 * _count(vae)) / GIB},
+               "--cache --quantize-base int8": (params + adapters + activations + 4 * _count(vae)) / GIB,
+               # consistency distillation: no fake score; the target network's adapters are a float32 copy of the student's
+               "consistency LoRA, --cache": (2 * params + 24 * lora + activations + 4 * _count(vae)) / GIB},
             "text_encoder_bf16_gib": 2 * encoders[architecture][1] / GIB, "activations_gib": activations / GIB,
         })
     return rows
