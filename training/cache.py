@@ -306,8 +306,7 @@ class CachedColumn:
         return self.dtype.is_floating_point
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        rows = [self.cache.row(self.key, int(i)) for i in index.reshape(-1).tolist()]
-        return _pad_cat(rows).to(self.device or "cpu", non_blocking=True)
+        return self.cache.gather(self.key, tuple(index.reshape(-1).tolist()), self.device or "cpu")
 
 
 class PromptCache:
@@ -324,6 +323,7 @@ class PromptCache:
             raise ValueError(f"--cache {folder} was written by a newer onestep-pipelines (format {self.record['format']}); upgrade.")
         self.folder, self.shard_rows = folder, self.record["shard_rows"]
         self._open: dict[int, object] = {}
+        self._last: dict[tuple, tuple] = {}  # (key, device) -> (rows, tensor) of the last gather
         self.prompts = CachedPrompts(folder, self.record["count"])
         self.columns = {key: CachedColumn(self, key) for key in self.record["keys"] if key != "latents"}  # the prompt embeddings
         self.images = CachedColumn(self, "latents") if "latents" in self.record["keys"] else None  # an image cache's latents
@@ -334,9 +334,19 @@ class PromptCache:
         theirs = {k: self.record[k] for k in mine}
         same_teacher = theirs["teacher"] == mine["teacher"] or (os.path.exists(theirs["teacher"]) and os.path.exists(mine["teacher"])
                                                                 and os.path.samefile(theirs["teacher"], mine["teacher"]))
-        if not same_teacher or {k: mine[k] for k in mine if k != "teacher"} != {k: theirs[k] for k in theirs if k != "teacher"}:
+        if not same_teacher or (theirs["architecture"], theirs["resolution"]) != (mine["architecture"], mine["resolution"]):
             raise ValueError(f"--cache {self.folder} holds embeddings of teacher {self.record['teacher']} ({theirs}); this run's is "
                              f"{teacher.source} ({mine}). Write a cache for it: onestep-train cache --teacher {teacher.source} ...")
+
+    def gather(self, key: str, rows: tuple[int, ...], device) -> torch.Tensor:
+        """Rows ``rows`` of embedding ``key`` on ``device``, sequence dimensions padded to the longest. The last gather of
+        each key is kept: within one update the teacher, the student and the fake score read the same rows."""
+        last = self._last.get((key, str(device)))
+        if last is not None and last[0] == rows:
+            return last[1]
+        tensor = _pad_cat([self.row(key, i) for i in rows]).to(device, non_blocking=True)
+        self._last[(key, str(device))] = (rows, tensor)
+        return tensor
 
     def row(self, key: str, index: int) -> torch.Tensor:
         shard, offset = divmod(index, self.shard_rows)

@@ -213,9 +213,8 @@ class DistillConfig:
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "batch_size",
-                "gradient_accumulation_steps", "lora_rank",
-                "quantize_base",
-                "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
+                "gradient_accumulation_steps", "lora_rank", "quantize_base", "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight",
+                "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
         return {k: getattr(self, k) for k in keep}
 
@@ -252,8 +251,7 @@ class DistillConfig:
         if self.prompts and os.path.isfile(self.prompts):
             if next(iter_prompts(self.prompts, self.prompt_column), None) is None:
                 raise ValueError(f"--prompts {self.prompts} holds no prompt.")
-        if self.cache:
-            PromptCache(self.cache)  # a readable cache folder (its teacher is checked once the teacher loads)
+        cache = PromptCache(self.cache) if self.cache else None  # a readable cache folder (its teacher is checked once it loads)
         if self.data:
             if not os.path.exists(self.data) and not _looks_like_hub_id(self.data):
                 raise ValueError(f"--data {self.data}: no such folder.")
@@ -265,8 +263,7 @@ class DistillConfig:
             raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
             needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm") or self.gan_weight > 0
-            image_cache = bool(self.cache) and "latents" in PromptCache(self.cache).record["keys"]
-            if needs_images and not self.data and not image_cache:
+            if needs_images and not self.data and (cache is None or cache.images is None):
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
                                  f"{' or a cache of images (onestep-train cache --data); this cache holds prompts only' if self.cache else ''}.")
             if not self.prompts and not self.data and not self.cache:

@@ -8,11 +8,9 @@ micro-batch's :class:`~onestep_pipelines.training.draws.Draws`, so a batch does 
 
 from __future__ import annotations
 
-
 import torch
 
 from onestep_pipelines.benchmark.digits import real_halves
-
 
 
 class DigitsData:
@@ -34,11 +32,9 @@ class PromptData:
     """Data-free batches: prompts drawn from a list (no images): ``--prompts`` (read and encoded at the start, held in
     memory) or ``--cache`` (embeddings written by ``onestep-train cache``, read from disk as batches draw them)."""
 
-    def __init__(self, teacher, source: str = "", column: str = "", cache: str = ""):
-        if cache:
-            from .cache import PromptCache
-
-            teacher.use_cache(PromptCache(cache))
+    def __init__(self, teacher, source: str = "", column: str = "", cache=None):
+        if cache is not None:  # an opened PromptCache
+            teacher.use_cache(cache)
         else:
             from .cache import iter_prompts
 
@@ -95,4 +91,5 @@ def make_data(teacher, config, device):
         cache = PromptCache(config.cache)
         if cache.images is not None:  # an image cache: latents and caption embeddings
             return ImageFolderData(teacher, "", device, cache=cache)
-    return PromptData(teacher, config.prompts, config.prompt_column, config.cache)
+        return PromptData(teacher, cache=cache)
+    return PromptData(teacher, config.prompts, config.prompt_column)

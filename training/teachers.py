@@ -147,12 +147,16 @@ class Teacher:
         with torch.no_grad():
             self.embeddings = encode_prompts(self, [*prompts, ""])
 
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders (``text_encoder``, ``text_encoder_2``, ...)."""
+        return [m for name, m in self.pipeline.components.items() if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+
     @contextlib.contextmanager
     def text_encoders_on(self, device):
         """The text encoders on ``device`` for the duration (previews and validation samples of a run that trains from a
         prompt cache, whose text encoders otherwise stay on the CPU); a no-op where they already are there."""
-        encoders = [m for name, m in self.pipeline.components.items() if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
-        moved = [m for m in encoders if next(m.parameters()).device != torch.device(device)]
+        moved = [m for m in self.text_encoders if next(m.parameters()).device != torch.device(device)]
         for module in moved:
             module.to(device)
         try:
@@ -164,8 +168,9 @@ class Teacher:
     def to_device(self, device, text_encoders: bool = True) -> None:
         """The pipeline's models on ``device``; ``text_encoders=False`` leaves the text encoders on the CPU (a run that
         trains from a prompt cache)."""
-        for name, component in self.pipeline.components.items():
-            if isinstance(component, torch.nn.Module) and (text_encoders or not name.startswith("text_encoder")):
+        kept = set() if text_encoders else set(map(id, self.text_encoders))
+        for component in self.pipeline.components.values():
+            if isinstance(component, torch.nn.Module) and id(component) not in kept:
                 component.to(device)
 
     def use_cache(self, cache) -> None:

@@ -224,9 +224,8 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
     teacher.to_device(run.device, text_encoders=not config.cache)  # (a cache run's prompts are encoded: its text encoders stay on the CPU)
     if run.weight_dtype == torch.bfloat16:  # the text encoders in bf16 too (a 7-24 B one in float32 would hold 30-90 GB for
         # previews); not in fp16, where T5 overflows, and the VAE stays float32 (SDXL's overflows in fp16)
-        for name, component in teacher.pipeline.components.items():
-            if name.startswith("text_encoder") and isinstance(component, torch.nn.Module):
-                cast(component, torch.bfloat16)
+        for encoder in teacher.text_encoders:
+            cast(encoder, torch.bfloat16)
     # a LoRA student shares the teacher's frozen base (one copy of the weights) unless FSDP2 shards it, or the method
     # changes the copy's weights before training (reward loads a student's, pi-Flow widens the output layer)
     tie = config.lora_rank > 0 and not run.fsdp and method_cls.start_from.__func__ is Method.start_from.__func__
@@ -661,16 +660,20 @@ def _resume_point(config, processes: int) -> tuple[str, dict] | None:
     return path, saved
 
 
-def _merged_over_a_full_precision_base(teacher, config, lora_dir: str):
+def _merged_over_a_full_precision_base(teacher, lora_dir: str):
     """The student of a ``--quantize-base`` run as full weights: the teacher's denoiser reloaded from its source at full
-    precision with the LoRA fused (``load_student_lora``); the teacher's quantized denoiser is replaced by the reloaded
-    one too, so that the teacher is scored at full precision."""
+    precision (that component alone) with the LoRA fused (``load_student_lora``); the teacher's quantized denoiser is
+    replaced by the reloaded one too, so that the teacher is scored at full precision."""
+    from onestep_pipelines.benchmark import teacher_folder
     from onestep_pipelines.students import load_student_lora
 
-    fresh = load_teacher(teacher.source, resolution=teacher.resolution)
-    model = fresh.model.to(next(teacher.model.parameters()).device)
+    if teacher.architecture == "digits":
+        model = load_teacher(teacher.source).model
+    else:
+        model = type(teacher.model).from_pretrained(teacher_folder(teacher.source), subfolder=teacher.denoiser_name, use_safetensors=True)
+    model = model.to(next(teacher.model.parameters()).device).eval().requires_grad_(False)
     setattr(teacher.pipeline, teacher.denoiser_name, model)
-    merged = pipelines.student_pipeline(fresh.pipeline, copy.deepcopy(model))
+    merged = pipelines.student_pipeline(teacher.pipeline, copy.deepcopy(model))
     load_student_lora(merged, lora_dir, fuse=True, set_scheduler=False)
     return merged.denoiser
 
@@ -692,7 +695,7 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
             save_student_lora(os.path.join(config.output_dir, "lora"), model, metadata)
             out["lora_dir"] = os.path.join(config.output_dir, "lora")
             if config.quantize_base != "none":  # the merged student: the base at full precision, reloaded, plus the LoRA
-                model = _merged_over_a_full_precision_base(teacher, config, out["lora_dir"])
+                model = _merged_over_a_full_precision_base(teacher, out["lora_dir"])
             else:
                 model = copy.deepcopy(model)
                 model.fuse_lora()

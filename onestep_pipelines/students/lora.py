@@ -353,7 +353,7 @@ def _converted_by_diffusers(pipe, tensors: dict) -> dict | None:
 
 def _lora_modules(tensors: dict) -> set[str]:
     """The LoRA pairs of a file in any layout (keys of their down / A halves)."""
-    downs = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A.default.weight")
+    downs = tuple(f".{leaf}" for leaf, part in _PARTS.items() if part == "lora_A.weight")
     return {k for k in tensors if k.endswith(downs)}
 
 

@@ -13,7 +13,6 @@ EMA of the student. One phase is LCM (sample with full re-noising, gamma 1); ``p
 
 from __future__ import annotations
 
-
 import torch
 
 from onestep_pipelines.sampling import consistency_step

@@ -15,7 +15,6 @@ samples, both noised to the same ``t``.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -26,7 +26,6 @@ independently, of ``r``) is set to the end points 1 (noise) and 0 (data), the ju
 
 from __future__ import annotations
 
-
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
