@@ -1,5 +1,5 @@
 """Leaderboard: every method of the trainer distils the digits teacher with the same training wall time, and each
-student is scored at 1, 2, 4 and 8 steps (FD-digits and class accuracy, 898 samples from fixed seeds).
+student is scored at 1, 2, 4 and 8 steps (FD-digits, FD-pixels and class accuracy, 898 samples from fixed seeds).
 
     python benchmarks/leaderboard.py                 # 15 minutes of training per method
     python benchmarks/leaderboard.py --quick         # 1 minute per method: under 20 minutes in all on 2 cores
@@ -59,7 +59,7 @@ def _write(path: str, data: dict) -> None:
     write_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
-def plan(out: str, minutes: float, device: str, teacher: str) -> dict:
+def plan(out: str, minutes: float, device: str, teacher: str, threads: int = 0) -> dict:
     """``{name: {"updates", "seconds_per_update"}}``: each method's update count for ``minutes`` of training, from its
     measured seconds per update (kept in ``plan.json`` so a resumed leaderboard trains the same students)."""
     from onestep_pipelines.training.config import DistillConfig
@@ -77,7 +77,7 @@ def plan(out: str, minutes: float, device: str, teacher: str) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
         os.makedirs(os.path.dirname(scratch), exist_ok=True)
         config = DistillConfig(teacher=teacher, output_dir=scratch, max_train_steps=CALIBRATION_UPDATES, preview_every=0,
-                               evaluate=False, log_with="none", device=device, **recipe)
+                               evaluate=False, log_with="none", device=device, cpu_threads=threads, **recipe)
         summary = distill(config, export=False)
         per_update = summary["seconds_per_step"]
         methods[name] = {"updates": max(50, int(minutes * 60 / per_update)), "seconds_per_update": per_update}
@@ -87,7 +87,7 @@ def plan(out: str, minutes: float, device: str, teacher: str) -> dict:
     return methods
 
 
-def train_and_score(name: str, updates: int, out: str, device: str, teacher: str) -> dict:
+def train_and_score(name: str, updates: int, out: str, device: str, teacher: str, threads: int = 0) -> dict:
     """Train (or continue) one method's student and score it at every NFE of the table."""
     from onestep_pipelines.training import checkpoint
     from onestep_pipelines.training.config import DistillConfig
@@ -100,11 +100,15 @@ def train_and_score(name: str, updates: int, out: str, device: str, teacher: str
         shutil.rmtree(run)
     os.makedirs(os.path.dirname(run), exist_ok=True)
     config = DistillConfig(teacher=teacher, output_dir=run, max_train_steps=updates, checkpoint_every=max(25, updates // 5), preview_every=0,
-                           evaluate=False, log_with="none", device=device, resume="latest" if started else "", **RECIPES[name])
+                           evaluate=False, log_with="none", device=device, cpu_threads=threads, resume="latest" if started else "", **RECIPES[name])
     summary = distill(config)
     rows = evaluate_student(summary["student_dir"], list(NFE), device)
     return {"recipe": RECIPES[name], "updates": updates, "train_seconds": summary["seconds"],
-            "seconds_per_update": summary["seconds_per_step"], "scores": {str(r["NFE"]): {"fd": r["FD-digits"], "acc": r["accuracy"]} for r in rows}}
+            "seconds_per_update": summary["seconds_per_step"], "scores": _scores(rows)}
+
+
+def _scores(rows: list[dict]) -> dict:
+    return {str(r["NFE"]): {"fd": r["FD-digits"], "fd_pixels": r["FD-pixels"], "acc": r["accuracy"]} for r in rows}
 
 
 def teacher_scores(device: str, teacher: str) -> dict:
@@ -114,18 +118,20 @@ def teacher_scores(device: str, teacher: str) -> dict:
 
     where = pick_device(device)
     rows, _ = score_digits(load_digits_teacher(None if teacher == "digits" else teacher).to(where), list(NFE) + [32], DigitsMetric(device=where), name="teacher", euler_grid=True)
-    return {str(r["NFE"]): {"fd": r["FD-digits"], "acc": r["accuracy"]} for r in rows}
+    return _scores(rows)
 
 
 def table(results: dict, plan: dict) -> str:
-    """The markdown table; ``s / update`` is the calibrated cost the update counts come from (``plan``)."""
+    """The markdown table (cells: FD-digits / FD-pixels); ``s / update`` is the calibrated cost the update counts come
+    from (``plan``)."""
     teacher = results["teacher"]
-    head = ["method", "updates", "s / update"] + [f"FD {n} step{'s' * (n > 1)}" for n in NFE] + ["accuracy (trained steps)"]
+    cell = lambda s: f"{s['fd']:.2f} / {s['fd_pixels']:.3f}" if "fd_pixels" in s else f"{s['fd']:.2f}"  # noqa: E731
+    head = ["method", "updates", "s / update"] + [f"{n} step{'s' * (n > 1)}" for n in NFE] + ["accuracy (trained steps)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    lines.append("| teacher (Euler) | | | " + " | ".join(f"{teacher[str(n)]['fd']:.2f}" for n in NFE) + f" | (32 steps: FD {teacher['32']['fd']:.2f}) |")
+    lines.append("| teacher (Euler) | | | " + " | ".join(cell(teacher[str(n)]) for n in NFE) + f" | (32 steps: {cell(teacher['32'])}) |")
     for name, entry in results["methods"].items():
         trained = str(entry["recipe"].get("num_steps", 1))
-        cells = [f"{entry['scores'][str(n)]['fd']:.2f}" for n in NFE]
+        cells = [cell(entry["scores"][str(n)]) for n in NFE]
         lines.append(f"| {name} | {entry['updates']} | {plan[name]['seconds_per_update']:.3f} | " + " | ".join(cells) +
                      f" | {entry['scores'][trained]['acc']:.3f} ({trained}) |")
     return "\n".join(lines)
@@ -166,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/leaderboard[-quick])")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu"))
     parser.add_argument("--teacher", default="digits", help="the shipped digits teacher, or another digits teacher folder")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="CPU threads of every run (0: the trainer's auto); fix it when other work shares the machine")
     args = parser.parse_args(argv)
     minutes = QUICK_MINUTES if args.quick else args.minutes
     if minutes <= 0:
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     started = time.time()
     try:
-        steps = plan(out, minutes, args.device, args.teacher)
+        steps = plan(out, minutes, args.device, args.teacher, args.cpu_threads)
         path = os.path.join(out, "leaderboard.json")
         results = _read(path) or {"minutes": minutes, "methods": {}}
         if "teacher" not in results:
@@ -182,7 +189,7 @@ def main(argv=None) -> int:
             _write(path, results)
         for name in RECIPES:
             if name not in results["methods"]:
-                results["methods"][name] = train_and_score(name, steps[name]["updates"], out, args.device, args.teacher)
+                results["methods"][name] = train_and_score(name, steps[name]["updates"], out, args.device, args.teacher, args.cpu_threads)
                 _write(path, results)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

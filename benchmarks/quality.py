@@ -1,4 +1,4 @@
-"""Quality per NFE on the embedded digits benchmark (FD-digits and class accuracy).
+"""Quality per NFE on the embedded digits benchmark (FD-digits, FD-pixels, precision / recall, class accuracy).
 
     python benchmarks/quality.py                      # teacher at 1, 2, 4, 8, 16, 32, 64 Euler steps
     python benchmarks/quality.py --quick              # no 32-step teacher row, < 1 minute on 2 cores
@@ -68,14 +68,15 @@ def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None 
     metric = DigitsMetric(device=device)
     floor = metric.real_vs_real()
     teacher = load_digits_teacher(teacher_dir).to(device)
-    results = {"real_vs_real_fd": floor.fd, "real_vs_real_acc": floor.acc, "num_samples": num_samples, "teacher": {}, "students": {}}
+    results = {"real_vs_real_fd": floor.fd, "real_vs_real_acc": floor.acc, "real_vs_real_fd_pixels": floor.fd_pixels, "num_samples": num_samples, "teacher": {}, "students": {}}
     rows, grids = [], {}
 
     def measure(name: str, pipe, nfe: int, scores: dict, **kwargs) -> None:
         images, labels = sample_digits(pipe, nfe, num_samples=num_samples, **kwargs)
         score = metric.score(images, labels)
-        scores[str(nfe)] = {"fd": score.fd, "acc": score.acc}
-        rows.append((name, nfe, score))
+        scores[str(nfe)] = {"fd": score.fd, "acc": score.acc, "fd_pixels": score.fd_pixels, "precision": score.precision,
+                            "recall": score.recall, "copies": metric.copy_fraction(images)}
+        rows.append((name, nfe, scores[str(nfe)]))
         grids[f"{name.split()[0]}_nfe{nfe}"] = images[:100]
 
     for nfe in TEACHER_NFE[:-2] + TEACHER_NFE[-1:] if quick else TEACHER_NFE:
@@ -94,10 +95,11 @@ def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None 
         save_grid(images, os.path.join(out_dir, f"grid_{key}.png"))
 
     width = max(len(r[0]) for r in rows)
-    print(f"FD-digits ({num_samples} samples, fixed seeds); real-vs-real floor FD {floor.fd:.3f} (acc {floor.acc:.3f})")
-    print(f"{'model':<{width}}  NFE   FD       x floor  acc")
-    for name, nfe, score in rows:
-        print(f"{name:<{width}}  {nfe:>3}  {score.fd:7.3f}  {score.fd / floor.fd:7.2f}  {score.acc:.3f}")
+    print(f"{num_samples} samples, fixed seeds; real-vs-real floor (half A against half B): FD-digits {floor.fd:.3f}, "
+          f"FD-pixels {floor.fd_pixels:.3f}, precision {floor.precision:.3f}, recall {floor.recall:.3f}, accuracy {floor.acc:.3f}")
+    print(f"{'model':<{width}}  NFE  FD-digits  FD-pixels  precision  recall  accuracy  copies")
+    for name, nfe, s in rows:
+        print(f"{name:<{width}}  {nfe:>3}  {s['fd']:9.3f}  {s['fd_pixels']:9.3f}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['acc']:8.3f}  {s['copies']:6.3f}")
     print(f"wrote {os.path.join(out_dir, 'quality.json')} and PNGs in {time.time() - start:.0f} s ({device})")
     return results
 

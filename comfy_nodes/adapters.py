@@ -285,7 +285,7 @@ def load_lora(model, path: str, strength: float, allow_partial: bool):
 
 
 def student_sampling(model, metadata: StudentMetadata | None, fallback_steps: int):
-    """SAMPLER and SIGMAS recorded in a student's metadata (gamma, preset or timesteps, steps); without metadata a
+    """SAMPLER and SIGMAS recorded in a student's metadata (gamma, preset or the times it was trained at, steps); without metadata a
     deterministic (gamma 0) sampler on the uniform schedule with ``fallback_steps``."""
     if metadata is None:
         return consistency_sampler(0.0), model_sigmas(model, fallback_steps, "trailing", None, 0.0, 1.0)
@@ -297,6 +297,10 @@ def student_sampling(model, metadata: StudentMetadata | None, fallback_steps: in
     # ComfyUI's Qwen-Image default is 1.15); dynamic-shift and VP students on the MODEL's model_sampling
     flow_model = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
     static = flow_model and metadata.time_type == "flow" and not config.get("use_dynamic_shifting", False)
+    trained = config.get("trained_times")
+    if trained and len(trained) == metadata.num_inference_steps:  # where the student was trained: exact sigmas / timesteps
+        flow = metadata.time_type == "flow"
+        return sampler, model_sigmas(model, len(trained), "trailing", [t * 1000 if flow else t for t in trained], 1.0 if flow and flow_model else 0.0, 1.0)
     sigmas = model_sigmas(model, metadata.num_inference_steps, preset, None, float(config.get("shift", 1.0)) if static else 0.0, 1.0)
     return sampler, sigmas
 

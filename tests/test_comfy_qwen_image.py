@@ -348,13 +348,14 @@ def test_student_lora_loader_node_refuses_a_partial_qwen_lora(env, monkeypatch, 
     _assert_lora_applied(env, patched, pairs, ALPHA / RANK)
 
 
-def _student_file(env, tmp_path, name, architecture):
-    """A 4-step DMD2 student LoRA (gamma 1, flow shift 3) for ``architecture``, in the bare layout."""
+def _student_file(env, tmp_path, name, architecture, trained_times=None):
+    """A 4-step DMD2 student LoRA (gamma 1, flow shift 3) for ``architecture``, in the bare layout (with
+    ``trained_times``: a student trained at those sigmas, one step each)."""
     from onestep_pipelines import StudentMetadata
     from onestep_pipelines.schedulers import ConsistencyScheduler
 
-    metadata = StudentMetadata.from_scheduler(ConsistencyScheduler(time_type="flow", shift=3.0, timestep_preset="dmd2", gamma=1.0),
-                                              method="dmd2", architecture=architecture, num_inference_steps=4)
+    scheduler = ConsistencyScheduler(time_type="flow", shift=3.0, timestep_preset="dmd2", gamma=1.0, trained_times=trained_times)
+    metadata = StudentMetadata.from_scheduler(scheduler, method="dmd2", architecture=architecture, num_inference_steps=len(trained_times or range(4)))
     tensors, pairs = _lora(env, "bare", seed=5)
     save_file(tensors, str(tmp_path / name), metadata={"onestep_student": metadata.to_json()})
     return pairs
@@ -369,6 +370,16 @@ def test_a_qwen_image_student_lora_samples_as_its_metadata_records(env, monkeypa
     assert sampler.extra_options == {"gamma": 1.0}
     torch.testing.assert_close(sigmas, env.nodes.FewStepSigmas.execute(env.aura, "dmd2", 4, "", 0.0, 1.0).result[0])
     assert torch.isfinite(_custom(env, patched, sampler, sigmas, 1.0)).all()
+
+
+def test_a_student_trained_at_its_own_times_samples_there(env, monkeypatch, tmp_path):
+    """A student trained with ``--sigmas 1,0.3`` records them (scheduler ``trained_times``): the loader's SIGMAS are
+    those exact sigmas, not the preset's through the model's shift."""
+    _loras_folder(env, monkeypatch, tmp_path)
+    _student_file(env, tmp_path, "timed.safetensors", "qwen_image", trained_times=[1.0, 0.3])
+    _, _, sigmas, report = _load_with_node(env, "timed.safetensors", fallback_steps=7)
+    assert "2 steps" in report
+    torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.3, 0.0]))
 
 
 def test_the_lora_family_check_knows_qwen_image(env, monkeypatch, tmp_path):

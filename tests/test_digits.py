@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from onestep_pipelines import ConsistencyScheduler, FlowMapScheduler, TDMScheduler
 from onestep_pipelines.benchmark.digits import (
+    PIXEL_COMPONENTS,
     DigitsMetric,
     frechet_distance,
     parse_class_labels,
@@ -206,6 +207,25 @@ def test_real_vs_real_floor_and_accuracy(metric):
     assert metric.score(torch.rand(100, 1, 8, 8) * 2 - 1, torch.arange(100) % 10).acc < 0.5
 
 
+def test_second_metric_fd_pixels_and_precision_recall(metric):
+    """FD-pixels (a fixed PCA of half A's pixels, no classifier) is zero for half B against itself and rises with
+    noise; precision / recall tell a narrow generator (one digit per class, repeated) from a noisy one."""
+    (a, ya), (b, yb) = real_halves()
+    assert metric.fd_pixels(b) == pytest.approx(0.0, abs=1e-9) and metric.pixel_basis.shape == (64, PIXEL_COMPONENTS)
+    floor = metric.real_vs_real()
+    assert 0 < floor.fd_pixels < 0.5 and 0.8 < floor.precision <= 1 and 0.8 < floor.recall <= 1
+    g = torch.Generator().manual_seed(0)
+    noisy = [(b + s * torch.randn(b.shape, generator=g)).clamp(-1, 1) for s in (0.2, 0.5)]
+    assert 0.01 < metric.fd_pixels(noisy[0]) < metric.fd_pixels(noisy[1])  # (half B itself: 0)
+    narrow = torch.cat([b[yb == k][:1].expand(90, -1, -1, -1) for k in range(10)])  # ten real digits, each 90 times
+    precision, recall = metric.precision_recall(narrow)
+    assert precision == 1.0 and recall < 0.1  # every sample is real, but it covers nothing else
+    score = metric.score(noisy[1], yb)
+    assert score.precision < floor.precision and score.fd_pixels == pytest.approx(metric.fd_pixels(noisy[1]))
+    row = metric.row(score)
+    assert list(row) == ["FD-digits", "FD-pixels", "precision", "recall", "accuracy"]
+
+
 def test_copy_fraction_flags_training_digits_not_new_ones(metric):
     (a, _), (b, _) = real_halves()
     assert metric.copy_fraction(a[:200]) == 1.0  # the training digits themselves
@@ -238,6 +258,25 @@ def test_shipped_teacher_loads_offline_and_samples():
     torch.testing.assert_close(images, again)  # fixed seeds: numbers repeat
 
 
+def test_the_teacher_trains_on_half_a_only(tmp_path, monkeypatch):
+    """The teacher's recipe reads half A (the reference half B stays unseen); the shipped teacher was made by it."""
+    from onestep_pipelines.benchmark import train_digits
+
+    seen = []
+    halves = train_digits.real_halves
+
+    def spy():
+        (a, ya), (b, yb) = halves()
+        seen.append(len(a))
+        return (a, ya), (b + float("nan"), yb)  # a teacher that read half B would learn NaN
+
+    monkeypatch.setattr(train_digits, "real_halves", spy)
+    monkeypatch.setattr(train_digits, "load_digits_images", lambda: pytest.fail("the teacher read all the digits"))
+    train_digits.train_teacher(str(tmp_path / "teacher"), steps=2, batch_size=4, lr=1e-4, seed=0, guidance_scale=1.0)
+    pipe = load_digits_pipeline(str(tmp_path / "teacher"))
+    assert seen == [899] and all(torch.isfinite(p).all() for p in pipe.transformer.parameters())
+
+
 @pytest.mark.slow
 def test_quality_harness_writes_table_json_and_pngs(tmp_path, capsys):
     import quality
@@ -251,7 +290,7 @@ def test_quality_harness_writes_table_json_and_pngs(tmp_path, capsys):
     assert saved == json.loads(json.dumps(results))
     assert set(saved["teacher"]) == {"1", "2", "4", "8", "16", "64"}
     assert set(saved["students"]["mf"]) == {"1", "2", "4"}
-    assert {"fd", "acc"} <= set(saved["teacher"]["1"]) and saved["real_vs_real_fd"] > 0
+    assert {"fd", "acc", "fd_pixels", "precision", "recall", "copies"} <= set(saved["teacher"]["1"]) and saved["real_vs_real_fd"] > 0
     assert (out / "quality_fd_vs_nfe.png").exists() and (out / "grid_mf_nfe1.png").exists()
     printed = capsys.readouterr().out
     assert "real-vs-real floor" in printed and "mf" in printed

@@ -276,6 +276,44 @@ def test_custom_timesteps_and_sigmas():
     assert r.timesteps[0] == pytest.approx(1000 * 80 / 81, rel=1e-5)  # sin/(sin+cos) of atan(80)
 
 
+@pytest.mark.parametrize("cls", [ConsistencyScheduler, FlowMapScheduler, TDMScheduler])
+def test_trained_times_are_where_the_student_samples(cls, tmp_path):
+    """A student's recorded training times replace the preset at their step count (any mu), survive save / load, and
+    leave other step counts, custom timesteps and image-to-image strength to the preset."""
+    assert cls().config.trained_times is None  # (stock configs are unchanged)
+    flow = cls(time_type="flow", use_dynamic_shifting=True, trained_times=[1.0, 0.2])
+    flow.save_pretrained(tmp_path)
+    flow = cls.from_pretrained(tmp_path)
+    for kwargs in ({"num_inference_steps": 2, "mu": 1.2}, {"num_inference_steps": None, "mu": 0.5}):
+        flow.set_timesteps(**kwargs)
+        assert flow.sigmas.tolist() == pytest.approx([1.0, 0.2, 0.0]) and flow.timesteps.tolist() == pytest.approx([1000.0, 200.0])
+    flow.set_timesteps(3, mu=0.0)
+    assert flow.sigmas[1].item() != pytest.approx(0.2) and len(flow.timesteps) == 3
+    flow.set_timesteps(sigmas=[1.0, 0.6], mu=0.0)
+    assert flow.sigmas[1].item() == pytest.approx(0.6)
+    if "vp" not in cls._allowed_time_types:
+        return
+    vp = cls(time_type="vp", trained_times=[999, 250])
+    vp.set_timesteps(2)
+    assert vp.timesteps.tolist() == [999, 250]
+    vp.set_timesteps(2, strength=0.5)
+    assert vp.timesteps.tolist() != [999, 250]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"trained_times": [999.5, 10]}, "trained_times"),
+    ({"trained_times": [10, 999]}, "strictly decreasing"),
+    ({"trained_times": [999, 10.5]}, "integer"),
+    ({"trained_times": []}, "non-empty"),
+    ({"trained_times": "999"}, "non-empty list"),
+    ({"time_type": "flow", "trained_times": [1.5, 0.2]}, "trained_times"),
+    ({"time_type": "flow", "trained_times": [0.5, 0.0]}, "trained_times"),
+])
+def test_bad_trained_times(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConsistencyScheduler(**kwargs)
+
+
 # ------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
 def test_gamma_out_of_range(gamma):

@@ -63,6 +63,34 @@ def test_methods_run_and_write_a_loadable_student(tiny_teacher, tmp_path, overri
             torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("option", [{"sigmas": "1,0.3"}, {"timesteps": "1000,300"}])
+def test_a_student_is_trained_and_sampled_at_its_own_times(tiny_teacher, tmp_path, option):
+    """``--sigmas`` / ``--timesteps``: the roll-outs run at those times and the student's scheduler records them, so
+    ``pipe(num_inference_steps=2)`` (and the default call) samples there; other step counts keep the preset."""
+    result = distill(tiny(tiny_teacher, tmp_path / "run", num_steps=2, **option))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.scheduler.config.trained_times == pytest.approx([1.0, 0.3]) and pipe.student.timesteps == pytest.approx([1000.0, 300.0])
+    seen = []
+    pipe.set_progress_bar_config(disable=True)
+    pipe(class_labels=[1], callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or kw)
+    assert seen == pytest.approx([1000.0, 300.0])
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx([1000.0, 750.0, 500.0, 250.0])
+
+
+def test_vp_students_record_integer_timesteps_and_refuse_sigmas(stock_teachers, tmp_path):
+    folders, data = stock_teachers
+    common = dict(teacher=folders["sd"], prompts=os.path.join(data, "prompts.txt"), resolution=32, num_steps=2, max_train_steps=1, batch_size=2,
+                  evaluate=False, preview_every=0, lora_rank=4, fake_lora_rank=4, cpu_threads=1)
+    with pytest.raises(ValueError, match="--sigmas applies to flow teachers; this teacher is VP"):
+        distill(DistillConfig(output_dir=str(tmp_path / "bad"), sigmas="1,0.5", **common))
+    result = distill(DistillConfig(output_dir=str(tmp_path / "run"), timesteps="999,400", **common))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.scheduler.config.trained_times == [999, 400]
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == [999, 400]
+
+
 @pytest.mark.parametrize("method", ["dmd2", "consistency"])
 def test_resume_continues_exactly(tiny_teacher, tmp_path, method):
     distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4, method=method))
@@ -172,6 +200,14 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
         (["--lsg-scale", "2"], "--lsg-scale applies to --method sid, not dmd2"),
         (["--method", "sid", "--lsg-scale", "0"], "--lsg-scale must be positive (1 = no guidance), got 0.0"),
         (["--method", "sid", "--sid-alpha", "-1"], "--sid-alpha must be 0 or positive, got -1.0"),
+        (["--num-steps", "2", "--timesteps", "999"], "--timesteps '999': 1 value(s) for --num-steps 2; give one per student step"),
+        (["--num-steps", "2", "--sigmas", "0.2,1"], "the times must be strictly decreasing"),
+        (["--num-steps", "2", "--sigmas", "1.5,0.2"], "sigmas lie in (0, 1]"),
+        (["--num-steps", "2", "--sigmas", "1,x"], "not a comma-separated list of numbers"),
+        (["--num-steps", "2", "--sigmas", "1,0.2", "--timesteps", "999,200"], "pass --timesteps or --sigmas, not both"),
+        (["--method", "consistency", "--timesteps", "999"], "--timesteps applies to --method dmd2, tdm, sid, scm, piflow, reward, not consistency"),
+        (["--method", "scm", "--sigmas", "1"], "sCM trains at every time"),
+        (["--num-steps", "2", "--timesteps", "1200,200"], "a flow teacher's timesteps are sigma x 1000, at most 1000"),
     ]
     for flags, message in cases:
         try:

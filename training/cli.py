@@ -165,8 +165,9 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'model':<22} {'NFE':>4} {'FD-digits':>10} {'accuracy':>9} {'copies':>7}"]
-    lines += [f"{r['model']:<22} {r['NFE']:>4} {r['FD-digits']:>10.2f} {r['accuracy']:>9.3f} {r['copies']:>7.3f}" for r in rows]
+    lines = [f"{'model':<22} {'NFE':>4} {'FD-digits':>10} {'FD-pixels':>10} {'precision':>9} {'recall':>7} {'accuracy':>9} {'copies':>7}"]
+    lines += [f"{r['model']:<22} {r['NFE']:>4} {r['FD-digits']:>10.2f} {r['FD-pixels']:>10.3f} {r['precision']:>9.3f} {r['recall']:>7.3f} "
+              f"{r['accuracy']:>9.3f} {r['copies']:>7.3f}" for r in rows]
     return "\n".join(lines)
 
 

@@ -56,6 +56,10 @@ class DistillConfig:
                                 "times the VAE factor, 512 for SD 1.5, 1024 for SDXL, SD3 and Flux, 32 for the text-digits teachers)")
     output_dir: str = option("onestep-digits-student", "run folder: checkpoints, previews, validation reports, the student")
     num_steps: int = option(1, "student steps (NFE), 1 to 4")
+    timesteps: str = option("", "the times the student is trained and then sampled at, one per step, comma-separated (default: its method's preset): "
+                                "VP teachers: integer timesteps (999,749,499,249); flow teachers: sigma x 1000, unshifted (1000,200 = sigmas 1 and 0.2). "
+                                "Recorded in the student's scheduler (trained_times), so pipe(num_inference_steps=N) samples there")
+    sigmas: str = option("", "flow teachers: --timesteps as sigmas in (0, 1] (1,0.2)")
     max_train_steps: int = option(1000, "generator updates")
     batch_size: int = option(128, "samples per micro-batch and process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (all optimizers)")
@@ -189,6 +193,11 @@ class DistillConfig:
             if self.method not in methods and names:
                 listed = " and ".join(filter(None, [", ".join(flag(n) for n in names[:-1]), flag(names[-1])]))
                 raise ValueError(f"{listed} {'applies' if len(names) == 1 else 'apply'} to --method {', '.join(methods)}, not {self.method}.")
+        if self.timesteps or self.sigmas:
+            self.student_times()
+            if self.method == "scm" and not self.dmd_weight:
+                raise ValueError(f"{'--timesteps' if self.timesteps else '--sigmas'}: sCM trains at every time; its roll-out times apply with --dmd-weight "
+                                 "(rCM). Choose sCM's sampling times at inference (pipe(sigmas=...)).")
         if self.quantize_base != "none":
             if self.method in ("reward", "piflow"):
                 raise ValueError(f"--quantize-base {self.quantize_base} does not apply to --method {self.method} (it changes the base weights).")
@@ -210,9 +219,30 @@ class DistillConfig:
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("--mixed-precision fp16 needs a GPU, and --device cpu runs on the CPU: use --mixed-precision bf16 or no.")
 
+    def student_times(self) -> tuple[str, list[float]] | None:
+        """``("timesteps" | "sigmas", values)`` of ``--timesteps`` / ``--sigmas`` (None: the method's preset), checked as
+        far as the teacher is not needed: one value per student step, strictly decreasing, sigmas in (0, 1]."""
+        if self.timesteps and self.sigmas:
+            raise ValueError("pass --timesteps or --sigmas, not both.")
+        kind = "timesteps" if self.timesteps else "sigmas" if self.sigmas else None
+        if kind is None:
+            return None
+        text = getattr(self, kind)
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag(kind)} {text!r}: not a comma-separated list of numbers.") from None
+        if len(values) != self.num_steps:
+            raise ValueError(f"{flag(kind)} {text!r}: {len(values)} value(s) for --num-steps {self.num_steps}; give one per student step.")
+        if any(b >= a for a, b in zip(values, values[1:])) or values[-1] <= (0 if kind == "sigmas" else -1):
+            raise ValueError(f"{flag(kind)} {text!r}: the times must be strictly decreasing and {'positive' if kind == 'sigmas' else 'at least 0'}.")
+        if kind == "sigmas" and values[0] > 1:
+            raise ValueError(f"--sigmas {text!r}: sigmas lie in (0, 1].")
+        return kind, values
+
     def comparable(self) -> dict:
         """The options a resumed run must share with the run it continues."""
-        keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "batch_size",
+        keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "timesteps", "sigmas", "batch_size",
                 "gradient_accumulation_steps", "lora_rank", "quantize_base", "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight",
                 "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
@@ -309,6 +339,7 @@ FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward")  # the methods that train a
 # The methods an option applies to (an option not listed applies to every method): --help lists the options by these
 # sets (``--method M --help`` shows M's alone), config.yaml holds a run's own, and an option set for another method is
 # refused.
+STUDENT_TIMES = ("dmd2", "tdm", "sid", "scm", "piflow", "reward")  # methods whose losses run the student at its own times
 OPTION_METHODS = {
     "fake_learning_rate": FAKE_SCORE, "fake_updates": FAKE_SCORE, "fake_lora_rank": FAKE_SCORE,
     "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
@@ -324,6 +355,7 @@ OPTION_METHODS = {
     "equal_fraction": ("meanflow", "flowmap"), "endpoint_fraction": ("meanflow", "flowmap"),
     "logit_mean": ("meanflow", "flowmap", "scm"), "logit_std": ("meanflow", "flowmap", "scm"),
     "dmd_weight": ("scm",),
+    "timesteps": STUDENT_TIMES, "sigmas": STUDENT_TIMES,
     "tangent_time_step": ("scm", "meanflow", "flowmap"),
     "tangent_warmup": ("scm",),
     "policy": ("piflow",), "policy_components": ("piflow",), "policy_substeps": ("piflow",),

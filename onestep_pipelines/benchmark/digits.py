@@ -9,7 +9,14 @@ slower.
 FD-digits is the Fréchet distance (Heusel et al. 2017) between Gaussian fits of generated and real
 images in the penultimate-layer features of a small digit classifier that we train and ship, plus
 the classifier's accuracy on class-conditional samples. The real reference is a fixed half of the
-data set; the other half against it gives the real-vs-real floor.
+data set (half B); the other half (A, the only digits any model here trains on) against it gives the
+real-vs-real floor.
+
+A second metric shares nothing with the classifier: **FD-pixels**, the Fréchet distance in a fixed
+linear basis of the pixels (the first :data:`PIXEL_COMPONENTS` principal components of half A, 85 %
+of its variance). Precision and recall (Kynkäänniemi et al. 2019, k-nearest-neighbour manifolds with
+``k`` = 3 in the classifier's features) tell a sharp but narrow generator (high precision, low
+recall) from a broad but blurry one.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ TEACHER_DIR = os.path.join(ASSETS, "teacher")
 CLASSIFIER_DIR = os.path.join(ASSETS, "classifier")
 REWARD_CLASSIFIER_DIR = os.path.join(ASSETS, "reward_classifier")
 DATA_FILE = os.path.join(ASSETS, "digits.npz")
+PIXEL_COMPONENTS = 16  # principal components of half A's pixels that FD-pixels is measured in
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEED = 0
 
@@ -130,8 +138,40 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Score:
+    """One row of the benchmark: FD-digits, class accuracy, FD-pixels, precision and recall (see the module
+    docstring)."""
+
     fd: float
     acc: float
+    fd_pixels: float
+    precision: float
+    recall: float
+
+
+def pixel_basis(images: torch.Tensor, components: int = PIXEL_COMPONENTS) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, basis)``: the mean pixel vector of ``images`` and their first ``components`` principal directions
+    (``(64, components)``, float64), from a singular value decomposition of the centred pixels."""
+    pixels = images.flatten(1).double().cpu().numpy()
+    mean = pixels.mean(axis=0)
+    _, _, vt = np.linalg.svd(pixels - mean, full_matrices=False)
+    return mean, vt[:components].T
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each feature vector to its ``k``-th nearest neighbour among the others (itself excluded)."""
+    distances = torch.cdist(torch.from_numpy(features), torch.from_numpy(features))
+    return distances.kthvalue(k + 1, dim=1).values.numpy()
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, real_radii: np.ndarray | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-3): precision is the share of ``fake`` inside
+    the union of balls around each ``real`` vector of radius its ``k``-th neighbour distance; recall the share of
+    ``real`` inside the fake set's balls."""
+    between = torch.cdist(torch.from_numpy(real), torch.from_numpy(fake))  # (real, fake)
+    real_radii = knn_radii(real, k) if real_radii is None else real_radii
+    precision = (between <= torch.from_numpy(real_radii)[:, None]).any(dim=0).double().mean()
+    recall = (between <= torch.from_numpy(knn_radii(fake, k))[None, :]).any(dim=1).double().mean()
+    return float(precision), float(recall)
 
 
 class DigitsMetric:
@@ -145,7 +185,11 @@ class DigitsMetric:
         if device is not None:
             self.classifier.to(device)
         (self.images_a, self.labels_a), (self.images_b, self.labels_b) = real_halves()
-        self.ref_stats = gaussian_stats(self.features(self.images_b))
+        self.ref_features = self.features(self.images_b)
+        self.ref_stats = gaussian_stats(self.ref_features)
+        self.ref_radii = knn_radii(self.ref_features, 3)
+        self.pixel_mean, self.pixel_basis = pixel_basis(self.images_a)
+        self.ref_pixel_stats = gaussian_stats(self.pixel_features(self.images_b))
         self._copy_thresholds: dict[float, torch.Tensor] = {}
 
     @property
@@ -164,8 +208,20 @@ class DigitsMetric:
             raise ValueError("FD needs at least 2 images.")
         return images
 
+    def pixel_features(self, images: torch.Tensor) -> np.ndarray:
+        """Coordinates of the images in the fixed pixel basis (:func:`pixel_basis` of half A)."""
+        return (self._check(images).flatten(1).double().cpu().numpy() - self.pixel_mean) @ self.pixel_basis
+
     def fd(self, images: torch.Tensor) -> float:
         return frechet_distance(*gaussian_stats(self.features(images)), *self.ref_stats)
+
+    def fd_pixels(self, images: torch.Tensor) -> float:
+        """FD-pixels: the Fréchet distance to half B in the fixed pixel basis (no classifier involved)."""
+        return frechet_distance(*gaussian_stats(self.pixel_features(images)), *self.ref_pixel_stats)
+
+    def precision_recall(self, images: torch.Tensor, k: int = 3) -> tuple[float, float]:
+        """Precision and recall against half B in the classifier's features (:func:`precision_recall`)."""
+        return precision_recall(self.ref_features, self.features(images), k, self.ref_radii if k == 3 else None)
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -173,7 +229,16 @@ class DigitsMetric:
         return float((pred == torch.as_tensor(labels).to(pred.device)).float().mean())
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> Score:
-        return Score(fd=self.fd(images), acc=self.accuracy(images, labels))
+        features = self.features(images)
+        precision, recall = precision_recall(self.ref_features, features, 3, self.ref_radii)
+        return Score(fd=frechet_distance(*gaussian_stats(features), *self.ref_stats), acc=self.accuracy(images, labels),
+                     fd_pixels=self.fd_pixels(images), precision=precision, recall=recall)
+
+    @staticmethod
+    def row(score: Score) -> dict:
+        """A score as the columns of a benchmark row: ``FD-digits``, ``FD-pixels``, ``precision``, ``recall``,
+        ``accuracy``."""
+        return {"FD-digits": score.fd, "FD-pixels": score.fd_pixels, "precision": score.precision, "recall": score.recall, "accuracy": score.acc}
 
     @torch.no_grad()
     def copy_fraction(self, images: torch.Tensor, quantile: float = 0.01) -> float:

@@ -90,14 +90,15 @@ def trajectory_straightness(pipe, num_steps: int = 32, num_samples: int = NUM_EV
 
 
 def score_digits(pipe, steps: list[int], metric, name: str = "student", euler_grid: bool = False, grid_steps: int | None = None, **call_kwargs):
-    """FD-digits and accuracy of ``pipe`` at each step count: ``(rows, grid)`` with rows
-    ``{"model", "NFE", "FD-digits", "accuracy", "copies"}`` (:meth:`DigitsMetric.copy_fraction`) and the first 100
+    """FD-digits and accuracy of ``pipe`` at each step count: ``(rows, grid)`` with rows ``{"model", "NFE",
+    "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies"}`` (:meth:`DigitsMetric.row`,
+    :meth:`DigitsMetric.copy_fraction`) and the first 100
     samples at ``grid_steps`` (default: the first)."""
     rows, grid = [], None
     for nfe in steps:
         images, labels = sample_digits(pipe, nfe, euler_grid=euler_grid, **call_kwargs)
         score = metric.score(images, labels)
-        rows.append({"model": name, "NFE": nfe, "FD-digits": score.fd, "accuracy": score.acc, "copies": metric.copy_fraction(images)})
+        rows.append({"model": name, "NFE": nfe, **metric.row(score), "copies": metric.copy_fraction(images)})
         if nfe == (grid_steps or steps[0]):
             grid = images[:100]
     return rows, grid

@@ -107,7 +107,7 @@ def train_teacher(out: str, steps: int, batch_size: int, lr: float, seed: int, g
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    images, labels = load_digits_images()
+    (images, labels), _ = real_halves()  # half A only: half B is the reference of every FD
     model = DigitsTransformer2DModel(sample_size=8, patch_size=2, hidden_size=128, depth=4, num_heads=4)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

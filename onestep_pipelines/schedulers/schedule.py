@@ -50,6 +50,20 @@ def shape_flow_sigmas(config, sigmas: np.ndarray, mu: float | None) -> np.ndarra
     return sigmas
 
 
+def check_trained_times(values, time_type: str, num_train_timesteps: int) -> list:
+    """A scheduler's ``trained_times`` as a list, validated in its time type's native domain: VP timesteps are
+    integers in ``[0, T - 1]``, flow sigmas lie in ``(0, 1]``, TrigFlow angles in ``(0, pi/2]``; strictly decreasing."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0:
+        raise ValueError(f"trained_times must be a non-empty list of times, got {values!r}.")
+    if time_type == "vp":
+        arr = check_decreasing(values, "trained_times", 0, num_train_timesteps - 1)
+        if not np.all(arr == np.round(arr)):
+            raise ValueError(f"trained_times of a VP scheduler are integer timesteps in [0, {num_train_timesteps - 1}], got {short_list(arr)}.")
+        return [int(t) for t in arr]
+    high = 1.0 if time_type == "flow" else math.pi / 2
+    return [float(t) for t in check_decreasing(values, "trained_times", 0, high, low_inclusive=False)]
+
+
 def native_times(
     config,
     alphas_cumprod: torch.Tensor | None,
@@ -71,6 +85,9 @@ def native_times(
     with those sigmas is the scheduler's choice (:meth:`FewStepSchedulerMixin.set_timesteps`).
     """
     T = config.num_train_timesteps
+    trained = config.get("trained_times")
+    if trained and timesteps is None and sigmas is None and strength == 1.0 and num_inference_steps in (None, len(trained)):
+        return np.asarray(trained, dtype=np.float64)  # where the student was trained (see the schedulers' docstrings)
     if timesteps is not None and sigmas is not None:
         if config.time_type != "flow":
             raise ValueError("Pass either `timesteps` or `sigmas` to set_timesteps, not both (both together: flow only).")

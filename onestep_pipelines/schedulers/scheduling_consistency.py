@@ -67,6 +67,11 @@ class ConsistencyScheduler(FewStepSchedulerMixin):
         check_finite (`bool`, defaults to True): raise a `ValueError` naming the step when the model output has NaN or
             inf. On the CPU at that step; on an accelerator the step sums stay on the device and are read once, after
             the last step (after the whole call in the few-step pipelines). Skipped inside ``torch.compile``.
+        trained_times (`list`, *optional*): the native times a student was trained at (VP timesteps, flow sigmas after
+            any shift, TrigFlow angles; strictly decreasing), written by the trainer when a run chose its own times
+            (``--timesteps`` / ``--sigmas``): ``set_timesteps(len(trained_times))`` (or no step count) samples there
+            instead of the preset, whatever ``mu``; other step counts, custom timesteps or sigmas and
+            ``strength < 1`` use the preset as usual.
     """
 
     _table_names = ("x0_x", "x0_out", "prev_x", "prev_out", "std", "eps_x", "eps_out", "alpha_s", "sigma_s", "scale")
@@ -108,6 +113,7 @@ class ConsistencyScheduler(FewStepSchedulerMixin):
         sample_max_value: float = 1.0,
         gamma_from_eta: bool = False,
         check_finite: bool = True,
+        trained_times: list[float] | None = None,
     ):
         self._setup()
 

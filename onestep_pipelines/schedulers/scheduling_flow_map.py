@@ -59,6 +59,11 @@ class FlowMapScheduler(FewStepSchedulerMixin):
         time_type (`str`, defaults to `"flow"`), prediction_type (`str`, defaults to `"flow"`): fixed; kept in the
             config so that pipelines and metadata can read them.
         check_finite (`bool`, defaults to True): raise on NaN/inf model output, naming the step.
+        trained_times (`list`, *optional*): the native times a student was trained at (VP timesteps, flow sigmas after
+            any shift, TrigFlow angles; strictly decreasing), written by the trainer when a run chose its own times
+            (``--timesteps`` / ``--sigmas``): ``set_timesteps(len(trained_times))`` (or no step count) samples there
+            instead of the preset, whatever ``mu``; other step counts, custom timesteps or sigmas and
+            ``strength < 1`` use the preset as usual.
     """
 
     _allowed_time_types = ("flow",)
@@ -83,6 +88,7 @@ class FlowMapScheduler(FewStepSchedulerMixin):
         time_type: str = "flow",
         prediction_type: str = "flow",
         check_finite: bool = True,
+        trained_times: list[float] | None = None,
     ):
         self.r_timesteps = None
         self._setup()

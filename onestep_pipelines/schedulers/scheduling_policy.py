@@ -31,6 +31,11 @@ class PolicyScheduler(FewStepSchedulerMixin):
             schedule, as in :class:`FlowMapScheduler`.
         time_type (`str`, defaults to `"flow"`), prediction_type (`str`, defaults to `"flow"`): fixed.
         check_finite (`bool`, defaults to True): raise on NaN/inf model output, naming the step.
+        trained_times (`list`, *optional*): the native times a student was trained at (VP timesteps, flow sigmas after
+            any shift, TrigFlow angles; strictly decreasing), written by the trainer when a run chose its own times
+            (``--timesteps`` / ``--sigmas``): ``set_timesteps(len(trained_times))`` (or no step count) samples there
+            instead of the preset, whatever ``mu``; other step counts, custom timesteps or sigmas and
+            ``strength < 1`` use the preset as usual.
     """
 
     _allowed_time_types = ("flow",)
@@ -56,6 +61,7 @@ class PolicyScheduler(FewStepSchedulerMixin):
         time_type: str = "flow",
         prediction_type: str = "flow",
         check_finite: bool = True,
+        trained_times: list[float] | None = None,
     ):
         check_policy(policy, num_components)
         if not isinstance(substeps, int) or substeps < 1:

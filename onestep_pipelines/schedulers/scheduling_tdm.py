@@ -28,7 +28,7 @@ class TDMScheduler(ConsistencyScheduler):
         set_alpha_to_one, shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
         max_image_seq_len, time_shift_type, shift_terminal, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas,
         invert_sigmas, sigma_data, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-        sample_max_value, check_finite: as in :class:`ConsistencyScheduler`. A per-call ``eta`` is ignored (TDM
+        sample_max_value, check_finite, trained_times: as in :class:`ConsistencyScheduler`. A per-call ``eta`` is ignored (TDM
         students sample deterministically).
     """
 
@@ -68,6 +68,7 @@ class TDMScheduler(ConsistencyScheduler):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
         check_finite: bool = True,
+        trained_times: list[float] | None = None,
     ):
         self._setup()
 

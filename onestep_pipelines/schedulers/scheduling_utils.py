@@ -22,7 +22,7 @@ from ..sampling import DEFAULT_PREDICTION, TIME_TYPES, check_prediction_type, ch
 from ..sampling.presets import short_list
 from .finite_check import FiniteCheckMixin
 from .noise_levels import NoiseLevelsMixin
-from .schedule import LRU, StepTables, host_array, native_times, to_device
+from .schedule import LRU, StepTables, check_trained_times, host_array, native_times, to_device
 from .stock_configs import ALL_COMPATIBLES, SHARED_KEYS, SPACING_FLAGS, compatible_names, infer_source_config
 
 
@@ -115,6 +115,8 @@ class FewStepSchedulerMixin(NoiseLevelsMixin, FiniteCheckMixin, SchedulerMixin, 
             raise ValueError(f"shift_terminal must lie in (0, 1), got {cfg.shift_terminal}.")
         if cfg.time_type == "trigflow" and cfg.sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {cfg.sigma_data}.")
+        if cfg.get("trained_times") is not None:
+            self.register_to_config(trained_times=check_trained_times(cfg.trained_times, cfg.time_type, cfg.num_train_timesteps))
         T = cfg.num_train_timesteps
         if cfg.time_type == "vp":
             self.alphas_cumprod = vp_alphas_cumprod(
