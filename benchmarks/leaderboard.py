@@ -145,20 +145,22 @@ def plot(results: dict, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    ax.plot(NFE, [results["teacher"][str(n)]["fd"] for n in NFE], "o--", color="black", label="teacher (Euler)")
+    metrics = [("fd", "FD-digits")] + ([("fd_pixels", "FD-pixels")] if all("fd_pixels" in e["scores"]["1"] for e in results["methods"].values()) else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics) + 4, 4.5), squeeze=False)
     colours = plt.cm.tab20.colors
-    for i, (name, entry) in enumerate(results["methods"].items()):
-        ax.plot(NFE, [entry["scores"][str(n)]["fd"] for n in NFE], "s-" if i < 10 else "^-", color=colours[(2 * i) % 20 + (i >= 10)], label=name)
-    ax.axhline(results["teacher"]["32"]["fd"], color="black", ls=":", label="teacher, 32 steps")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(NFE, [str(n) for n in NFE])
-    ax.set_xlabel("NFE (student steps)")
-    ax.set_ylabel("FD-digits")
-    ax.set_title(f"{results['minutes']:g} min of training per method")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    ax.grid(alpha=0.3)
+    for ax, (key, label) in zip(axes[0], metrics):
+        ax.plot(NFE, [results["teacher"][str(n)][key] for n in NFE], "o--", color="black", label="teacher (Euler)")
+        for i, (name, entry) in enumerate(results["methods"].items()):
+            ax.plot(NFE, [entry["scores"][str(n)][key] for n in NFE], "s-" if i < 10 else "^-", color=colours[(2 * i) % 20 + (i >= 10)], label=name)
+        ax.axhline(results["teacher"]["32"][key], color="black", ls=":", label="teacher, 32 steps")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(NFE, [str(n) for n in NFE])
+        ax.set_xlabel("NFE (student steps)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{results['minutes']:g} min of training per method")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
