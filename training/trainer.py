@@ -264,11 +264,11 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
             teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **({} if gamma is None else {"gamma": gamma})
         )
     if config.student_times() is not None:  # the run's own times: the roll-outs use them, the student's scheduler records them
-        scheduler = type(scheduler).from_config(scheduler.config, trained_times=trained_times(config, teacher, scheduler.config.num_train_timesteps))
+        scheduler = type(scheduler).from_config(scheduler.config, trained_times=_trained_times(config, teacher, scheduler.config.num_train_timesteps))
     return student, scheduler, blocks
 
 
-def trained_times(config: DistillConfig, teacher, num_train_timesteps: int) -> list:
+def _trained_times(config: DistillConfig, teacher, num_train_timesteps: int) -> list:
     """``--timesteps`` / ``--sigmas`` as the native times of the teacher's time type (VP timesteps, flow sigmas), with
     an error naming the option when they do not fit the teacher."""
     kind, values = config.student_times()
