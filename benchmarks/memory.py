@@ -40,7 +40,7 @@ SAVED_PER_TOKEN_AND_WIDTH = {"flux": 30.6, "qwen_image": 44.5}
 # SDXL's UNet (blocks of different widths): measured at 512 px (activation_memory.py --families sdxl: checkpointed blocks'
 # inputs 48.1 MB, the largest block's saved tensors 156.6 MB), times 4 for the 4x pixels of 1024 px (from 256 to 512 px
 # they grew 4.0x and 3.4x)
-SDXL_ACTIVATIONS_1024 = 4 * (48.1 + 156.6) * 2**20  # bytes one recomputed block saves, measured (benchmarks/activation_memory.py)
+SDXL_ACTIVATIONS_1024 = 4 * (48.1 + 156.6) * 2**20  # bytes: the stored block inputs plus one recomputed block
 
 
 def _count(model) -> int:
@@ -75,9 +75,7 @@ def _text_encoders():
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
     with torch.device("meta"):
         return {
-            "sdxl": ("CLIP-L + OpenCLIP bigG", _count(CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                                                    num_attention_heads=12)))
-                     + _count(CLIPTextModelWithProjection(clip_big_g))),
+            "sdxl": ("CLIP-L + OpenCLIP bigG", _count(CLIPTextModel(clip_l)) + _count(CLIPTextModelWithProjection(clip_big_g))),
             "flux": ("CLIP-L + T5-XXL", _count(CLIPTextModel(clip_l)) + _count(T5EncoderModel(t5_xxl))),
             "qwen_image": ("Qwen2.5-VL-7B", _count(Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b))),
             "flux2": ("Mistral-Small-3.1-24B", _count(Mistral3ForConditionalGeneration(Mistral3Config()))),  # its defaults are that model
@@ -98,10 +96,11 @@ def _transformers_and_vaes():
     )
 
     with torch.device("meta"):
-        flux1_ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
-        sdxl_vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+        def autoencoder(latent_channels):  # the SD / SDXL / FLUX.1 VAE layout
+            return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=latent_channels)
+
+        flux1_ae, sdxl_vae = autoencoder(16), autoencoder(4)
         from activation_memory import SDXL_UNET
 
         return {

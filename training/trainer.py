@@ -263,23 +263,25 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
         scheduler = getattr(schedulers, method_cls.scheduler_class).from_config(
             teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **({} if gamma is None else {"gamma": gamma})
         )
-    if config.student_times() is not None:  # the run's own times: the roll-outs use them, the student's scheduler records them
-        scheduler = type(scheduler).from_config(scheduler.config, trained_times=_trained_times(config, teacher, scheduler.config.num_train_timesteps))
+    times = config.student_times()
+    if times is not None:  # the run's own times: the roll-outs use them, the student's scheduler records them
+        scheduler = type(scheduler).from_config(scheduler.config, trained_times=_trained_times(times, teacher, scheduler.config.num_train_timesteps))
     return student, scheduler, blocks
 
 
-def _trained_times(config: DistillConfig, teacher, num_train_timesteps: int) -> list:
-    """``--timesteps`` / ``--sigmas`` as the native times of the teacher's time type (VP timesteps, flow sigmas), with
-    an error naming the option when they do not fit the teacher."""
-    kind, values = config.student_times()
+def _trained_times(times: tuple[str, list[float]], teacher, num_train_timesteps: int) -> list:
+    """``--timesteps`` / ``--sigmas`` (``DistillConfig.student_times``) as the native times of the teacher's time type
+    (VP timesteps, flow sigmas), with an error naming the option when they do not fit the teacher."""
+    kind, values = times
+    given = ",".join(f"{v:g}" for v in values)
     if teacher.time_type == "vp":
         if kind == "sigmas":
             raise ValueError("--sigmas applies to flow teachers; this teacher is VP (epsilon / v): pass --timesteps, integers such as 999,499.")
         if any(v != round(v) or v > num_train_timesteps - 1 for v in values):
-            raise ValueError(f"--timesteps {config.timesteps}: a VP teacher's timesteps are integers in [0, {num_train_timesteps - 1}].")
+            raise ValueError(f"--timesteps {given}: a VP teacher's timesteps are integers in [0, {num_train_timesteps - 1}].")
         return [int(v) for v in values]
     if kind == "timesteps" and values[0] > num_train_timesteps:
-        raise ValueError(f"--timesteps {config.timesteps}: a flow teacher's timesteps are sigma x {num_train_timesteps}, at most {num_train_timesteps}.")
+        raise ValueError(f"--timesteps {given}: a flow teacher's timesteps are sigma x {num_train_timesteps}, at most {num_train_timesteps}.")
     return values if kind == "sigmas" else [v / num_train_timesteps for v in values]
 
 

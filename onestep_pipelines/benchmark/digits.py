@@ -36,6 +36,7 @@ CLASSIFIER_DIR = os.path.join(ASSETS, "classifier")
 REWARD_CLASSIFIER_DIR = os.path.join(ASSETS, "reward_classifier")
 DATA_FILE = os.path.join(ASSETS, "digits.npz")
 PIXEL_COMPONENTS = 16  # principal components of half A's pixels that FD-pixels is measured in
+NEIGHBOURS = 3  # k of precision / recall (Kynkäänniemi et al. 2019's choice)
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEED = 0
 
@@ -163,7 +164,7 @@ def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
     return distances.kthvalue(k + 1, dim=1).values.numpy()
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, real_radii: np.ndarray | None = None) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = NEIGHBOURS, real_radii: np.ndarray | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019, eq. 1-3): precision is the share of ``fake`` inside
     the union of balls around each ``real`` vector of radius its ``k``-th neighbour distance; recall the share of
     ``real`` inside the fake set's balls."""
@@ -187,7 +188,7 @@ class DigitsMetric:
         (self.images_a, self.labels_a), (self.images_b, self.labels_b) = real_halves()
         self.ref_features = self.features(self.images_b)
         self.ref_stats = gaussian_stats(self.ref_features)
-        self.ref_radii = knn_radii(self.ref_features, 3)
+        self.ref_radii = knn_radii(self.ref_features, NEIGHBOURS)
         self.pixel_mean, self.pixel_basis = pixel_basis(self.images_a)
         self.ref_pixel_stats = gaussian_stats(self.pixel_features(self.images_b))
         self._copy_thresholds: dict[float, torch.Tensor] = {}
@@ -219,9 +220,9 @@ class DigitsMetric:
         """FD-pixels: the Fréchet distance to half B in the fixed pixel basis (no classifier involved)."""
         return frechet_distance(*gaussian_stats(self.pixel_features(images)), *self.ref_pixel_stats)
 
-    def precision_recall(self, images: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    def precision_recall(self, images: torch.Tensor, k: int = NEIGHBOURS) -> tuple[float, float]:
         """Precision and recall against half B in the classifier's features (:func:`precision_recall`)."""
-        return precision_recall(self.ref_features, self.features(images), k, self.ref_radii if k == 3 else None)
+        return precision_recall(self.ref_features, self.features(images), k, self.ref_radii if k == NEIGHBOURS else None)
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -230,7 +231,7 @@ class DigitsMetric:
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> Score:
         features = self.features(images)
-        precision, recall = precision_recall(self.ref_features, features, 3, self.ref_radii)
+        precision, recall = precision_recall(self.ref_features, features, NEIGHBOURS, self.ref_radii)
         return Score(fd=frechet_distance(*gaussian_stats(features), *self.ref_stats), acc=self.accuracy(images, labels),
                      fd_pixels=self.fd_pixels(images), precision=precision, recall=recall)
 
