@@ -75,7 +75,7 @@ class DistillConfig:
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)")
-    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
+    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
                                 "2); reflow: Euler steps of the teacher ODE that makes the couplings")
     loss: str = option("huber", "consistency, reflow: pseudo-Huber or squared L2 distance", LOSSES)
     coupling_count: int = option(16384, "reflow: (noise, sample) couplings generated with the teacher's ODE")
@@ -180,6 +180,11 @@ class DistillConfig:
                 raise ValueError(f"{flag(f.name)} {getattr(self, f.name)!r} is unknown; choose one of {', '.join(f.metadata['choices'])}.")
         if self.divergence != "reverse-kl" and self.gan_weight <= 0:
             raise ValueError(f"--divergence {self.divergence} takes the density ratio from the GAN head: set --gan-weight > 0.")
+        if self.method == "progressive":
+            ratio = self.ode_steps // self.num_steps
+            if self.ode_steps % self.num_steps or ratio < 2 or ratio & (ratio - 1):
+                raise ValueError(f"--ode-steps {self.ode_steps} must be --num-steps {self.num_steps} times a power of 2 (at least 2): progressive "
+                                 "distillation halves the steps stage by stage.")
         if self.target and self.target not in spec.targets:
             allowed = f"choose one of {', '.join(spec.targets)}" if spec.targets else "it takes no --target"
             raise ValueError(f"--target {self.target!r} does not apply to --method {self.method}; {allowed}.")
@@ -292,7 +297,7 @@ class DistillConfig:
         if self.digits_teacher and (self.prompts or self.data or self.cache):
             raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
-            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm") or self.gan_weight > 0
+            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive") or self.gan_weight > 0
             if needs_images and not self.data and (cache is None or cache.images is None):
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
                                  f"{' or a cache of images (onestep-train cache --data); this cache holds prompts only' if self.cache else ''}.")
@@ -345,7 +350,7 @@ OPTION_METHODS = {
     "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
     "sid_alpha": ("sid",), "lsg_scale": ("sid",),
     "phases": ("consistency",),
-    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow"),
+    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive"),
     "loss": ("consistency", "reflow"),
     "coupling_count": ("reflow",), "coupling_dir": ("reflow",),
     "target_ema": ("consistency", "meanflow", "flowmap"),

@@ -62,6 +62,8 @@ METHODS: dict[str, MethodSpec] = {
                          flow_teacher=True,
                          papers=(("Chen et al. 2025, pi-Flow: Policy-Based Few-Step Generation via Imitation Distillation", "2510.14974"),
                                  ("Chen et al. 2025, Gaussian Mixture Flow Matching Models", "2504.05304"))),
+    "progressive": MethodSpec("progressive", "ProgressiveDistillation", "progressive distillation: halve the DDIM steps stage by stage (--ode-steps -> --num-steps)",
+                              papers=(("Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models", "2202.00512"),)),
     "reward": MethodSpec("reward", "RewardTuning", "reward post-training of a --student folder, regularised by DMD against the teacher (--reward: a plugin scorer)",
                          papers=(("Luo et al. 2024, Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models", "2410.20898"),
                                  ("Li et al. 2024, Reward Guided Latent Consistency Distillation", "2403.11027"))),
