@@ -88,3 +88,86 @@ def test_progressive_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypat
     run(tmp_path / "split", resume="latest", **options)
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------------- Phased DMD
+def test_subinterval_target_is_unbiased_for_the_clean_sample():
+    """Data at an edge s (x_s = alpha_s x0 + sigma_s e'), noised on to t: the target x0* averages to x0 given x_t (here
+    x0 is one point, so E[x0 | x_t] = x0 for every x_t: the mean is x0 and x0* does not move with x_t)."""
+    from onestep_pipelines.training.methods.phased_dmd import subinterval_x0_target
+
+    gen = torch.Generator().manual_seed(0)
+    for (alpha_s, sigma_s), (alpha_t, sigma_t) in [((0.5, 0.5), (0.2, 0.8)), ((0.9, 0.44), (0.6, 0.8)), ((1.0, 0.0), (0.7, 0.3))]:
+        x0 = 1.5
+        x_s = alpha_s * x0 + sigma_s * torch.randn(400_000, generator=gen)
+        a = alpha_t / alpha_s
+        b = (sigma_t**2 - a**2 * sigma_s**2) ** 0.5
+        x_t = a * x_s + b * torch.randn(400_000, generator=gen)
+        target = subinterval_x0_target(x_s, x_t, a, b, alpha_s, sigma_s, sigma_t)
+        assert abs(float(target.mean()) - x0) < 0.02
+        assert abs(float(((target - target.mean()) * (x_t - x_t.mean())).mean())) < 0.01
+    # s = 0 (the last phase): the target is the sample itself, DMD2's fake-score loss
+    torch.testing.assert_close(subinterval_x0_target(x_s, x_t, 0.7, 0.3, 1.0, 0.0, 0.3), x_s)
+
+
+def _phased(**options):
+    from types import SimpleNamespace
+
+    from onestep_pipelines.training.draws import Draws
+    from onestep_pipelines.training.methods.base import FiniteGuard
+    from onestep_pipelines.training.methods.phased_dmd import PhasedDMD
+    from onestep_pipelines.training.teachers import load_teacher
+
+    teacher = load_teacher("digits")
+    student = __import__("copy").deepcopy(teacher.model).requires_grad_(True)
+    config = DistillConfig(method="phased-dmd", batch_size=32, **options)
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, backward=lambda loss: loss.backward(), scaler=None)
+    scheduler = ConsistencyScheduler.from_config(teacher.pipeline.scheduler.config, timestep_preset="trailing", gamma=0.0)
+    method = PhasedDMD(teacher, student, scheduler, config, accelerator=accelerator, guard=FiniteGuard("cpu"))
+    method.place(student, torch.optim.AdamW(student.parameters(), lr=1e-4))
+    for name, opt in method.build_optimizers().items():
+        setattr(method, name, opt)
+    method.place(student, method.optimizer)
+    return method, lambda update: Draws(0, update, 0, 32, "cpu")
+
+
+def test_phased_dmd_phases_end_at_the_student_times_and_each_fake_score_learns_its_phase():
+    method, draws = _phased(num_steps=4, phases=2, fake_learning_rate=1e-3)
+    with torch.no_grad():  # a student far from the teacher: its phase distributions are not the teacher's
+        for p in method.student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    assert method.phases == 2 and len(method.trained_networks()) == 2 and len(method.checkpoint_optimizers()) == 2
+    assert method.edge(0, 1, "cpu").tolist() == pytest.approx([0.5]) and method.edge(1, 1, "cpu").tolist() == [0.0]
+    rng = draws(0)
+    rng.host_integer = lambda low, high: 0  # phase 0 only: a fixed batch of noisy samples at its edge, sigma 0.5
+    with torch.no_grad():
+        x_s = method._generate(method.teacher.sample_conditions(rng), rng)
+        conditions = method.teacher.sample_conditions(rng)
+        x_t, t, noise = method._noised(x_s, rng)
+        assert method.phase == 0 and (t > 0.5).all()
+
+    def fixed_loss():
+        with torch.no_grad():
+            target, weight = method.fake_target(x_s, x_t, t, noise)
+            return float((((method.fake_prediction(x_t, t, conditions) - target) * weight) ** 2).mean())
+
+    before, untouched = fixed_loss(), [p.clone() for p in method.fake_1.parameters()]
+    for update in range(1, 16):  # phase 0's fake score alone, on fresh phase-0 samples
+        rng = draws(update)
+        rng.host_integer = lambda low, high: 0
+        method.update_index = update
+        method._fake_update(method.teacher.sample_conditions(rng), {}, rng)
+    method._use_phase(0)
+    assert fixed_loss() < 0.9 * before
+    assert all(torch.equal(a, b) for a, b in zip(untouched, method.fake_1.parameters()))
+
+
+def test_phased_dmd_writes_a_deterministic_few_step_student_and_resumes_exactly(tmp_path):
+    options = dict(method="phased-dmd", num_steps=2, max_train_steps=4, learning_rate=3e-5)
+    result = run(tmp_path / "straight", **options)
+    assert {"generator", "fake"} <= set(losses(result, "generator") and result["parts"][-1]["losses"][0])
+    loads_and_samples(result, "phased-dmd", 2, gamma=0.0)
+    run(tmp_path / "split", **{**options, "max_train_steps": 2})
+    run(tmp_path / "split", resume="latest", **options)
+    a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -66,15 +66,16 @@ class DistillConfig:
     learning_rate: float = option(1e-4, "student learning rate (AdamW)")
     lr_scheduler: str = option("constant", "schedule of the student learning rate over --max-train-steps (diffusers' get_scheduler; the other networks keep theirs)", LR_SCHEDULERS)
     lr_warmup_steps: int = option(0, "updates of linear learning-rate warm-up from 0 (any --lr-scheduler but constant)")
-    fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, scm with --dmd-weight: fake-score learning rate")
-    fake_updates: int = option(1, "dmd2, tdm, sid, scm with --dmd-weight: fake-score updates per generator update")
-    fake_lora_rank: int = option(0, "dmd2, tdm, sid, scm with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
+    fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, phased-dmd, scm with --dmd-weight: fake-score learning rate")
+    fake_updates: int = option(1, "dmd2, tdm, sid, phased-dmd, scm with --dmd-weight: fake-score updates per generator update")
+    fake_lora_rank: int = option(0, "dmd2, tdm, sid, phased-dmd, scm with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
     guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
     divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
-    phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM)")
+    phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM). phased-dmd: phases of the student's steps "
+                            "(0 = one per step)")
     ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
                                 "2); reflow: Euler steps of the teacher ODE that makes the couplings")
     loss: str = option("huber", "consistency, reflow: pseudo-Huber or squared L2 distance", LOSSES)
@@ -145,7 +146,8 @@ class DistillConfig:
             (self.lsg_scale > 0, "lsg_scale", "must be positive (1 = no guidance)"),
             (self.phases >= 0, "phases", "must be 0 or positive"),
             (self.ode_steps >= 1, "ode_steps", "must be at least 1"),
-            (self.phases <= 1 or self.ode_steps % self.phases == 0, "ode_steps", f"must be a multiple of --phases {self.phases}"),
+            (self.phases <= 1 or self.method != "consistency" or self.ode_steps % self.phases == 0, "ode_steps", f"must be a multiple of --phases {self.phases}"),
+            (self.method != "phased-dmd" or self.num_steps % max(self.phases, 1) == 0, "phases", f"must divide --num-steps {self.num_steps} (each phase takes the same number of steps)"),
             (self.resolution >= 0 and self.resolution % 16 == 0, "resolution", "must be 0 (the pipeline's default size) or a positive multiple of 16"),
             (0 <= self.target_ema < 1, "target_ema", "must lie in [0, 1)"),
             (0 <= self.equal_fraction <= 1, "equal_fraction", "must lie in [0, 1]"),
@@ -340,16 +342,16 @@ class DistillConfig:
             raise ValueError(f"--teacher {source!r} is neither 'digits', {', '.join(repr(n) for n in TEXT_TEACHERS)}, a pipeline folder, nor a Hub id 'org/name'.")
 
 
-FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward")  # the methods that train a fake score (scm: with --dmd-weight)
+FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward", "phased-dmd")  # the methods that train a fake score (scm: with --dmd-weight)
 # The methods an option applies to (an option not listed applies to every method): --help lists the options by these
 # sets (``--method M --help`` shows M's alone), config.yaml holds a run's own, and an option set for another method is
 # refused.
-STUDENT_TIMES = ("dmd2", "tdm", "sid", "scm", "piflow", "reward")  # methods whose losses run the student at its own times
+STUDENT_TIMES = ("dmd2", "tdm", "sid", "scm", "piflow", "reward", "phased-dmd")  # methods whose losses run the student at its own times
 OPTION_METHODS = {
     "fake_learning_rate": FAKE_SCORE, "fake_updates": FAKE_SCORE, "fake_lora_rank": FAKE_SCORE,
     "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
     "sid_alpha": ("sid",), "lsg_scale": ("sid",),
-    "phases": ("consistency",),
+    "phases": ("consistency", "phased-dmd"),
     "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive"),
     "loss": ("consistency", "reflow"),
     "coupling_count": ("reflow",), "coupling_dir": ("reflow",),

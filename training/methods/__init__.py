@@ -64,6 +64,8 @@ METHODS: dict[str, MethodSpec] = {
                                  ("Chen et al. 2025, Gaussian Mixture Flow Matching Models", "2504.05304"))),
     "progressive": MethodSpec("progressive", "ProgressiveDistillation", "progressive distillation: halve the DDIM steps stage by stage (--ode-steps -> --num-steps)",
                               papers=(("Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models", "2202.00512"),)),
+    "phased-dmd": MethodSpec("phased_dmd", "PhasedDMD", "Phased DMD: distribution matching per phase of the noise range, score matching within each subinterval (--phases)",
+                             papers=(("Fan et al. 2025, Phased DMD: Few-step Distribution Matching Distillation via Score Matching within Subintervals", "2510.27684"),)),
     "reward": MethodSpec("reward", "RewardTuning", "reward post-training of a --student folder, regularised by DMD against the teacher (--reward: a plugin scorer)",
                          papers=(("Luo et al. 2024, Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models", "2410.20898"),
                                  ("Li et al. 2024, Reward Guided Latent Consistency Distillation", "2403.11027"))),

@@ -127,6 +127,11 @@ class DMD2(Method):
         """Per-sample weight of the fake score's x0 error: its usual denoising loss (velocity / epsilon error)."""
         return self.teacher.output_error_weight(t)
 
+    def fake_target(self, x, x_t, t, noise):
+        """The fake score's x0 regression target for the student sample ``x`` noised to ``x_t`` and its per-sample
+        weight: ``x`` itself, weighted by :meth:`fake_loss_weight`."""
+        return x, self.fake_loss_weight(t)
+
     def generator_loss(self, x, grad, weights):
         """``0.5 ||x - sg(x - h g)||^2`` per sample, averaged (DMD eq. 7 with the f-divergence weight h)."""
         return 0.5 * (weights.view(-1, 1, 1, 1) * (x - (x - grad).detach()) ** 2).sum(dim=(1, 2, 3)).mean()
@@ -145,7 +150,8 @@ class DMD2(Method):
             x0_fake = self.fake_prediction(torch.cat([x_t, real_t]), torch.cat([t, t[: len(real)]]), both)[:n]
             logits = self.head(self._features)[: n + len(real)]  # (the conditional half under guidance)
             fake_logits, real_logits = logits[:n], logits[n:]
-        losses = {"fake": (((x0_fake - x) * self.fake_loss_weight(t)) ** 2).mean()}  # denoising loss on student samples
+        target, weight = self.fake_target(x, x_t, t, noise)
+        losses = {"fake": (((x0_fake - target) * weight) ** 2).mean()}  # denoising loss on student samples
         if self.head is not None:
             losses["discriminator"] = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
         self.update(losses["fake"] + self.config.gan_weight * losses.get("discriminator", 0.0), self.fake_optimizer, "fake-score")
