@@ -9,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from onestep_pipelines import DigitsPipeline
-from onestep_pipelines.schedulers import ConsistencyScheduler
+from onestep_pipelines.schedulers import ConsistencyScheduler, FlowMapScheduler
 from onestep_pipelines.training.methods.progressive import ProgressiveDistillation, one_step_x0, stage_at, stage_count
 from onestep_pipelines.training.trainer import DistillConfig, distill
 
@@ -27,9 +27,9 @@ def losses(result, name):
     return [entry[name] for entry in result["parts"][-1]["losses"]]
 
 
-def loads_and_samples(result, method, steps, gamma):
+def loads_and_samples(result, method, steps, gamma, scheduler=ConsistencyScheduler):
     pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
-    assert isinstance(pipe, DigitsPipeline) and isinstance(pipe.scheduler, ConsistencyScheduler)
+    assert isinstance(pipe, DigitsPipeline) and type(pipe.scheduler) is scheduler
     assert pipe.student.method == method and pipe.student.num_inference_steps == steps and pipe.scheduler.config.gamma == gamma
     pipe.set_progress_bar_config(disable=True)
     images = pipe(class_labels=[3, 7], output_type="np").images
@@ -171,3 +171,34 @@ def test_phased_dmd_writes_a_deterministic_few_step_student_and_resumes_exactly(
     run(tmp_path / "split", resume="latest", **options)
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------------- TwinFlow
+@pytest.mark.parametrize("source", ["data", "teacher"])
+def test_twinflow_twin_learns_the_fake_flow_and_writes_an_any_step_student(tmp_path, source):
+    """From data (no teacher in any loss) or from the teacher: the twin's flow matching on the network's own one-step
+    samples and the rectification loss fall over a few updates; the student is a flow map sampled with re-noising."""
+    result = run(tmp_path / "run", method="twinflow", source=source, max_train_steps=16, learning_rate=2e-4)
+    for name in ("adversarial", "rectify"):
+        curve = losses(result, name)
+        assert sum(curve[-4:]) < 0.9 * sum(curve[:4]), (name, curve)
+    pipe = loads_and_samples(result, "twinflow", 1, gamma=1.0, scheduler=FlowMapScheduler)
+    assert pipe.student.r_conditioning and pipe.student.recommended_steps == [1, 2, 4, 8]
+
+
+def test_twinflow_twin_is_the_same_network_at_negative_time(monkeypatch):
+    """The fake velocity is the student called at (-t, -t); the real one the student at (t, t) from data, the
+    teacher's from the teacher."""
+    from onestep_pipelines.training.methods.twinflow import TwinFlow
+
+    calls = []
+    method = TwinFlow.__new__(TwinFlow)
+    method.student, method.config = "student", DistillConfig(method="twinflow", source="data")
+    monkeypatch.setattr(TwinFlow, "u", lambda self, model, z, r, t, c: calls.append((model, r.tolist(), t.tolist())))
+    monkeypatch.setattr(TwinFlow, "teacher_velocity", lambda self, z, t, c: calls.append(("teacher", t.tolist())))
+    t = torch.tensor([0.25, 0.5])
+    method.fake_velocity(None, t, {})
+    method.real_velocity(None, t, {})
+    method.config = DistillConfig(method="twinflow", source="teacher")
+    method.real_velocity(None, t, {})
+    assert calls == [("student", [-0.25, -0.5], [-0.25, -0.5]), ("student", [0.25, 0.5], [0.25, 0.5]), ("teacher", [0.25, 0.5])]

@@ -81,18 +81,19 @@ class DistillConfig:
     loss: str = option("huber", "consistency, reflow: pseudo-Huber or squared L2 distance", LOSSES)
     coupling_count: int = option(16384, "reflow: (noise, sample) couplings generated with the teacher's ODE")
     coupling_dir: str = option("", "reflow: folder of the cached couplings (default: OUTPUT_DIR/couplings); reuse one across runs")
-    target_ema: float = option(0.95, "consistency, meanflow, flowmap: EMA decay of the target network")
-    target: str = option("", "meanflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: "
+    target_ema: float = option(0.95, "consistency, meanflow, flowmap, twinflow: EMA decay of the target network")
+    target: str = option("", "meanflow, twinflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: "
                          "flow (2-rectified flow, default) or distill (only the 1-step jump)")
-    source: str = option("teacher", "meanflow: velocity from the teacher (distillation) or from data (e - x, no teacher)")
+    source: str = option("teacher", "meanflow, twinflow: velocity from the teacher (distillation) or from data (e - x, no teacher; twinflow: its own real branch in the rectification)")
     jump_fraction: float = option(0.5, "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps)")
-    equal_fraction: float = option(0.25, "meanflow, flowmap: fraction of pairs with r = t")
-    endpoint_fraction: float = option(0.3, "meanflow, flowmap: fraction of t set to 1 and, independently, of r set to 0 (--target shortcut: fraction of the jumps that are the "
+    equal_fraction: float = option(0.25, "meanflow, flowmap, twinflow: fraction of pairs with r = t")
+    endpoint_fraction: float = option(0.3, "meanflow, flowmap, twinflow: fraction of t set to 1 and, independently, of r set to 0 (--target shortcut: fraction of the jumps that are the "
                                            "whole interval, 1 to 0)")
-    logit_mean: float = option(0.0, "meanflow, flowmap, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
+    logit_mean: float = option(0.0, "meanflow, flowmap, twinflow, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
     logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
+    rectify_weight: float = option(0.5, "twinflow: weight of the rectification loss (the one-step output moved along the twin's velocity difference)")
     dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")
-    tangent_time_step: float = option(0.01, "scm, meanflow / flowmap --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for "
+    tangent_time_step: float = option(0.01, "scm, meanflow / flowmap / twinflow --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for "
                                             "scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
     tangent_warmup: int = option(200, "scm: updates over which the tangent term's weight rises from 0 to 1 (0 = none)")
     policy: str = option("gmflow", "piflow: the policy the student outputs: gmflow (Gaussian mixture) or dx (data estimates at evenly spaced times)", ("gmflow", "dx"))
@@ -156,6 +157,7 @@ class DistillConfig:
             (self.logit_std > 0, "logit_std", "must be positive"),
             (self.tangent_warmup >= 0, "tangent_warmup", "must be 0 (none) or positive"),
             (self.dmd_weight >= 0, "dmd_weight", "must be 0 (off) or positive"),
+            (self.rectify_weight >= 0, "rectify_weight", "must be 0 (off) or positive"),
             (0 <= self.tangent_time_step <= 0.2, "tangent_time_step", "must lie in [0, 0.2] (0 = exact JVP)"),
             (self.coupling_count >= 1, "coupling_count", "must be at least 1"),
             (self.reward_weight >= 0, "reward_weight", "must be 0 or positive"),
@@ -193,7 +195,7 @@ class DistillConfig:
         if spec.sources and self.source not in spec.sources:
             raise ValueError(f"--source {self.source!r} does not apply to --method {self.method}; choose one of {', '.join(spec.sources)}.")
         if not spec.sources and self.source != "teacher":
-            raise ValueError(f"--source applies to meanflow; --method {self.method} learns from the teacher.")
+            raise ValueError(f"--source applies to meanflow and twinflow; --method {self.method} learns from the teacher.")
         defaults = _defaults()
         for methods, names in option_groups().items():  # an option of other methods, set for this one, is refused
             names = [n for n in names if getattr(self, n) != defaults[n]]
@@ -299,7 +301,7 @@ class DistillConfig:
         if self.digits_teacher and (self.prompts or self.data or self.cache):
             raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
-            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive") or self.gan_weight > 0
+            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive", "twinflow") or self.gan_weight > 0
             if needs_images and not self.data and (cache is None or cache.images is None):
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
                                  f"{' or a cache of images (onestep-train cache --data); this cache holds prompts only' if self.cache else ''}.")
@@ -352,18 +354,19 @@ OPTION_METHODS = {
     "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
     "sid_alpha": ("sid",), "lsg_scale": ("sid",),
     "phases": ("consistency", "phased-dmd"),
-    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive"),
+    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow"),
     "loss": ("consistency", "reflow"),
     "coupling_count": ("reflow",), "coupling_dir": ("reflow",),
-    "target_ema": ("consistency", "meanflow", "flowmap"),
-    "target": ("meanflow", "flowmap", "reflow"),
-    "source": ("meanflow",),
+    "target_ema": ("consistency", "meanflow", "flowmap", "twinflow"),
+    "target": ("meanflow", "flowmap", "reflow", "twinflow"),
+    "source": ("meanflow", "twinflow"),
     "jump_fraction": ("flowmap",),
-    "equal_fraction": ("meanflow", "flowmap"), "endpoint_fraction": ("meanflow", "flowmap"),
-    "logit_mean": ("meanflow", "flowmap", "scm"), "logit_std": ("meanflow", "flowmap", "scm"),
+    "equal_fraction": ("meanflow", "flowmap", "twinflow"), "endpoint_fraction": ("meanflow", "flowmap", "twinflow"),
+    "logit_mean": ("meanflow", "flowmap", "scm", "twinflow"), "logit_std": ("meanflow", "flowmap", "scm", "twinflow"),
+    "rectify_weight": ("twinflow",),
     "dmd_weight": ("scm",),
     "timesteps": STUDENT_TIMES, "sigmas": STUDENT_TIMES,
-    "tangent_time_step": ("scm", "meanflow", "flowmap"),
+    "tangent_time_step": ("scm", "meanflow", "flowmap", "twinflow"),
     "tangent_warmup": ("scm",),
     "policy": ("piflow",), "policy_components": ("piflow",), "policy_substeps": ("piflow",),
     "student": ("reward",), "reward": ("reward",), "reward_weight": ("reward",), "regularizer": ("reward",), "reward_noise": ("reward",),
