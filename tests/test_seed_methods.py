@@ -110,25 +110,36 @@ def test_subinterval_target_is_unbiased_for_the_clean_sample():
     torch.testing.assert_close(subinterval_x0_target(x_s, x_t, 0.7, 0.3, 1.0, 0.0, 0.3), x_s)
 
 
-def _phased(**options):
+def build(method_name, **options):
+    """The method on the shipped digits teacher as the trainer builds it (one process, no placement), and a function
+    giving the draws of an update."""
+    import copy
     from types import SimpleNamespace
 
+    from onestep_pipelines import schedulers
     from onestep_pipelines.training.draws import Draws
+    from onestep_pipelines.training.methods import get_method
     from onestep_pipelines.training.methods.base import FiniteGuard
-    from onestep_pipelines.training.methods.phased_dmd import PhasedDMD
     from onestep_pipelines.training.teachers import load_teacher
 
     teacher = load_teacher("digits")
-    student = __import__("copy").deepcopy(teacher.model).requires_grad_(True)
-    config = DistillConfig(method="phased-dmd", batch_size=32, **options)
+    cls = get_method(method_name)
+    student = copy.deepcopy(teacher.model).requires_grad_(True)
+    config = DistillConfig(method=method_name, batch_size=32, **options)
     accelerator = SimpleNamespace(unwrap_model=lambda m: m, backward=lambda loss: loss.backward(), scaler=None)
-    scheduler = ConsistencyScheduler.from_config(teacher.pipeline.scheduler.config, timestep_preset="trailing", gamma=0.0)
-    method = PhasedDMD(teacher, student, scheduler, config, accelerator=accelerator, guard=FiniteGuard("cpu"))
-    method.place(student, torch.optim.AdamW(student.parameters(), lr=1e-4))
+    gamma = cls.sampler_gamma(config)
+    scheduler = getattr(schedulers, cls.scheduler_class).from_config(teacher.pipeline.scheduler.config, timestep_preset=cls.timestep_preset,
+                                                                     **({} if gamma is None else {"gamma": gamma}))
+    method = cls(teacher, student, scheduler, config, accelerator=accelerator, guard=FiniteGuard("cpu"))
+    method.place(student, torch.optim.AdamW(student.parameters(), lr=config.learning_rate, betas=cls.adam_betas))
     for name, opt in method.build_optimizers().items():
         setattr(method, name, opt)
     method.place(student, method.optimizer)
     return method, lambda update: Draws(0, update, 0, 32, "cpu")
+
+
+def _phased(**options):
+    return build("phased-dmd", **options)
 
 
 def test_phased_dmd_phases_end_at_the_student_times_and_each_fake_score_learns_its_phase():
@@ -202,3 +213,51 @@ def test_twinflow_twin_is_the_same_network_at_negative_time(monkeypatch):
     method.config = DistillConfig(method="twinflow", source="teacher")
     method.real_velocity(None, t, {})
     assert calls == [("student", [-0.25, -0.5], [-0.25, -0.5]), ("student", [0.25, 0.5], [0.25, 0.5]), ("teacher", [0.25, 0.5])]
+
+
+# -------------------------------------------------------------------------------------------------------------- TDD
+def test_tdd_targets_are_the_times_of_its_schedules_below_the_teacher_step():
+    from onestep_pipelines.training.methods.tdd import select_targets, target_set
+
+    times = target_set(4)  # trailing schedules of 4 to 8 steps, and 0
+    assert times[0] == 0 and 0.75 in times.tolist() and 0.875 in times.tolist() and 1.0 not in times.tolist() and len(times) == 22
+    assert target_set(1).tolist() == [0.0, 0.5]
+    t_prev = torch.tensor([0.7, 0.7, 0.12, 0.0, 0.5])
+    s = select_targets(times, t_prev, torch.tensor([0.0, 0.999, 0.5, 0.5, 0.999]), torch.zeros(5))
+    # below 0.7 the largest target is 2/3; the window reaches 0.26 below it: 3/7 ... 2/3 (0.4 is outside)
+    assert s.tolist() == pytest.approx([3 / 7, 2 / 3, 0.0, 0.0, 0.5], abs=1e-6)
+    jittered = select_targets(times, torch.full((1000,), 0.5), torch.full((1000,), 0.999), torch.rand(1000, generator=torch.Generator().manual_seed(0)))
+    assert 0.35 < float(jittered.min()) and float(jittered.max()) <= 0.5  # s = (1 - 0.3 u) tau, tau = 0.5
+
+
+def test_tdd_lowers_its_loss_and_trains_the_unconditional_map_too(monkeypatch):
+    """A few updates lower the loss on a fixed batch; a fraction of the samples carries the null label (the digits
+    teacher's class 10), so the student keeps an unconditional map for inference-time guidance."""
+    method, draws = build("tdd", num_steps=4, learning_rate=3e-4, target_ema=0.0)
+    data = __import__("onestep_pipelines.training.data", fromlist=["make_data"]).make_data(method.teacher, method.config, "cpu")
+    fixed = data.batch(draws(10_000))
+    labels = []
+    monkeypatch.setattr(type(method.teacher), "predict", lambda self, model, x, t, c, guidance_scale=1.0, f=type(method.teacher).predict:
+                        labels.append(c["class_labels"]) or f(self, model, x, t, c, guidance_scale))
+    with torch.no_grad():
+        before = float(method.loss(fixed, draws(10_000)))
+    for update in range(20):
+        method.step(data.batch(draws(update)), draws(update))
+    with torch.no_grad():
+        after = float(method.loss(fixed, draws(10_000)))
+    assert after < 0.8 * before, (before, after)
+    null = float((torch.cat(labels) == method.teacher.model.config.num_classes).float().mean())
+    assert 0.1 < null < 0.3  # --uncond-fraction 0.2
+
+
+def test_tdd_students_take_classifier_free_guidance_at_inference(tmp_path):
+    result = run(tmp_path / "run", method="tdd", num_steps=2, max_train_steps=2, student_guidance=1.5)
+    pipe = loads_and_samples(result, "tdd", 2, gamma=0.2)
+    assert pipe.student.guidance_scale == 1.5 and not pipe.student.guidance_baked
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    pipe(class_labels=[1, 2], num_inference_steps=2)
+    assert calls == [4, 4]  # CFG by default (conditional and unconditional halves in one batch)
+    calls.clear()
+    pipe(class_labels=[1, 2], num_inference_steps=2, guidance_scale=1.0)
+    assert calls == [2, 2]

@@ -76,12 +76,12 @@ class DistillConfig:
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM). phased-dmd: phases of the student's steps "
                             "(0 = one per step)")
-    ode_steps: int = option(32, "consistency, flowmap: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
+    ode_steps: int = option(32, "consistency, flowmap, tdd: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
                                 "2); reflow: Euler steps of the teacher ODE that makes the couplings")
-    loss: str = option("huber", "consistency, reflow: pseudo-Huber or squared L2 distance", LOSSES)
+    loss: str = option("huber", "consistency, reflow, tdd: pseudo-Huber or squared L2 distance", LOSSES)
     coupling_count: int = option(16384, "reflow: (noise, sample) couplings generated with the teacher's ODE")
     coupling_dir: str = option("", "reflow: folder of the cached couplings (default: OUTPUT_DIR/couplings); reuse one across runs")
-    target_ema: float = option(0.95, "consistency, meanflow, flowmap, twinflow: EMA decay of the target network")
+    target_ema: float = option(0.95, "consistency, meanflow, flowmap, twinflow, tdd: EMA decay of the target network")
     target: str = option("", "meanflow, twinflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: "
                          "flow (2-rectified flow, default) or distill (only the 1-step jump)")
     source: str = option("teacher", "meanflow, twinflow: velocity from the teacher (distillation) or from data (e - x, no teacher; twinflow: its own real branch in the rectification)")
@@ -91,6 +91,8 @@ class DistillConfig:
                                            "whole interval, 1 to 0)")
     logit_mean: float = option(0.0, "meanflow, flowmap, twinflow, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
     logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
+    uncond_fraction: float = option(0.2, "tdd: fraction of samples trained with the null condition (decoupled guidance: the student learns its unconditional map too)")
+    student_guidance: float = option(1.0, "tdd: classifier-free guidance the student samples with by default (recorded; any scale can be passed at inference; 1 = none)")
     rectify_weight: float = option(0.5, "twinflow: weight of the rectification loss (the one-step output moved along the twin's velocity difference)")
     dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")
     tangent_time_step: float = option(0.01, "scm, meanflow / flowmap / twinflow --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for "
@@ -158,6 +160,8 @@ class DistillConfig:
             (self.tangent_warmup >= 0, "tangent_warmup", "must be 0 (none) or positive"),
             (self.dmd_weight >= 0, "dmd_weight", "must be 0 (off) or positive"),
             (self.rectify_weight >= 0, "rectify_weight", "must be 0 (off) or positive"),
+            (0 <= self.uncond_fraction < 1, "uncond_fraction", "must lie in [0, 1)"),
+            (self.student_guidance > 0, "student_guidance", "must be positive (1 = no guidance)"),
             (0 <= self.tangent_time_step <= 0.2, "tangent_time_step", "must lie in [0, 0.2] (0 = exact JVP)"),
             (self.coupling_count >= 1, "coupling_count", "must be at least 1"),
             (self.reward_weight >= 0, "reward_weight", "must be 0 or positive"),
@@ -301,7 +305,7 @@ class DistillConfig:
         if self.digits_teacher and (self.prompts or self.data or self.cache):
             raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
-            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive", "twinflow") or self.gan_weight > 0
+            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive", "twinflow", "tdd") or self.gan_weight > 0
             if needs_images and not self.data and (cache is None or cache.images is None):
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
                                  f"{' or a cache of images (onestep-train cache --data); this cache holds prompts only' if self.cache else ''}.")
@@ -354,10 +358,11 @@ OPTION_METHODS = {
     "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
     "sid_alpha": ("sid",), "lsg_scale": ("sid",),
     "phases": ("consistency", "phased-dmd"),
-    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow"),
-    "loss": ("consistency", "reflow"),
+    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow", "tdd"),
+    "loss": ("consistency", "reflow", "tdd"),
+    "uncond_fraction": ("tdd",), "student_guidance": ("tdd",),
     "coupling_count": ("reflow",), "coupling_dir": ("reflow",),
-    "target_ema": ("consistency", "meanflow", "flowmap", "twinflow"),
+    "target_ema": ("consistency", "meanflow", "flowmap", "twinflow", "tdd"),
     "target": ("meanflow", "flowmap", "reflow", "twinflow"),
     "source": ("meanflow", "twinflow"),
     "jump_fraction": ("flowmap",),

@@ -701,10 +701,11 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
     """Write the student (full pipeline, or LoRA + merged pipeline), its model card, FD table and grid."""
     method_cls = get_method(config.method)
     uses_r = method_cls.uses_r
+    guidance_scale, guidance_baked = method_cls.sampling_guidance(config)
     metadata = StudentMetadata.from_scheduler(
         scheduler, method=config.method, architecture=teacher.architecture, num_inference_steps=config.num_steps,
-        recommended_steps=_steps_to_score(config, method_cls.any_step_count), guidance_scale=config.guidance_scale,
-        guidance_baked=config.guidance_scale != 1.0, base_model=base_model_name(teacher.source), r_conditioning=uses_r,
+        recommended_steps=_steps_to_score(config, method_cls.any_step_count), guidance_scale=guidance_scale,
+        guidance_baked=guidance_baked, base_model=base_model_name(teacher.source), r_conditioning=uses_r,
         guidance_embedding=teacher.guidance_embedding,
     )
     out = {}

@@ -69,6 +69,8 @@ METHODS: dict[str, MethodSpec] = {
     "twinflow": MethodSpec("twinflow", "TwinFlow", "TwinFlow: one network, its negative-time twin learns its own samples' flow (no fake score, no discriminator); any step count",
                            targets=("split", "jvp", "shortcut"), sources=("teacher", "data"), flow_teacher=True,
                            papers=(("Cheng et al. 2025, TwinFlow: Realizing One-step Generation on Large Models with Self-adversarial Flows", "2512.05150"),)),
+    "tdd": MethodSpec("tdd", "TDD", "target-driven distillation: consistency to selected target times of 1x-2x --num-steps schedules, decoupled guidance (CFG works on the student)",
+                      papers=(("Wang et al. 2024, TDD: Target-Driven Distillation: Consistency Distillation with Target Timestep Selection and Decoupled Guidance", "2409.01347"),)),
     "reward": MethodSpec("reward", "RewardTuning", "reward post-training of a --student folder, regularised by DMD against the teacher (--reward: a plugin scorer)",
                          papers=(("Luo et al. 2024, Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models", "2410.20898"),
                                  ("Li et al. 2024, Reward Guided Latent Consistency Distillation", "2403.11027"))),

@@ -142,6 +142,11 @@ class Method:
         """The sampler's gamma (None for schedulers without one): 1 = re-noise fully between steps."""
         return 1.0
 
+    @staticmethod
+    def sampling_guidance(config) -> tuple[float, bool]:
+        """``(guidance_scale, baked)`` the student records: the teacher's guidance, baked in unless it is 1."""
+        return config.guidance_scale, config.guidance_scale != 1.0
+
     def __init__(self, teacher, student, scheduler, config, accelerator=None, guard: FiniteGuard | None = None):
         """``accelerator`` (accelerate's, or any object with its ``backward`` / ``unwrap_model``) and ``guard`` are the
         run's; a method built without them (a test of its targets) cannot :meth:`update`."""

@@ -33,11 +33,6 @@ class ConsistencyDistillation(Method):
         """How students of this method sample: PCM jumps between phase edges (0), LCM re-noises fully (1)."""
         return 0.0 if (config.phases or 1) > 1 else 1.0
 
-    def _to_edge(self, model, x, t, edge, conditions):
-        x0, eps = self.teacher.predict(model, x, t, conditions)
-        alpha, sigma = self.teacher.coefficients(edge)
-        return consistency_step(x0, eps, alpha, sigma)
-
     def target_networks(self) -> dict:
         return {"target": self.target}
 
@@ -45,25 +40,33 @@ class ConsistencyDistillation(Method):
         return {"target": (self.target, self.student_trainable_names)}
 
     def train_step(self, batch, rng) -> dict:
-        x0 = batch["images"]
-        conditions = batch["conditions"]
-        N = self.config.ode_steps
-        index = rng.integers(N) + 1  # t at grid fraction index / N
-        per_phase = N // self.phases
-        edge_index = torch.div(index - 1, per_phase, rounding_mode="floor") * per_phase
-        t, s, edge = (self.teacher.native_time(i / N) for i in (index, index - 1, edge_index))
-        noise = rng.normal_like(x0)
-        x_t = self.teacher.add_noise(x0, t, noise)
-        with torch.no_grad():
-            x0_teacher, eps_teacher = self.teacher.predict(self.teacher.model, x_t, t, conditions, guidance_scale=self.config.guidance_scale)
-            alpha_s, sigma_s = self.teacher.coefficients(s)
-            x_s = consistency_step(x0_teacher, eps_teacher, alpha_s, sigma_s)  # one Euler / DDIM step of the teacher
-            at_edge = (index - 1 == edge_index).view(-1, 1, 1, 1)  # s is the phase edge: the target is x_s
-            s_model = torch.where(index - 1 == edge_index, index, index - 1)  # (a valid time where the target is unused)
-            mapped = self._to_edge(self.target, x_s, self.teacher.native_time(s_model / N), edge, conditions)
-            target = torch.where(at_edge, x_s, mapped)
-        pred = self._to_edge(self.student, x_t, t, edge, conditions)
-        loss = distance(pred, target, self.config.loss).mean()
+        loss = phased_consistency_loss(self, batch["images"], batch["conditions"], rng, self.phases)
         self.update(loss, self.optimizer, "consistency")
         self.ema_(self.target, self.accelerator.unwrap_model(self.student), self.config.target_ema)  # LCM's EMA target
         return {"consistency": loss.detach()}
+
+
+def jump(teacher, model, x, t, s, conditions):
+    """``F(x, t -> s) = alpha_s x0_hat + sigma_s eps_hat``: ``model``'s DDIM jump from ``t`` to ``s``."""
+    x0, eps = teacher.predict(model, x, t, conditions)
+    return consistency_step(x0, eps, *teacher.coefficients(s))
+
+
+def phased_consistency_loss(method, x0, conditions, rng, phases: int) -> torch.Tensor:
+    """The (phased) consistency loss of ``method``'s student against its ``target`` network on data ``x0``: a grid time
+    ``t``, one guided teacher DDIM step to ``s``, both mapped to the lower edge of ``t``'s phase (``phases`` of them)."""
+    teacher, config = method.teacher, method.config
+    N = config.ode_steps
+    index = rng.integers(N) + 1  # t at grid fraction index / N
+    per_phase = N // phases
+    edge_index = torch.div(index - 1, per_phase, rounding_mode="floor") * per_phase
+    t, s, edge = (teacher.native_time(i / N) for i in (index, index - 1, edge_index))
+    x_t = teacher.add_noise(x0, t, rng.normal_like(x0))
+    with torch.no_grad():
+        x0_teacher, eps_teacher = teacher.predict(teacher.model, x_t, t, conditions, guidance_scale=config.guidance_scale)
+        x_s = consistency_step(x0_teacher, eps_teacher, *teacher.coefficients(s))  # one Euler / DDIM step of the teacher
+        at_edge = (index - 1 == edge_index).view(-1, 1, 1, 1)  # s is the phase edge: the target is x_s
+        s_model = torch.where(index - 1 == edge_index, index, index - 1)  # (a valid time where the target is unused)
+        target = torch.where(at_edge, x_s, jump(teacher, method.target, x_s, teacher.native_time(s_model / N), edge, conditions))
+    pred = jump(teacher, method.student, x_t, t, edge, conditions)
+    return distance(pred, target, config.loss).mean()
