@@ -55,7 +55,7 @@ def test_progressive_stages_halve_the_steps_and_split_the_updates_evenly():
     for bad in ({"ode_steps": 12, "num_steps": 4}, {"ode_steps": 4, "num_steps": 4}, {"ode_steps": 6, "num_steps": 2}):
         with pytest.raises(ValueError, match="must be --num-steps .* times a power of 2"):
             DistillConfig(method="progressive", **bad)
-    with pytest.raises(ValueError, match="--phases applies to --method consistency, not progressive"):
+    with pytest.raises(ValueError, match="--phases applies to --method consistency, phased-dmd, hyper-sd, not progressive"):
         DistillConfig(method="progressive", phases=2)
 
 
@@ -230,22 +230,29 @@ def test_tdd_targets_are_the_times_of_its_schedules_below_the_teacher_step():
     assert 0.35 < float(jittered.min()) and float(jittered.max()) <= 0.5  # s = (1 - 0.3 u) tau, tau = 0.5
 
 
+def lowers_its_loss(method, draws, loss, updates=20, factor=0.85):
+    """``loss(batch, rng)`` on a fixed batch and draws falls below ``factor`` of its start after ``updates`` updates."""
+    from onestep_pipelines.training.data import make_data
+
+    data = make_data(method.teacher, method.config, "cpu")
+    fixed = data.batch(draws(10_000))
+    with torch.no_grad():
+        before = float(loss(fixed, draws(10_000)))
+    for update in range(updates):
+        method.step(data.batch(draws(update)), draws(update))
+    with torch.no_grad():
+        after = float(loss(fixed, draws(10_000)))
+    assert after < factor * before, (before, after)
+
+
 def test_tdd_lowers_its_loss_and_trains_the_unconditional_map_too(monkeypatch):
     """A few updates lower the loss on a fixed batch; a fraction of the samples carries the null label (the digits
     teacher's class 10), so the student keeps an unconditional map for inference-time guidance."""
     method, draws = build("tdd", num_steps=4, learning_rate=3e-4, target_ema=0.0)
-    data = __import__("onestep_pipelines.training.data", fromlist=["make_data"]).make_data(method.teacher, method.config, "cpu")
-    fixed = data.batch(draws(10_000))
     labels = []
     monkeypatch.setattr(type(method.teacher), "predict", lambda self, model, x, t, c, guidance_scale=1.0, f=type(method.teacher).predict:
                         labels.append(c["class_labels"]) or f(self, model, x, t, c, guidance_scale))
-    with torch.no_grad():
-        before = float(method.loss(fixed, draws(10_000)))
-    for update in range(20):
-        method.step(data.batch(draws(update)), draws(update))
-    with torch.no_grad():
-        after = float(method.loss(fixed, draws(10_000)))
-    assert after < 0.8 * before, (before, after)
+    lowers_its_loss(method, draws, method.loss)
     null = float((torch.cat(labels) == method.teacher.model.config.num_classes).float().mean())
     assert 0.1 < null < 0.3  # --uncond-fraction 0.2
 
@@ -261,3 +268,30 @@ def test_tdd_students_take_classifier_free_guidance_at_inference(tmp_path):
     calls.clear()
     pipe(class_labels=[1, 2], num_inference_steps=2, guidance_scale=1.0)
     assert calls == [2, 2]
+
+
+# --------------------------------------------------------------------------------------------------------- Hyper-SD
+def test_hyper_sd_halves_its_segments_stage_by_stage_with_the_dmd_term_in_the_last(tmp_path):
+    result = run(tmp_path / "run", method="hyper-sd", num_steps=1, phases=4, ode_steps=16, max_train_steps=24, learning_rate=3e-4, dmd_weight=0.5)
+    assert losses(result, "segments") == [4.0] * 8 + [2.0] * 8 + [1.0] * 8
+    assert all("dmd" in entry for entry in result["parts"][-1]["losses"][16:])  # the score-distillation term: last stage only
+    assert not any("dmd" in entry for entry in result["parts"][-1]["losses"][:16])
+    loads_and_samples(result, "hyper-sd", 1, gamma=1.0)
+    with pytest.raises(ValueError, match="Hyper-SD's first segment count"):
+        DistillConfig(method="hyper-sd", num_steps=2, phases=6)
+    with pytest.raises(ValueError, match="--dmd-weight applies to --method scm, hyper-sd, not consistency"):
+        DistillConfig(method="consistency", dmd_weight=1.0)
+
+
+def test_hyper_sd_few_step_student_jumps_between_its_segment_edges(tmp_path):
+    result = run(tmp_path / "run", method="hyper-sd", num_steps=2, phases=4, ode_steps=8, max_train_steps=2)
+    pipe = loads_and_samples(result, "hyper-sd", 2, gamma=0.0)
+    assert pipe.student.timesteps == [1000.0, 500.0]
+
+
+def test_hyper_sd_lowers_its_segment_consistency_loss():
+    from onestep_pipelines.training.methods.consistency import phased_consistency_loss
+
+    method, draws = build("hyper-sd", num_steps=1, phases=4, ode_steps=16, max_train_steps=100, learning_rate=1e-4, target_ema=0.0)
+    assert method.segments == [4, 2, 1] and method.stage() == 0
+    lowers_its_loss(method, draws, lambda batch, rng: phased_consistency_loss(method, batch["images"], batch["conditions"], rng, 4), updates=30)

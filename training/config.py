@@ -66,22 +66,22 @@ class DistillConfig:
     learning_rate: float = option(1e-4, "student learning rate (AdamW)")
     lr_scheduler: str = option("constant", "schedule of the student learning rate over --max-train-steps (diffusers' get_scheduler; the other networks keep theirs)", LR_SCHEDULERS)
     lr_warmup_steps: int = option(0, "updates of linear learning-rate warm-up from 0 (any --lr-scheduler but constant)")
-    fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, phased-dmd, scm with --dmd-weight: fake-score learning rate")
-    fake_updates: int = option(1, "dmd2, tdm, sid, phased-dmd, scm with --dmd-weight: fake-score updates per generator update")
-    fake_lora_rank: int = option(0, "dmd2, tdm, sid, phased-dmd, scm with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
+    fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: fake-score learning rate")
+    fake_updates: int = option(1, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: fake-score updates per generator update")
+    fake_lora_rank: int = option(0, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
     guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
     divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM). phased-dmd: phases of the student's steps "
-                            "(0 = one per step)")
-    ode_steps: int = option(32, "consistency, flowmap, tdd: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
+                            "(0 = one per step). hyper-sd: segments of the first stage, halved each stage down to --num-steps (0 = 8)")
+    ode_steps: int = option(32, "consistency, flowmap, tdd, hyper-sd: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
                                 "2); reflow: Euler steps of the teacher ODE that makes the couplings")
-    loss: str = option("huber", "consistency, reflow, tdd: pseudo-Huber or squared L2 distance", LOSSES)
+    loss: str = option("huber", "consistency, reflow, tdd, hyper-sd: pseudo-Huber or squared L2 distance", LOSSES)
     coupling_count: int = option(16384, "reflow: (noise, sample) couplings generated with the teacher's ODE")
     coupling_dir: str = option("", "reflow: folder of the cached couplings (default: OUTPUT_DIR/couplings); reuse one across runs")
-    target_ema: float = option(0.95, "consistency, meanflow, flowmap, twinflow, tdd: EMA decay of the target network")
+    target_ema: float = option(0.95, "consistency, meanflow, flowmap, twinflow, tdd, hyper-sd: EMA decay of the target network")
     target: str = option("", "meanflow, twinflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: "
                          "flow (2-rectified flow, default) or distill (only the 1-step jump)")
     source: str = option("teacher", "meanflow, twinflow: velocity from the teacher (distillation) or from data (e - x, no teacher; twinflow: its own real branch in the rectification)")
@@ -94,7 +94,8 @@ class DistillConfig:
     uncond_fraction: float = option(0.2, "tdd: fraction of samples trained with the null condition (decoupled guidance: the student learns its unconditional map too)")
     student_guidance: float = option(1.0, "tdd: classifier-free guidance the student samples with by default (recorded; any scale can be passed at inference; 1 = none)")
     rectify_weight: float = option(0.5, "twinflow: weight of the rectification loss (the one-step output moved along the twin's velocity difference)")
-    dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM)")
+    dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM); hyper-sd: of the "
+                                    "score-distillation term of its last stage (0 = none)")
     tangent_time_step: float = option(0.01, "scm, meanflow / flowmap / twinflow --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for "
                                             "scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
     tangent_warmup: int = option(200, "scm: updates over which the tangent term's weight rises from 0 to 1 (0 = none)")
@@ -188,6 +189,12 @@ class DistillConfig:
                 raise ValueError(f"{flag(f.name)} {getattr(self, f.name)!r} is unknown; choose one of {', '.join(f.metadata['choices'])}.")
         if self.divergence != "reverse-kl" and self.gan_weight <= 0:
             raise ValueError(f"--divergence {self.divergence} takes the density ratio from the GAN head: set --gan-weight > 0.")
+        if self.method == "hyper-sd":
+            first = self.phases or 8
+            ratio = first // self.num_steps
+            if first % self.num_steps or ratio & (ratio - 1) or self.ode_steps % first:
+                raise ValueError(f"--phases {first} (Hyper-SD's first segment count) must be --num-steps {self.num_steps} times a power of 2 and divide "
+                                 f"--ode-steps {self.ode_steps}: the segments halve stage by stage down to the step count.")
         if self.method == "progressive":
             ratio = self.ode_steps // self.num_steps
             if self.ode_steps % self.num_steps or ratio < 2 or ratio & (ratio - 1):
@@ -216,7 +223,7 @@ class DistillConfig:
                 raise ValueError(f"--quantize-base {self.quantize_base} does not apply to --method {self.method} (it changes the base weights).")
             if not self.lora_rank:
                 raise ValueError(f"--quantize-base {self.quantize_base} quantizes the frozen base under a LoRA student: pass --lora-rank.")
-            if applies("fake_lora_rank", self.method) and not self.fake_lora_rank and (self.method != "scm" or self.dmd_weight):
+            if applies("fake_lora_rank", self.method) and not self.fake_lora_rank and (self.method not in ("scm", "hyper-sd") or self.dmd_weight):
                 raise ValueError(f"--quantize-base {self.quantize_base}: the fake score of --method {self.method} would be a trained full copy "
                                  "of the quantized base; pass --fake-lora-rank too.")
         if self.method == "piflow" and self.lora_rank:
@@ -305,7 +312,7 @@ class DistillConfig:
         if self.digits_teacher and (self.prompts or self.data or self.cache):
             raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
-            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive", "twinflow", "tdd") or self.gan_weight > 0
+            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive", "twinflow", "tdd", "hyper-sd") or self.gan_weight > 0
             if needs_images and not self.data and (cache is None or cache.images is None):
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
                                  f"{' or a cache of images (onestep-train cache --data); this cache holds prompts only' if self.cache else ''}.")
@@ -348,7 +355,7 @@ class DistillConfig:
             raise ValueError(f"--teacher {source!r} is neither 'digits', {', '.join(repr(n) for n in TEXT_TEACHERS)}, a pipeline folder, nor a Hub id 'org/name'.")
 
 
-FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward", "phased-dmd")  # the methods that train a fake score (scm: with --dmd-weight)
+FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward", "phased-dmd", "hyper-sd")  # (scm, hyper-sd: with --dmd-weight)  # the methods that train a fake score (scm: with --dmd-weight)
 # The methods an option applies to (an option not listed applies to every method): --help lists the options by these
 # sets (``--method M --help`` shows M's alone), config.yaml holds a run's own, and an option set for another method is
 # refused.
@@ -357,19 +364,19 @@ OPTION_METHODS = {
     "fake_learning_rate": FAKE_SCORE, "fake_updates": FAKE_SCORE, "fake_lora_rank": FAKE_SCORE,
     "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
     "sid_alpha": ("sid",), "lsg_scale": ("sid",),
-    "phases": ("consistency", "phased-dmd"),
-    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow", "tdd"),
-    "loss": ("consistency", "reflow", "tdd"),
+    "phases": ("consistency", "phased-dmd", "hyper-sd"),
+    "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow", "tdd", "hyper-sd"),
+    "loss": ("consistency", "reflow", "tdd", "hyper-sd"),
     "uncond_fraction": ("tdd",), "student_guidance": ("tdd",),
     "coupling_count": ("reflow",), "coupling_dir": ("reflow",),
-    "target_ema": ("consistency", "meanflow", "flowmap", "twinflow", "tdd"),
+    "target_ema": ("consistency", "meanflow", "flowmap", "twinflow", "tdd", "hyper-sd"),
     "target": ("meanflow", "flowmap", "reflow", "twinflow"),
     "source": ("meanflow", "twinflow"),
     "jump_fraction": ("flowmap",),
     "equal_fraction": ("meanflow", "flowmap", "twinflow"), "endpoint_fraction": ("meanflow", "flowmap", "twinflow"),
     "logit_mean": ("meanflow", "flowmap", "scm", "twinflow"), "logit_std": ("meanflow", "flowmap", "scm", "twinflow"),
     "rectify_weight": ("twinflow",),
-    "dmd_weight": ("scm",),
+    "dmd_weight": ("scm", "hyper-sd"),
     "timesteps": STUDENT_TIMES, "sigmas": STUDENT_TIMES,
     "tangent_time_step": ("scm", "meanflow", "flowmap", "twinflow"),
     "tangent_warmup": ("scm",),
