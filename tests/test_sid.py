@@ -138,3 +138,64 @@ def test_sid_on_tiny_text_to_image_teachers(stock_teachers, tmp_path, arch):
     assert pipe.student.method == "sid" and pipe.student.architecture == arch
     extra = {"max_sequence_length": 16} if arch == "flux" else {}
     assert torch.isfinite(pipe(prompt="a cat", height=32, width=32, output_type="latent", **extra).images).all()
+
+
+# ------------------------------------------------------------------------------------------- Uni-Instruct (--uni-instruct)
+def _uni_toy(theta0: float, divergence: str, s=0.8, sigma=0.9, n=2_000_000):
+    """1-D: student p = N(theta, s^2), teacher q = N(0, 1), noised by x_t = x + sigma e (alpha 1): exact denoisers and
+    density ratio. Returns (autograd gradient of the mean loss in theta, central difference of
+    J(theta) = E_p_t[h(r) |s_p - s_q|^2])."""
+    import math
+
+    from onestep_pipelines.training.methods.sid import F_WEIGHTS, uni_instruct_loss
+
+    gen = torch.Generator().manual_seed(0)
+    vp, vq = s * s + sigma * sigma, 1 + sigma * sigma
+    log_n = lambda x, m, v: -0.5 * (x - m) ** 2 / v - 0.5 * math.log(2 * math.pi * v)  # noqa: E731
+    theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
+    x_g = (theta + s * torch.randn(n, generator=gen, dtype=torch.float64)).view(-1, 1, 1, 1)
+    x_t = x_g + sigma * torch.randn(n, generator=gen, dtype=torch.float64).view(-1, 1, 1, 1)
+    x0_fake = theta0 + s * s / vp * (x_t - theta0)  # the fake score: frozen at the current theta, differentiable in x_t
+    x0_real = x_t / vq
+    r = torch.exp(log_n(x_t, 0, vq) - log_n(x_t, theta0, vp)).detach().flatten()
+    loss = uni_instruct_loss(x_g, x_t, x0_real, x0_fake, r, divergence, torch.tensor(1.0, dtype=torch.float64),
+                             torch.tensor(sigma, dtype=torch.float64), w=torch.full((n,), sigma**-4, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(loss, theta)
+    grid = torch.linspace(-20, 20, 400_001, dtype=torch.float64)
+
+    def J(th):
+        p = torch.exp(log_n(grid, th, vp))
+        h = F_WEIGHTS[divergence](torch.exp(log_n(grid, 0, vq) - log_n(grid, th, vp)))[0]
+        return float((p * h * (-(grid - th) / vp + grid / vq) ** 2).sum() * (grid[1] - grid[0]))
+
+    return float(grad), (J(theta0 + 1e-4) - J(theta0 - 1e-4)) / 2e-4
+
+
+@pytest.mark.parametrize("divergence", ["reverse-kl", "forward-kl", "js"])
+def test_uni_instruct_loss_has_the_gradient_of_the_expanded_f_divergence(divergence):
+    """Against the divergence itself on a Gaussian toy where everything is exact (Uni-Instruct's expansion at one t)."""
+    grad, expected = _uni_toy(0.7, divergence)
+    assert grad == pytest.approx(expected, rel=0.03), (grad, expected)
+
+
+def test_uni_instruct_reverse_kl_is_sid_at_alpha_one_half():
+    from onestep_pipelines.training.methods.sid import uni_instruct_loss
+
+    torch.manual_seed(0)
+    x_g = torch.randn(3, 1, 2, 2, requires_grad=True)
+    x0_real, x0_fake = 0.5 * x_g + 0.1, 0.3 * x_g
+    uni = uni_instruct_loss(x_g, x_g, x0_real, x0_fake, torch.ones(3), "reverse-kl", torch.tensor(1.0), torch.tensor(0.5))
+    torch.testing.assert_close(uni, 2 * sid_generator_loss(x_g, x0_real, x0_fake, alpha=0.5))
+    with pytest.raises(ValueError, match="--uni-instruct replaces SiD's loss"):
+        DistillConfig(method="sid", uni_instruct=True, sid_alpha=1.0)
+    with pytest.raises(ValueError, match="--uni-instruct applies to --method sid, not dmd2"):
+        DistillConfig(method="dmd2", uni_instruct=True)
+
+
+@pytest.mark.parametrize("options", [{"method": "sid", "uni_instruct": True, "divergence": "forward-kl", "gan_weight": 0.1},
+                                     {"method": "dmd2", "diff_instruct": True}])
+def test_uni_instruct_and_diff_instruct_students(tiny_teacher, tmp_path, options):
+    result = distill(tiny(tiny_teacher, tmp_path / "run", **options))
+    assert result["steps"] == 3 and os.path.isfile(os.path.join(result["student_dir"], "model_index.json"))
+    card = open(os.path.join(result["student_dir"], "README.md")).read()
+    assert options["method"] in card

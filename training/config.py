@@ -73,6 +73,9 @@ class DistillConfig:
     divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
+    uni_instruct: bool = option(False, "sid: Uni-Instruct's loss of the expanded --divergence (reverse-kl: SiD at alpha 0.5; forward-kl, js: with the GAN head's "
+                                       "density ratio, --gan-weight) instead of SiD's")
+    diff_instruct: bool = option(False, "dmd2: Diff-Instruct's integral-KL gradient x0_fake - x0_real, without DMD's normalisation by mean|x - x0_real|")
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM). phased-dmd: phases of the student's steps "
                             "(0 = one per step). hyper-sd: segments of the first stage, halved each stage down to --num-steps (0 = 8)")
@@ -200,6 +203,8 @@ class DistillConfig:
             if self.ode_steps % self.num_steps or ratio < 2 or ratio & (ratio - 1):
                 raise ValueError(f"--ode-steps {self.ode_steps} must be --num-steps {self.num_steps} times a power of 2 (at least 2): progressive "
                                  "distillation halves the steps stage by stage.")
+        if self.uni_instruct and self.sid_alpha != _defaults()["sid_alpha"]:
+            raise ValueError("--uni-instruct replaces SiD's loss (its alpha follows from --divergence): leave --sid-alpha out.")
         if self.target and self.target not in spec.targets:
             allowed = f"choose one of {', '.join(spec.targets)}" if spec.targets else "it takes no --target"
             raise ValueError(f"--target {self.target!r} does not apply to --method {self.method}; {allowed}.")
@@ -264,7 +269,7 @@ class DistillConfig:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "timesteps", "sigmas", "batch_size",
                 "gradient_accumulation_steps", "lora_rank", "quantize_base", "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight",
-                "dmd_weight", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
+                "dmd_weight", "uni_instruct", "diff_instruct", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
         return {k: getattr(self, k) for k in keep}
 
@@ -363,7 +368,7 @@ STUDENT_TIMES = ("dmd2", "tdm", "sid", "scm", "piflow", "reward", "phased-dmd") 
 OPTION_METHODS = {
     "fake_learning_rate": FAKE_SCORE, "fake_updates": FAKE_SCORE, "fake_lora_rank": FAKE_SCORE,
     "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
-    "sid_alpha": ("sid",), "lsg_scale": ("sid",),
+    "sid_alpha": ("sid",), "lsg_scale": ("sid",), "uni_instruct": ("sid",), "diff_instruct": ("dmd2",),
     "phases": ("consistency", "phased-dmd", "hyper-sd"),
     "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow", "tdd", "hyper-sd"),
     "loss": ("consistency", "reflow", "tdd", "hyper-sd"),

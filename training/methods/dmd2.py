@@ -1,11 +1,15 @@
 """DMD2: distribution matching distillation (Yin et al. 2024, "Improved Distribution Matching Distillation for
 Fast Image Synthesis"), with f-divergence weighting (Xu et al. 2025, "One-step Diffusion Models with
-f-Divergence Distribution Matching").
+f-Divergence Distribution Matching"); ``--diff-instruct``: Diff-Instruct (Luo et al. 2023, "Diff-Instruct: A Universal
+Approach for Transferring Knowledge From Pre-trained Diffusion Models").
 
 Generator (student) sample ``x`` (one step from noise, or step ``k`` of its own roll-out: backward
 simulation), noised to ``x_t``. The frozen teacher gives ``x0_real`` (with CFG), a trainable copy trained on
 student samples gives ``x0_fake``. The DMD gradient of the reverse KL is ``g = (x0_fake - x0_real) / mean|x -
-x0_real|`` (DMD eq. 7 with its normalisation) and the generator loss is ``0.5 ||x - sg(x - h(r) g)||^2``. The
+x0_real|`` (DMD eq. 7 with its normalisation) and the generator loss is ``0.5 ||x - sg(x - h(r) g)||^2``.
+Without the normalisation, ``g = x0_fake - x0_real`` is Diff-Instruct's gradient of the integral KL divergence
+``int w(t) KL(p_student,t || p_teacher,t) dt`` (``s_fake - s_real = alpha_t (x0_fake - x0_real) / sigma_t^2``, with
+``w(t) = sigma_t^2 / alpha_t``): DMD is Diff-Instruct with a per-sample normalisation. The
 f-divergence weight ``h`` of the density ratio ``r = exp(D(x_t))`` from the discriminator is 1 (reverse KL,
 plain DMD), ``r`` (forward KL) or ``r / (1 + r)`` (Jensen-Shannon), normalised to mean 1 over the batch.
 The fake score is updated ``fake_updates`` times per generator step (two time-scale update rule). The optional
@@ -173,7 +177,9 @@ class DMD2(Method):
         else:  # the GAN loss goes through the fake score and the head (one forward gives both)
             x0_fake, weights, losses = self.adversarial(x_t, t, conditions)
             x0_fake = x0_fake.detach()
-        grad = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+        grad = x0_fake - x0_real  # Diff-Instruct's integral-KL gradient; DMD divides it by mean|x - x0_real|
+        if not self.config.diff_instruct:
+            grad = grad / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
         losses = {"generator": self.generator_loss(x, grad, weights)} | losses
         return losses["generator"] + self.config.gan_weight * losses.get("gan", 0.0), losses
 
@@ -182,6 +188,7 @@ class DMD2(Method):
         ``(x0_fake, f-divergence weights, {"gan": loss})``."""
         x0_fake = self.fake_prediction(x_t, t, conditions)
         logits = self.head(self._features)[: len(x_t)]  # (the conditional half under guidance)
+        self._logits = logits.detach()  # log density ratio (Uni-Instruct's r)
         # (0 x the output keeps the whole forward in the graph: DDP and FSDP2 expect every parameter to be reached)
         gan = F.softplus(-logits).mean() + 0.0 * x0_fake.float().sum()
         return x0_fake, f_divergence_weights(logits, self.config.divergence), {"gan": gan}
