@@ -2,7 +2,7 @@
 student is scored at 1, 2, 4 and 8 steps (FD-digits, FD-pixels and class accuracy, 898 samples from fixed seeds).
 
     python benchmarks/leaderboard.py                 # 15 minutes of training per method
-    python benchmarks/leaderboard.py --quick         # 1 minute per method: under 20 minutes in all on 2 cores
+    python benchmarks/leaderboard.py --quick         # 1 minute per method: about 35 minutes in all on 2 cores
     python benchmarks/leaderboard.py --minutes 30    # any budget per method
 
 Equal compute means equal wall time on the machine that runs it: each method's seconds per update are measured first
@@ -36,14 +36,23 @@ RECIPES = {  # name -> options (README's students table; every other option at i
     "flowmap (jvp)": {"method": "flowmap", "target": "jvp", "target_ema": 0.95, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
     "shortcut": {"method": "meanflow", "target": "shortcut", "target_ema": 0.99, "learning_rate": 2e-4},
     "piflow": {"method": "piflow", "num_steps": 1},
+    "progressive": {"method": "progressive", "num_steps": 4, "ode_steps": 32},
+    "phased-dmd": {"method": "phased-dmd", "num_steps": 4, "phases": 2},
+    "tdd": {"method": "tdd", "num_steps": 4},
+    "hyper-sd": {"method": "hyper-sd", "num_steps": 4},
+    "twinflow": {"method": "twinflow", "source": "data", "target_ema": 0.99, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
+    "twinflow (teacher)": {"method": "twinflow", "source": "teacher", "target_ema": 0.99, "learning_rate": 2e-4, "endpoint_fraction": 0.5},
+    "uni-instruct": {"method": "sid", "uni_instruct": True, "divergence": "forward-kl", "gan_weight": 0.3, "num_steps": 1},
+    "diff-instruct": {"method": "dmd2", "diff_instruct": True, "num_steps": 1},
 }  # (reflow is left out: most of its cost is generating its teacher couplings once, which a per-update budget misses)
 CALIBRATION_UPDATES = 12
-QUICK_MINUTES = 1.0  # x 11 methods, plus calibration and scoring (about 40 s per method): under 20 minutes on 2 cores
+QUICK_MINUTES = 1.0  # x 19 methods, plus calibration and scoring (about 40 s per method): about 35 minutes on 2 cores
 
 
 def _folder(name: str) -> str:
-    """``"meanflow (jvp)"`` -> ``meanflow-jvp``, ``"consistency (PCM, 4 phases)"`` -> ``consistency``."""
-    return name.split()[0] + ("-jvp" if "(jvp)" in name else "")
+    """``"meanflow (jvp)"`` -> ``meanflow-jvp``, ``"twinflow (teacher)"`` -> ``twinflow-teacher``, ``"consistency (PCM, 4
+    phases)"`` -> ``consistency``."""
+    return name.split()[0] + "".join(f"-{tag}" for tag in ("jvp", "teacher") if f"({tag})" in name)
 
 
 def _read(path: str) -> dict:
@@ -170,7 +179,7 @@ def plot(results: dict, path: str) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="training wall time per method")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_MINUTES:g} minute per method (under 20 minutes in all on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_MINUTES:g} minute per method (about 35 minutes in all on 2 CPU cores)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/leaderboard[-quick])")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu"))
     parser.add_argument("--teacher", default="digits", help="the shipped digits teacher, or another digits teacher folder")

@@ -146,6 +146,28 @@ def test_diffusers_bridge_generates_an_image_with_the_recorded_scheduler(tmp_pat
         bridge.generate(loaded, class_labels="3", substeps=8)
 
 
+def test_diffusers_bridge_samples_a_tdd_student_with_its_recorded_guidance_or_any_other(tmp_path):
+    """A TDD student (decoupled guidance) records the CFG it samples with, unbaked: the bridge's guidance -1 runs the
+    conditional and unconditional halves, an explicit guidance 1 one forward per step."""
+    from onestep_pipelines.comfy_nodes import bridge
+
+    from onestep_pipelines import DigitsPipeline, StudentMetadata
+    from onestep_pipelines.benchmark.digits import TEACHER_DIR
+
+    pipe = DigitsPipeline.from_pretrained(TEACHER_DIR)
+    pipe.set_student(StudentMetadata.from_scheduler(ConsistencyScheduler.from_config(pipe.scheduler.config, gamma=0.2), method="tdd",
+                                                    architecture="digits", num_inference_steps=2, guidance_scale=1.5))
+    pipe.save_pretrained(tmp_path / "tdd")
+    loaded = bridge.load_pipeline(str(tmp_path / "tdd"))
+    batches = []
+    loaded.transformer.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    default = bridge.generate(loaded, class_labels="3,7", seed=1)
+    assert batches == [4, 4]
+    batches.clear()
+    plain = bridge.generate(loaded, class_labels="3,7", seed=1, guidance=1.0)
+    assert batches == [2, 2] and (default - plain).abs().max() > 1e-3
+
+
 def test_diffusers_bridge_applies_a_lora_student_to_a_teacher_folder(tmp_path):
     """With a LoRA file the bridge loads the folder as the teacher, in the few-step pipeline of its architecture with
     the LoRA applied (load_student_lora at the strength), cached per (folder, LoRA file and mtime, strength); bad LoRA

@@ -94,6 +94,15 @@ def student_lora() -> dict:
     return _finish(g, ckpt, lora[0], positive, negative, latent, lora[1], lora[2], "onestep_lora")
 
 
+def tdd_lora() -> dict:
+    """A TDD student LoRA (decoupled guidance): the loader's sampler (TCD, gamma 0.2) and sigmas, with classifier-free
+    guidance on the student (cfg 1.5; a TDD student takes any scale, and its card says the one it records)."""
+    g = Graph()
+    ckpt, model, positive, negative, latent = _base(g)
+    lora = g.node("OneStepLoraLoader", model=model, lora_name="tdd_student_comfyui.safetensors", strength=1.0, allow_partial=False, fallback_steps=4)
+    return _finish(g, ckpt, lora[0], positive, negative, latent, lora[1], lora[2], "onestep_tdd_lora", cfg=1.5)
+
+
 def flow_map_sampler() -> dict:
     """A flow-map (MeanFlow / flowmap) student on a flow model: r-conditioning + the flow-map sampler, 2 steps."""
     g = Graph()
@@ -242,7 +251,7 @@ def z_image_distill_lora() -> dict:
     return _bridge_lora("Z-Image", "Z-Image-Fun-Lora-Distill-8-Steps.safetensors", 0.8, "onestep_z_image_distill")
 
 
-WORKFLOWS = {f.__name__: f for f in (consistency_sampler, tcd_custom_timesteps, tdm_sampler, student_lora, flow_map_sampler, diffusers_student,
+WORKFLOWS = {f.__name__: f for f in (consistency_sampler, tcd_custom_timesteps, tdm_sampler, student_lora, tdd_lora, flow_map_sampler, diffusers_student,
                                      text_digits_lora_student, lcm_lora, tcd_lora, hyper_sd_lora, dmd2_unet, lightning_unet, flow_sd3, flow_flux,
                                      qwen_image_lightning, flux2_turbo_lora, z_image_distill_lora)}
 
