@@ -358,7 +358,7 @@ def test_a_clone_has_the_example_workflows_where_comfyui_looks():
     assert os.path.samefile(EXAMPLES, os.path.join(REPO, "comfy_nodes", "example_workflows"))
     shipped = {os.path.basename(p): open(p, "rb").read() for p in ui_workflows()}
     in_clone = {os.path.basename(p): open(p, "rb").read() for p in glob.glob(os.path.join(REPO, "example_workflows", "*"))}
-    assert len(shipped) == 17 and in_clone == shipped
+    assert len(shipped) == 18 and in_clone == shipped
     assert all(json.loads(data)["nodes"] for data in shipped.values())  # UI format: templates load in the editor
 
 
@@ -384,5 +384,5 @@ def test_pip_users_install_the_pack_with_its_example_workflows(tmp_path):
         install(str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "onestep_pipelines.comfy_nodes", str(tmp_path), "--name", "onestep2"], capture_output=True,
                          text=True, cwd=str(tmp_path))
-    assert out.returncode == 0 and "17 example workflows" in out.stdout, out.stderr[-2000:]
-    assert len(os.listdir(tmp_path / "custom_nodes" / "onestep2" / "example_workflows")) == 17
+    assert out.returncode == 0 and "18 example workflows" in out.stdout, out.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "custom_nodes" / "onestep2" / "example_workflows")) == 18
