@@ -25,11 +25,19 @@ import logging
 import os
 import re
 import sys
+import textwrap
 
 from . import hub_checks
 from .config import OPTION_METHODS, RUN_FILE, DistillConfig, applies, flag, free_output_dir, option_groups, resolve
 from .methods import METHODS, TrainingDiverged
 from .stopping import TrainingInterrupted, resume_command
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help, never breaking a line inside a hyphenated word (``--num-steps``, ``Hyper-SD``)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
     command_parsers: dict[str, argparse.ArgumentParser] = {}  # the top level's subcommands (a mistyped one gets a suggestion)
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+        super().__init__(*args, allow_abbrev=False, formatter_class=_Formatter, **kwargs)
 
     def error(self, message: str):
         typo = re.match(r"argument command: invalid choice: '([^']*)'", message)
