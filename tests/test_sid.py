@@ -141,10 +141,11 @@ def test_sid_on_tiny_text_to_image_teachers(stock_teachers, tmp_path, arch):
 
 
 # ------------------------------------------------------------------------------------------- Uni-Instruct (--uni-instruct)
-def _uni_toy(theta0: float, divergence: str, s=0.8, sigma=0.9, n=2_000_000):
+def _uni_toy(theta0: float, divergence: str, s=0.8, sigma=0.9, n=2_000_000, diff_instruct=False):
     """1-D: student p = N(theta, s^2), teacher q = N(0, 1), noised by x_t = x + sigma e (alpha 1): exact denoisers and
     density ratio. Returns (autograd gradient of the mean loss in theta, central difference of
-    J(theta) = E_p_t[h(r) |s_p - s_q|^2])."""
+    J(theta) = E_p_t[h(r) |s_p - s_q|^2], J). ``diff_instruct``: the loss is DMD2's with Diff-Instruct's gradient
+    ``x0_fake - x0_real``, whose J is ``sigma^2 KL(p_t || q_t)``."""
     import math
 
     from onestep_pipelines.training.methods.sid import F_WEIGHTS, uni_instruct_loss
@@ -158,24 +159,42 @@ def _uni_toy(theta0: float, divergence: str, s=0.8, sigma=0.9, n=2_000_000):
     x0_fake = theta0 + s * s / vp * (x_t - theta0)  # the fake score: frozen at the current theta, differentiable in x_t
     x0_real = x_t / vq
     r = torch.exp(log_n(x_t, 0, vq) - log_n(x_t, theta0, vp)).detach().flatten()
-    loss = uni_instruct_loss(x_g, x_t, x0_real, x0_fake, r, divergence, torch.tensor(1.0, dtype=torch.float64),
-                             torch.tensor(sigma, dtype=torch.float64), w=torch.full((n,), sigma**-4, dtype=torch.float64))
+    if diff_instruct:  # DMD2's generator loss 0.5 ||x - sg(x - g)||^2 (mean over the batch) with g = x0_fake - x0_real
+        loss = 0.5 * ((x_g - (x_g - (x0_fake - x0_real)).detach()) ** 2).mean()
+    else:
+        loss = uni_instruct_loss(x_g, x_t, x0_real, x0_fake, r, divergence, torch.tensor(1.0, dtype=torch.float64),
+                                 torch.tensor(sigma, dtype=torch.float64), w=torch.full((n,), sigma**-4, dtype=torch.float64))
     (grad,) = torch.autograd.grad(loss, theta)
     grid = torch.linspace(-20, 20, 400_001, dtype=torch.float64)
 
     def J(th):
-        p = torch.exp(log_n(grid, th, vp))
-        h = F_WEIGHTS[divergence](torch.exp(log_n(grid, 0, vq) - log_n(grid, th, vp)))[0]
+        p, q = torch.exp(log_n(grid, th, vp)), torch.exp(log_n(grid, 0, vq))
+        if diff_instruct:
+            return float(sigma**2 * (p * (torch.log(p) - torch.log(q))).sum() * (grid[1] - grid[0]))
+        h = F_WEIGHTS[divergence](q / p)[0]
         return float((p * h * (-(grid - th) / vp + grid / vq) ** 2).sum() * (grid[1] - grid[0]))
 
-    return float(grad), (J(theta0 + 1e-4) - J(theta0 - 1e-4)) / 2e-4
+    return float(grad), (J(theta0 + 1e-4) - J(theta0 - 1e-4)) / 2e-4, J
 
 
-@pytest.mark.parametrize("divergence", ["reverse-kl", "forward-kl", "js"])
+@pytest.mark.parametrize("divergence", ["reverse-kl", "forward-kl", "js", "diff-instruct"])
 def test_uni_instruct_loss_has_the_gradient_of_the_expanded_f_divergence(divergence):
-    """Against the divergence itself on a Gaussian toy where everything is exact (Uni-Instruct's expansion at one t)."""
-    grad, expected = _uni_toy(0.7, divergence)
+    """Against the divergence itself on a Gaussian toy where everything is exact (Uni-Instruct's expansion at one t;
+    Diff-Instruct's gradient: that of sigma^2 KL(p_t || q_t))."""
+    grad, expected, _ = _uni_toy(0.7, divergence.replace("diff-instruct", "reverse-kl"), diff_instruct=divergence == "diff-instruct")
     assert grad == pytest.approx(expected, rel=0.03), (grad, expected)
+
+
+@pytest.mark.parametrize("divergence", ["forward-kl", "js", "diff-instruct"])
+def test_a_few_uni_instruct_and_diff_instruct_updates_lower_their_divergence(divergence):
+    """Gradient descent on the student's mean with the sampled losses lowers the divergence they estimate (the
+    expanded f-divergence; Diff-Instruct's KL between the noised distributions)."""
+    theta, start = 0.7, None
+    for _ in range(4):
+        grad, _, J = _uni_toy(theta, divergence.replace("diff-instruct", "reverse-kl"), n=200_000, diff_instruct=divergence == "diff-instruct")
+        start = J(theta) if start is None else start
+        theta -= 0.2 * grad / abs(grad)  # (steps of a fixed length along the sampled gradient's sign: Adam-like)
+    assert J(theta) < 0.5 * start and abs(theta) < 0.7
 
 
 def test_uni_instruct_reverse_kl_is_sid_at_alpha_one_half():
@@ -198,4 +217,6 @@ def test_uni_instruct_and_diff_instruct_students(tiny_teacher, tmp_path, options
     result = distill(tiny(tiny_teacher, tmp_path / "run", **options))
     assert result["steps"] == 3 and os.path.isfile(os.path.join(result["student_dir"], "model_index.json"))
     card = open(os.path.join(result["student_dir"], "README.md")).read()
-    assert options["method"] in card
+    name, arxiv = ("uni-instruct", "2505.20755") if options["method"] == "sid" else ("diff-instruct", "2305.18455")
+    assert DiffusionPipeline.from_pretrained(result["student_dir"]).student.method == name
+    assert f"{name} few-step student" in card and arxiv in card

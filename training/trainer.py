@@ -39,7 +39,7 @@ from . import checkpoint, hub_checks, sharding
 from .config import CONFIG_FILE, RUN_FILE, DistillConfig, config_yaml, flag
 from .data import make_data
 from .draws import Draws
-from .methods import TrainingDiverged, get_method
+from .methods import TrainingDiverged, get_method, recorded_name
 from .methods.base import FiniteGuard, Method, add_lora, tied_copy
 from .quantized import is_quantized, quantize_base
 from .stopping import StopRequest, TrainingInterrupted
@@ -703,7 +703,7 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
     uses_r = method_cls.uses_r
     guidance_scale, guidance_baked = method_cls.sampling_guidance(config)
     metadata = StudentMetadata.from_scheduler(
-        scheduler, method=config.method, architecture=teacher.architecture, num_inference_steps=config.num_steps,
+        scheduler, method=recorded_name(config), architecture=teacher.architecture, num_inference_steps=config.num_steps,
         recommended_steps=_steps_to_score(config, method_cls.any_step_count), guidance_scale=guidance_scale,
         guidance_baked=guidance_baked, base_model=base_model_name(teacher.source), r_conditioning=uses_r,
         guidance_embedding=teacher.guidance_embedding,

@@ -51,13 +51,11 @@ def _comfyui_sampler(m: StudentMetadata) -> str:
 def _papers(method: str) -> str:
     """`` ([citation](arXiv link), ...)`` for a method of the trainer, empty for others (or without the trainer)."""
     try:
-        from ..training.methods import METHODS
+        from ..training.methods import papers
     except ImportError:  # a checkout used without installation has no onestep_pipelines.training
         return ""
-    spec = METHODS.get(method)
-    if spec is None or not spec.papers:
-        return ""
-    return " (" + "; ".join(f"[{cite}](https://arxiv.org/abs/{arxiv})" for cite, arxiv in spec.papers) + ")"
+    cited = papers(method)
+    return " (" + "; ".join(f"[{cite}](https://arxiv.org/abs/{arxiv})" for cite, arxiv in cited) + ")" if cited else ""
 
 
 def _looks_like_hub_id(name: str) -> bool:

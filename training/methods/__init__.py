@@ -10,7 +10,7 @@ and logging (see :mod:`.base`).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class MethodSpec:
         targets: ``--target`` choices (the first is the default); sources: ``--source`` choices.
         flow_teacher: the method needs a flow (velocity) teacher.
         papers: ``(citation, arXiv id)`` of the papers it implements (named in the students' model cards).
+        variants: ``{option: (name, papers)}``: a boolean option that makes it another published method, recorded
+            under that name in its students (metadata, card) with that method's papers.
     """
 
     module: str
@@ -32,17 +34,22 @@ class MethodSpec:
     sources: tuple[str, ...] = ()
     flow_teacher: bool = False
     papers: tuple[tuple[str, str], ...] = ()
+    variants: dict = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {
     "dmd2": MethodSpec("dmd2", "DMD2", "distribution matching (DMD2), f-divergence weighting, optional GAN head",
-                       papers=(("Yin et al. 2024, Improved Distribution Matching Distillation for Fast Image Synthesis", "2405.14867"),)),
+                       papers=(("Yin et al. 2024, Improved Distribution Matching Distillation for Fast Image Synthesis", "2405.14867"),),
+                       variants={"diff_instruct": ("diff-instruct", (("Luo et al. 2023, Diff-Instruct: A Universal Approach for Transferring Knowledge From "
+                                                                      "Pre-trained Diffusion Models", "2305.18455"),))}),
     "consistency": MethodSpec("consistency", "ConsistencyDistillation", "consistency distillation: LCM, or phased (PCM) with --phases",
                               papers=(("Luo et al. 2023, Latent Consistency Models", "2310.04378"), ("Wang et al. 2024, Phased Consistency Models", "2405.18407"))),
     "tdm": MethodSpec("tdm", "TDM", "trajectory distribution matching; sampled by TDMScheduler",
                       papers=(("Luo et al. 2025, Learning Few-Step Diffusion Models by Trajectory Distribution Matching", "2503.06674"),)),
     "sid": MethodSpec("sid", "SiD", "score identity distillation (SiD; LSG guidance of the fake score; GAN head = SiDA)",
-                      papers=(("Zhou et al. 2024, Score identity Distillation", "2404.04057"),)),
+                      papers=(("Zhou et al. 2024, Score identity Distillation", "2404.04057"),),
+                      variants={"uni_instruct": ("uni-instruct", (("Wang et al. 2025, Uni-Instruct: One-step Diffusion Model through Unified Diffusion "
+                                                                   "Divergence Instruction", "2505.20755"),))}),
     "scm": MethodSpec("scm", "SCM", "continuous-time consistency in TrigFlow (sCM): JVP tangent, normalised and warmed up, learned weighting",
                       flow_teacher=True, papers=(("Lu & Song 2024, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "2410.11081"),
                                                  ("Zheng et al. 2025, Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", "2510.08431"))),
@@ -87,6 +94,23 @@ def check_method_name(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"--method {name!r} is unknown; choose one of {', '.join(METHODS)}.")
     return METHODS[name]
+
+
+def recorded_name(config) -> str:
+    """The method a run's students name: ``--method``, or the published variant one of its options selects."""
+    variants = METHODS[config.method].variants
+    return next((name for option, (name, _) in variants.items() if getattr(config, option)), config.method)
+
+
+def papers(name: str) -> tuple[tuple[str, str], ...]:
+    """The papers of a method or of a variant's name (empty for names the trainer does not know)."""
+    for key, spec in METHODS.items():
+        if key == name:
+            return spec.papers
+        for variant, cited in spec.variants.values():
+            if variant == name:
+                return spec.papers + cited
+    return ()
 
 
 def get_method(name: str) -> type:
