@@ -68,7 +68,8 @@ class DistillConfig:
     lr_warmup_steps: int = option(0, "updates of linear learning-rate warm-up from 0 (any --lr-scheduler but constant)")
     fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: fake-score learning rate")
     fake_updates: int = option(1, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: fake-score updates per generator update")
-    fake_lora_rank: int = option(0, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank fits large models in less memory)")
+    fake_lora_rank: int = option(0, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank "
+                                    "fits large models in less memory)")
     guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
     divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
@@ -79,18 +80,22 @@ class DistillConfig:
     lsg_scale: float = option(1.0, "sid: classifier-free guidance of the fake score in both of its uses (LSG; 1 = none)")
     phases: int = option(0, "consistency: ODE phases (PCM, sampled by jumps between phase edges); 0 or 1 = one phase (LCM). phased-dmd: phases of the student's steps "
                             "(0 = one per step). hyper-sd: segments of the first stage, halved each stage down to --num-steps (0 = 8)")
-    ode_steps: int = option(32, "consistency, flowmap, tdd, hyper-sd: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
+    ode_steps: int = option(32, "consistency, flowmap, tdd, hyper-sd: teacher ODE grid (Euler steps of 1/ode_steps); progressive: the first stage's teacher "
+                                "steps (halved each stage down to --num-steps); --target shortcut: smallest step 1/ode_steps (rounded down to a power of "
                                 "2); reflow: Euler steps of the teacher ODE that makes the couplings")
     loss: str = option("huber", "consistency, reflow, tdd, hyper-sd: pseudo-Huber or squared L2 distance", LOSSES)
     coupling_count: int = option(16384, "reflow: (noise, sample) couplings generated with the teacher's ODE")
     coupling_dir: str = option("", "reflow: folder of the cached couplings (default: OUTPUT_DIR/couplings); reuse one across runs")
     target_ema: float = option(0.95, "consistency, meanflow, flowmap, twinflow, tdd, hyper-sd: EMA decay of the target network")
-    target: str = option("", "meanflow, twinflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps on dyadic steps); reflow: "
+    target: str = option("", "meanflow, twinflow: split (no JVP, default), jvp or shortcut; flowmap: euler (no JVP, default), jvp or shortcut (two half jumps "
+                             "on dyadic steps); reflow: "
                          "flow (2-rectified flow, default) or distill (only the 1-step jump)")
-    source: str = option("teacher", "meanflow, twinflow: velocity from the teacher (distillation) or from data (e - x, no teacher; twinflow: its own real branch in the rectification)")
+    source: str = option("teacher", "meanflow, twinflow: velocity from the teacher (distillation) or from data (e - x, no teacher; twinflow: its own real "
+                                    "branch in the rectification)")
     jump_fraction: float = option(0.5, "flowmap euler: fraction of each interval integrated by the teacher (Euler steps of at most 1/ode_steps)")
     equal_fraction: float = option(0.25, "meanflow, flowmap, twinflow: fraction of pairs with r = t")
-    endpoint_fraction: float = option(0.3, "meanflow, flowmap, twinflow: fraction of t set to 1 and, independently, of r set to 0 (--target shortcut: fraction of the jumps that are the "
+    endpoint_fraction: float = option(0.3, "meanflow, flowmap, twinflow: fraction of t set to 1 and, independently, of r set to 0 (--target shortcut: fraction "
+                                           "of the jumps that are the "
                                            "whole interval, 1 to 0)")
     logit_mean: float = option(0.0, "meanflow, flowmap, twinflow, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
     logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
@@ -99,7 +104,8 @@ class DistillConfig:
     rectify_weight: float = option(0.5, "twinflow: weight of the rectification loss (the one-step output moved along the twin's velocity difference)")
     dmd_weight: float = option(0.0, "scm: weight of rCM's score regulariser (DMD on the student's samples with a fake score; 0 = plain sCM); hyper-sd: of the "
                                     "score-distillation term of its last stage (0 = none)")
-    tangent_time_step: float = option(0.01, "scm, meanflow / flowmap / twinflow --target jvp: the time part of the JVP tangent is a central difference over this step (TrigFlow radians for "
+    tangent_time_step: float = option(0.01, "scm, meanflow / flowmap / twinflow --target jvp: the time part of the JVP tangent is a central difference over "
+                                            "this step (TrigFlow radians for "
                                             "scm, flow time otherwise; 0 = exact JVP, which a 1000 t time embedding makes noisy)")
     tangent_warmup: int = option(200, "scm: updates over which the tangent term's weight rises from 0 to 1 (0 = none)")
     policy: str = option("gmflow", "piflow: the policy the student outputs: gmflow (Gaussian mixture) or dx (data estimates at evenly spaced times)", ("gmflow", "dx"))
@@ -154,7 +160,8 @@ class DistillConfig:
             (self.phases >= 0, "phases", "must be 0 or positive"),
             (self.ode_steps >= 1, "ode_steps", "must be at least 1"),
             (self.phases <= 1 or self.method != "consistency" or self.ode_steps % self.phases == 0, "ode_steps", f"must be a multiple of --phases {self.phases}"),
-            (self.method != "phased-dmd" or self.num_steps % max(self.phases, 1) == 0, "phases", f"must divide --num-steps {self.num_steps} (each phase takes the same number of steps)"),
+            (self.method != "phased-dmd" or self.num_steps % max(self.phases, 1) == 0, "phases",
+             f"must divide --num-steps {self.num_steps} (each phase takes the same number of steps)"),
             (self.resolution >= 0 and self.resolution % 16 == 0, "resolution", "must be 0 (the pipeline's default size) or a positive multiple of 16"),
             (0 <= self.target_ema < 1, "target_ema", "must lie in [0, 1)"),
             (0 <= self.equal_fraction <= 1, "equal_fraction", "must lie in [0, 1]"),

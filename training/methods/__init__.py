@@ -73,12 +73,16 @@ METHODS: dict[str, MethodSpec] = {
                               papers=(("Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models", "2202.00512"),)),
     "phased-dmd": MethodSpec("phased_dmd", "PhasedDMD", "Phased DMD: distribution matching per phase of the noise range, score matching within each subinterval (--phases)",
                              papers=(("Fan et al. 2025, Phased DMD: Few-step Distribution Matching Distillation via Score Matching within Subintervals", "2510.27684"),)),
-    "twinflow": MethodSpec("twinflow", "TwinFlow", "TwinFlow: one network, its negative-time twin learns its own samples' flow (no fake score, no discriminator); any step count",
+    "twinflow": MethodSpec("twinflow", "TwinFlow", "TwinFlow: one network, its negative-time twin learns its own samples' flow (no fake score, no "
+                           "discriminator); any step count",
                            targets=("split", "jvp", "shortcut"), sources=("teacher", "data"), flow_teacher=True,
                            papers=(("Cheng et al. 2025, TwinFlow: Realizing One-step Generation on Large Models with Self-adversarial Flows", "2512.05150"),)),
-    "tdd": MethodSpec("tdd", "TDD", "target-driven distillation: consistency to selected target times of 1x-2x --num-steps schedules, decoupled guidance (CFG works on the student)",
-                      papers=(("Wang et al. 2024, TDD: Target-Driven Distillation: Consistency Distillation with Target Timestep Selection and Decoupled Guidance", "2409.01347"),)),
-    "hyper-sd": MethodSpec("hypersd", "HyperSD", "Hyper-SD: trajectory segmented consistency distillation, segments halved stage by stage (--phases 8 -> --num-steps), optional DMD stage (--dmd-weight)",
+    "tdd": MethodSpec("tdd", "TDD", "target-driven distillation: consistency to selected target times of 1x-2x --num-steps schedules, "
+                      "decoupled guidance (CFG works on the student)",
+                      papers=(("Wang et al. 2024, TDD: Target-Driven Distillation: Consistency Distillation with Target Timestep Selection and "
+                               "Decoupled Guidance", "2409.01347"),)),
+    "hyper-sd": MethodSpec("hypersd", "HyperSD", "Hyper-SD: trajectory segmented consistency distillation, segments halved stage by stage "
+                           "(--phases 8 -> --num-steps), optional DMD stage (--dmd-weight)",
                            papers=(("Ren et al. 2024, Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", "2404.13686"),)),
     "reward": MethodSpec("reward", "RewardTuning", "reward post-training of a --student folder, regularised by DMD against the teacher (--reward: a plugin scorer)",
                          papers=(("Luo et al. 2024, Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models", "2410.20898"),
