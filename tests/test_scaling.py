@@ -103,6 +103,18 @@ def test_fsdp_lora_student_with_a_target_network(tiny_teacher, tmp_path):
     assert (tmp_path / "fsdp" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.parametrize("extra", [("--method", "phased-dmd", "--num-steps", "2"), ("--method", "progressive", "--num-steps", "1", "--ode-steps", "4")])
+def test_fsdp_runs_the_methods_with_several_fake_scores_or_a_stage_teacher(tiny_teacher, tmp_path, extra):
+    """Phased DMD's fake score per phase (sharded on the student's blocks) and progressive distillation's stage teacher
+    (a target network, copied from the student at the stage boundary, update 2 of 4): the one-process student."""
+    options = dict(zip([f[2:].replace("-", "_") for f in extra[::2]], extra[1::2]))
+    options = {k: (v if k == "method" else int(v)) for k, v in options.items()}
+    distill(tiny(tiny_teacher, tmp_path / "one", max_train_steps=4, batch_size=8, checkpoint_every=2, preview_every=2, **options))
+    summary = workers(2, argv(tiny_teacher, tmp_path / "fsdp", 4, 4, *extra), FSDP)
+    assert summary["engine"] == "fsdp"
+    assert_same_student(tmp_path / "one", tmp_path / "fsdp")
+
+
 def test_fsdp_in_bf16_with_gan_head_validation_and_evaluation(tiny_teacher, tmp_path):
     """bf16 autocast over float32 shards (times stay float32), the GAN head sharded with the fake score, a validation
     report sampled by both processes, and the final FD table."""

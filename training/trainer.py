@@ -294,9 +294,9 @@ def _place(run: _Run, config: DistillConfig, method, blocks) -> _Placed:
     if run.fsdp:
         plugin = accelerator.state.fsdp_plugin
         student = sharding.shard(student, plugin, blocks)
-        for attribute, module in method.trained_networks().items():  # the fake score shares the student's blocks
+        for attribute, module in method.trained_networks().items():  # fake scores (fake, Phased DMD's fake_k) share the student's blocks
             cast(module, torch.float32)  # (one dtype per FSDP unit, as for the student)
-            setattr(method, attribute, sharding.shard(module, plugin, blocks if attribute == "fake" else None))
+            setattr(method, attribute, sharding.shard(module, plugin, blocks if attribute.startswith("fake") else None))
         for attribute, module in method.target_networks().items():
             setattr(method, attribute, sharding.shard(module, plugin, blocks))
     else:
