@@ -287,6 +287,9 @@ def test_hyper_sd_few_step_student_jumps_between_its_segment_edges(tmp_path):
     result = run(tmp_path / "run", method="hyper-sd", num_steps=2, phases=4, ode_steps=8, max_train_steps=2)
     pipe = loads_and_samples(result, "hyper-sd", 2, gamma=0.0)
     assert pipe.student.timesteps == [1000.0, 500.0]
+    DistillConfig(method="hyper-sd", num_steps=8, phases=8)  # 8-step students, as the published 8-step LoRAs
+    with pytest.raises(ValueError, match="--num-steps must be 1 to 8 for --method hyper-sd, got 9"):
+        DistillConfig(method="hyper-sd", num_steps=9)
 
 
 def test_hyper_sd_lowers_its_segment_consistency_loss():

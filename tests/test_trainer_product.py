@@ -81,7 +81,7 @@ def test_text_to_image_teacher_prints_no_torchvision_notice(tmp_path):
     (["--help"], None),
     (["distill", "--help"], None),
     (["distill", "--output-dir", "{file}"], "--output-dir {file} is a file"),
-    (["distill", "--num-steps", "9"], "--num-steps must be 1 to 4, got 9"),
+    (["distill", "--num-steps", "9"], "--num-steps must be 1 to 4 for --method dmd2, got 9"),
     (["distill", "--method", "magic"], "invalid choice: 'magic'"),
     (["distill", "--lr-scheduler", "exponential"], "invalid choice: 'exponential'"),
     (["distill", "--lr-warmup-steps", "10"], "--lr-warmup-steps needs an --lr-scheduler with a warm-up (constant has none: use constant_with_warmup), got 10"),

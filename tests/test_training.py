@@ -192,7 +192,7 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
         (["--teacher", "nobody/no-such-teacher"], "a text-to-image teacher needs --prompts FILE"),
         (["--teacher", "nobody/no-such-teacher", "--prompts", str(prompts)], "HF_HUB_OFFLINE is set and the Hub cache"),
         (["--lora-rank", "-1"], "--lora-rank must be 0 (train all weights) or positive, got -1"),
-        (["--num-steps", "9"], "--num-steps must be 1 to 4, got 9"),
+        (["--num-steps", "9"], "--num-steps must be 1 to 4 for --method dmd2, got 9"),
         (["--divergence", "js"], "set --gan-weight > 0"),
         (["--method", "consistency", "--phases", "3", "--ode-steps", "32"], "--ode-steps must be a multiple of --phases 3"),
         (["--method", "consistency", "--loss", "l1"], "argument --loss: invalid choice: 'l1'"),

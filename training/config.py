@@ -55,7 +55,7 @@ class DistillConfig:
     resolution: int = option(0, "text-to-image teachers: image size of training samples (0 = the pipeline's default size: its denoiser's sample size "
                                 "times the VAE factor, 512 for SD 1.5, 1024 for SDXL, SD3 and Flux, 32 for the text-digits teachers)")
     output_dir: str = option("onestep-digits-student", "run folder: checkpoints, previews, validation reports, the student")
-    num_steps: int = option(1, "student steps (NFE), 1 to 4")
+    num_steps: int = option(1, "student steps (NFE), 1 to 4 (1 to 8 for the consistency family: consistency, hyper-sd, tdd, progressive)")
     timesteps: str = option("", "the times the student is trained and then sampled at, one per step, comma-separated (default: its method's preset): "
                                 "VP teachers: integer timesteps (999,749,499,249); flow teachers: sigma x 1000, unshifted (1000,200 = sigmas 1 and 0.2). "
                                 "Recorded in the student's scheduler (trained_times), so pipe(num_inference_steps=N) samples there")
@@ -143,7 +143,7 @@ class DistillConfig:
     def __post_init__(self):
         spec = check_method_name(self.method)
         checks = [
-            (1 <= self.num_steps <= 4, "num_steps", "must be 1 to 4"),
+            (1 <= self.num_steps <= max_steps(self.method), "num_steps", f"must be 1 to {max_steps(self.method)} for --method {self.method}"),
             (self.max_train_steps > 0, "max_train_steps", "must be positive"),
             (0 <= self.lr_warmup_steps < self.max_train_steps, "lr_warmup_steps", f"must lie in [0, --max-train-steps = {self.max_train_steps})"),
             (self.lr_warmup_steps == 0 or self.lr_scheduler != "constant", "lr_warmup_steps",
@@ -395,6 +395,14 @@ OPTION_METHODS = {
     "policy": ("piflow",), "policy_components": ("piflow",), "policy_substeps": ("piflow",),
     "student": ("reward",), "reward": ("reward",), "reward_weight": ("reward",), "regularizer": ("reward",), "reward_noise": ("reward",),
 }
+
+
+EIGHT_STEPS = ("consistency", "hyper-sd", "tdd", "progressive")  # trained on a grid of jumps: 8-step students as the published LoRAs
+
+
+def max_steps(method: str) -> int:
+    """The most student steps ``--method`` trains: 8 for the consistency family, else 4."""
+    return 8 if method in EIGHT_STEPS else 4
 
 
 def applies(name: str, method: str) -> bool:
