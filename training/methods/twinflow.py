@@ -25,13 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .meanflow import MeanFlow
-
-
-def adaptive(error: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared error, normalised to about its square root (MeanFlow sec. 4.3 with p = 0.5), averaged."""
-    error = error.flatten(1).mean(dim=1)
-    return (error / (error.detach() + 1e-3) ** 0.5).mean()
+from .meanflow import MeanFlow, adaptive
 
 
 class TwinFlow(MeanFlow):
