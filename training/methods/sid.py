@@ -53,10 +53,13 @@ F_WEIGHTS = {
 def uni_instruct_loss(x_g, x_t, x0_real, x0_fake, r, divergence: str, alpha_t, sigma_t, w=None) -> torch.Tensor:
     """Uni-Instruct's generator loss for ``divergence`` (see the module's docstring), averaged over the batch. ``x_t``
     is ``x_g`` noised (in the graph), ``x0_real`` / ``x0_fake`` depend on it, ``r`` is the density ratio per sample
-    (no gradient), ``alpha_t`` / ``sigma_t`` the coefficients of ``x_t``; ``w`` the per-sample weight (default DMD's
-    ``1 / sg(mean|x_g - x0_real|)``)."""
+    (no gradient), ``alpha_t`` / ``sigma_t`` the coefficients of ``x_t``; ``w`` the per-sample weight of its time (default
+    DMD's ``1 / sg(mean|x_g - x0_real|)`` times ``min(1, sigma_t^2 / alpha_t)``: the ratio term's ``alpha_t /
+    sigma_t^2`` would otherwise let the low-noise times dominate; any positive weight of a time keeps the gradient of
+    the expansion at that time)."""
     if w is None:
-        w = 1.0 / (x_g - x0_real).abs().mean(dim=(1, 2, 3)).clamp_min(1e-5).detach()
+        time_weight = (sigma_t**2 / alpha_t.clamp_min(1e-6)).clamp(max=1.0).flatten()
+        w = time_weight / (x_g - x0_real).abs().mean(dim=(1, 2, 3)).clamp_min(1e-5).detach()
     a = x0_real - x0_fake
     B = (a**2).sum(dim=(1, 2, 3))
     A = B + 2 * (a * (x0_fake - x_g)).sum(dim=(1, 2, 3))
