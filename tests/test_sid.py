@@ -203,7 +203,7 @@ def test_uni_instruct_reverse_kl_is_sid_at_alpha_one_half():
     torch.manual_seed(0)
     x_g = torch.randn(3, 1, 2, 2, requires_grad=True)
     x0_real, x0_fake = 0.5 * x_g + 0.1, 0.3 * x_g
-    uni = uni_instruct_loss(x_g, x_g, x0_real, x0_fake, torch.ones(3), "reverse-kl", torch.tensor(1.0), torch.tensor(0.5))
+    uni = uni_instruct_loss(x_g, x_g, x0_real, x0_fake, torch.ones(3), "reverse-kl", torch.tensor(0.5), torch.tensor(1.0))  # (time weight 1)
     torch.testing.assert_close(uni, 2 * sid_generator_loss(x_g, x0_real, x0_fake, alpha=0.5))
     with pytest.raises(ValueError, match="--uni-instruct replaces SiD's loss"):
         DistillConfig(method="sid", uni_instruct=True, sid_alpha=1.0)
