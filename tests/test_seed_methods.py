@@ -1,6 +1,5 @@
-"""The seed families added in issue 33 (progressive distillation, ...): each method's math against a hand-computed
-case, a few updates on the shipped digits teacher lower its loss and write a student that loads and samples with the
-scheduler it was trained for, and resuming continues exactly."""
+"""Progressive distillation, Phased DMD, TwinFlow, TDD and Hyper-SD: each method's math against a hand-computed case, a few updates on the shipped digits teacher lower its loss and write a student that loads and samples with the
+scheduler it was trained for, and resuming continues exactly (the longer runs in CI's slow lane)."""
 
 import os
 
@@ -142,6 +141,7 @@ def _phased(**options):
     return build("phased-dmd", **options)
 
 
+@pytest.mark.slow  # (a training run: CI's second lane)
 def test_phased_dmd_phases_end_at_the_student_times_and_each_fake_score_learns_its_phase():
     method, draws = _phased(num_steps=4, phases=2, fake_learning_rate=1e-3)
     with torch.no_grad():  # a student far from the teacher: its phase distributions are not the teacher's
@@ -185,7 +185,7 @@ def test_phased_dmd_writes_a_deterministic_few_step_student_and_resumes_exactly(
 
 
 # --------------------------------------------------------------------------------------------------------- TwinFlow
-@pytest.mark.parametrize("source", ["data", "teacher"])
+@pytest.mark.parametrize("source", ["data", pytest.param("teacher", marks=pytest.mark.slow)])
 def test_twinflow_twin_learns_the_fake_flow_and_writes_an_any_step_student(tmp_path, source):
     """From data (no teacher in any loss) or from the teacher: the twin's flow matching on the network's own one-step
     samples and the rectification loss fall over a few updates; the student is a flow map sampled with re-noising."""
@@ -245,6 +245,7 @@ def lowers_its_loss(method, draws, loss, updates=20, factor=0.85):
     assert after < factor * before, (before, after)
 
 
+@pytest.mark.slow  # (a training run: CI's second lane)
 def test_tdd_lowers_its_loss_and_trains_the_unconditional_map_too(monkeypatch):
     """A few updates lower the loss on a fixed batch; a fraction of the samples carries the null label (the digits
     teacher's class 10), so the student keeps an unconditional map for inference-time guidance."""
@@ -271,6 +272,7 @@ def test_tdd_students_take_classifier_free_guidance_at_inference(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- Hyper-SD
+@pytest.mark.slow  # (a training run: CI's second lane)
 def test_hyper_sd_halves_its_segments_stage_by_stage_with_the_dmd_term_in_the_last(tmp_path):
     result = run(tmp_path / "run", method="hyper-sd", num_steps=1, phases=4, ode_steps=16, max_train_steps=24, learning_rate=3e-4, dmd_weight=0.5)
     assert losses(result, "segments") == [4.0] * 8 + [2.0] * 8 + [1.0] * 8
@@ -292,6 +294,7 @@ def test_hyper_sd_few_step_student_jumps_between_its_segment_edges(tmp_path):
         DistillConfig(method="hyper-sd", num_steps=9)
 
 
+@pytest.mark.slow  # (a training run: CI's second lane)
 def test_hyper_sd_lowers_its_segment_consistency_loss():
     from onestep_pipelines.training.methods.consistency import phased_consistency_loss
 
