@@ -1,4 +1,5 @@
-"""Progressive distillation, Phased DMD, TwinFlow, TDD and Hyper-SD: each method's math against a hand-computed case, a few updates on the shipped digits teacher lower its loss and write a student that loads and samples with the
+"""Progressive distillation, Phased DMD, TwinFlow, TDD and Hyper-SD: each method's math against a hand-computed case, a
+few updates on the shipped digits teacher lower its loss and write a student that loads and samples with the
 scheduler it was trained for, and resuming continues exactly (the longer runs in CI's slow lane)."""
 
 import os
