@@ -17,8 +17,10 @@ network's own one-step samples ``x_fake = z - u(z, 0, 1)``. Three losses, summed
   teacher's guided velocity (``--source teacher``).
 
 Every loss is MeanFlow's adaptively weighted error (per-sample ``err / sg(err + 1e-3)^0.5``, close to the official
-per-sample Barron loss). Students sample with the flow-map scheduler, jumping to data and re-noising (gamma 1, the
-official sampler's ``stochast_ratio`` 1), at any step count.
+per-sample Barron loss). Students sample with the flow-map scheduler at any step count, by deterministic jumps between
+the step times (gamma 0): on the digits teacher they beat the official sampler's full re-noising (its
+``stochast_ratio`` 1 = gamma 1) at 2 to 8 steps (teacher-distilled student, 600 updates, 2 / 4 steps: 6.57 / 6.00
+against 7.02 / 8.00 FD-digits).
 """
 
 from __future__ import annotations
@@ -30,10 +32,6 @@ from .meanflow import MeanFlow, adaptive
 
 class TwinFlow(MeanFlow):
     name = "twinflow"
-
-    @staticmethod
-    def sampler_gamma(config) -> float:
-        return 1.0
 
     def fake_velocity(self, z, t, conditions):
         """The twin trajectory's velocity at ``(z, t)``: the network at time ``-t`` (instantaneous: ``r = t``)."""
