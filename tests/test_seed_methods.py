@@ -302,3 +302,24 @@ def test_hyper_sd_lowers_its_segment_consistency_loss():
     method, draws = build("hyper-sd", num_steps=1, phases=4, ode_steps=16, max_train_steps=100, learning_rate=1e-4, target_ema=0.0)
     assert method.segments == [4, 2, 1] and method.stage() == 0
     lowers_its_loss(method, draws, lambda batch, rng: phased_consistency_loss(method, batch["images"], batch["conditions"], rng, 4), updates=30)
+
+
+# ------------------------------------------------------------------------------------- text-to-image teachers
+@pytest.mark.parametrize("arch, options", [
+    ("sd", {"method": "progressive", "num_steps": 2, "ode_steps": 4}),  # VP: the grid reaches the clean end (timestep -1)
+    ("sd", {"method": "tdd", "num_steps": 2, "uncond_fraction": 0.5, "student_guidance": 1.5}),
+    ("sd", {"method": "hyper-sd", "num_steps": 2, "phases": 4, "ode_steps": 8}),
+    ("sd", {"method": "phased-dmd", "num_steps": 2, "prompts": True, "fake_lora_rank": 4}),
+    ("sd3", {"method": "twinflow", "num_steps": 1}),
+])
+def test_the_new_methods_train_lora_students_of_tiny_text_to_image_teachers(stock_teachers, tmp_path, arch, options):
+    folders, data = stock_teachers
+    options = dict(options)
+    source = {"prompts": os.path.join(data, "prompts.txt")} if options.pop("prompts", False) else {"data": data}
+    result = distill(DistillConfig(teacher=folders[arch], resolution=32, output_dir=str(tmp_path / "run"), max_train_steps=3, batch_size=2,
+                                   evaluate=False, preview_every=0, lora_rank=4, cpu_threads=1, **source, **options))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.student.method == options["method"] and pipe.student.architecture == arch
+    images = pipe(prompt=["a cat", "a dog"], height=32, width=32, output_type="latent").images
+    assert torch.isfinite(images).all()
+    assert os.path.isfile(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors")
