@@ -105,7 +105,7 @@ def test_scm_refuses_vp_teachers_models_without_forward_ad_and_bad_options(tiny_
                             ({"dmd_weight": -1.0}, "--dmd-weight must be 0 \\(off\\) or positive"),
                             ({"tangent_time_step": 0.5}, "--tangent-time-step must lie in \\[0, 0.2\\]"),
                             ({"gan_weight": 0.1}, "--gan-weight applies to --method dmd2, tdm, sid, reward, not scm"),
-                            ({"method": "dmd2", "dmd_weight": 0.1}, "--dmd-weight applies to --method scm, not dmd2")):
+                            ({"method": "dmd2", "dmd_weight": 0.1}, "--dmd-weight applies to --method scm, hyper-sd, not dmd2")):
         with pytest.raises(ValueError, match=message):
             tiny(tiny_teacher, tmp_path / "bad", **({"method": "scm"} | option))
 
