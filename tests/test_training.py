@@ -205,7 +205,7 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
         (["--num-steps", "2", "--sigmas", "1.5,0.2"], "sigmas lie in (0, 1]"),
         (["--num-steps", "2", "--sigmas", "1,x"], "not a comma-separated list of numbers"),
         (["--num-steps", "2", "--sigmas", "1,0.2", "--timesteps", "999,200"], "pass --timesteps or --sigmas, not both"),
-        (["--method", "consistency", "--timesteps", "999"], "--timesteps applies to --method dmd2, tdm, sid, scm, piflow, reward, not consistency"),
+        (["--method", "consistency", "--timesteps", "999"], "--timesteps applies to --method dmd2, tdm, sid, scm, piflow, reward, phased-dmd, not consistency"),
         (["--method", "scm", "--sigmas", "1"], "sCM trains at every time"),
         (["--num-steps", "2", "--timesteps", "1200,200"], "a flow teacher's timesteps are sigma x 1000, at most 1000"),
     ]
