@@ -308,9 +308,9 @@ def test_hyper_sd_lowers_its_segment_consistency_loss():
 @pytest.mark.parametrize("arch, options", [
     ("sd", {"method": "progressive", "num_steps": 2, "ode_steps": 4}),  # VP: the grid reaches the clean end (timestep -1)
     ("sd", {"method": "tdd", "num_steps": 2, "uncond_fraction": 0.5, "student_guidance": 1.5}),
-    ("sd", {"method": "hyper-sd", "num_steps": 2, "phases": 4, "ode_steps": 8}),
-    ("sd", {"method": "phased-dmd", "num_steps": 2, "prompts": True, "fake_lora_rank": 4}),
-    ("sd3", {"method": "twinflow", "num_steps": 1}),
+    pytest.param("sd", {"method": "hyper-sd", "num_steps": 2, "phases": 4, "ode_steps": 8}, marks=pytest.mark.slow),
+    pytest.param("sd", {"method": "phased-dmd", "num_steps": 2, "prompts": True, "fake_lora_rank": 4}, marks=pytest.mark.slow),
+    pytest.param("sd3", {"method": "twinflow", "num_steps": 1}, marks=pytest.mark.slow),
 ])
 def test_the_new_methods_train_lora_students_of_tiny_text_to_image_teachers(stock_teachers, tmp_path, arch, options):
     folders, data = stock_teachers
