@@ -201,13 +201,11 @@ class DistillConfig:
             raise ValueError(f"--divergence {self.divergence} takes the density ratio from the GAN head: set --gan-weight > 0.")
         if self.method == "hyper-sd":
             first = self.phases or 8
-            ratio = first // self.num_steps
-            if first % self.num_steps or ratio & (ratio - 1) or self.ode_steps % first:
+            if not halves_to(first, self.num_steps) or self.ode_steps % first:
                 raise ValueError(f"--phases {first} (Hyper-SD's first segment count) must be --num-steps {self.num_steps} times a power of 2 and divide "
                                  f"--ode-steps {self.ode_steps}: the segments halve stage by stage down to the step count.")
         if self.method == "progressive":
-            ratio = self.ode_steps // self.num_steps
-            if self.ode_steps % self.num_steps or ratio < 2 or ratio & (ratio - 1):
+            if not halves_to(self.ode_steps, self.num_steps) or self.ode_steps == self.num_steps:
                 raise ValueError(f"--ode-steps {self.ode_steps} must be --num-steps {self.num_steps} times a power of 2 (at least 2): progressive "
                                  "distillation halves the steps stage by stage.")
         if self.uni_instruct and self.sid_alpha != _defaults()["sid_alpha"]:
@@ -367,7 +365,7 @@ class DistillConfig:
             raise ValueError(f"--teacher {source!r} is neither 'digits', {', '.join(repr(n) for n in TEXT_TEACHERS)}, a pipeline folder, nor a Hub id 'org/name'.")
 
 
-FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward", "phased-dmd", "hyper-sd")  # (scm, hyper-sd: with --dmd-weight)  # the methods that train a fake score (scm: with --dmd-weight)
+FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward", "phased-dmd", "hyper-sd")  # the methods that train a fake score (scm, hyper-sd: with --dmd-weight)
 # The methods an option applies to (an option not listed applies to every method): --help lists the options by these
 # sets (``--method M --help`` shows M's alone), config.yaml holds a run's own, and an option set for another method is
 # refused.
@@ -398,6 +396,12 @@ OPTION_METHODS = {
 
 
 EIGHT_STEPS = ("consistency", "hyper-sd", "tdd", "progressive")  # trained on a grid of jumps: 8-step students as the published LoRAs
+
+
+def halves_to(start: int, end: int) -> bool:
+    """Whether ``start`` steps (or segments) halve stage by stage down to ``end``: ``start = end * 2^k``, ``k >= 0``."""
+    ratio = start // end
+    return start % end == 0 and ratio >= 1 and ratio & (ratio - 1) == 0
 
 
 def max_steps(method: str) -> int:

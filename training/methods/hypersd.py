@@ -34,7 +34,7 @@ class HyperSD(DMD2):
     def __init__(self, teacher, student, scheduler, config, **run):
         Method.__init__(self, teacher, student, scheduler, config, **run)
         first = config.phases or 8
-        self.segments = [first // 2**k for k in range(stage_count(first, config.num_steps) + 1)] if first > config.num_steps else [first]
+        self.segments = [first // 2**k for k in range(stage_count(first, config.num_steps) + 1)]  # the config checked the halving
         self.target = tied_copy(student, ties_bases(self.accelerator)).eval().requires_grad_(False)
         self.fake = self.head = None
         if config.dmd_weight > 0:

@@ -69,10 +69,10 @@ class ProgressiveDistillation(Method):
     def stage(self) -> int:
         return stage_at(self.update_index, self.stages, self.config.max_train_steps)
 
-    def target(self, z_t, i, n, conditions):
-        """``x_tilde``: the x0 of two DDIM steps of the stage teacher from grid index ``i`` on an ``n``-step grid."""
+    def target(self, z_t, i, n, conditions, stage: int):
+        """``x_tilde``: the x0 of two DDIM steps of ``stage``'s teacher from grid index ``i`` on an ``n``-step grid."""
         t, mid, s = (self.teacher.native_time(f) for f in (i / n, (2 * i - 1) / (2 * n), (i - 1) / n))
-        if self.stage() == 0:
+        if stage == 0:
             model, scale = self.teacher.model, self.config.guidance_scale
         else:
             model, scale = self.stage_teacher, 1.0
@@ -90,7 +90,7 @@ class ProgressiveDistillation(Method):
         t = self.teacher.native_time(i / n)
         z_t = self.teacher.add_noise(x0, t, rng.normal_like(x0))
         with torch.no_grad():
-            target = self.target(z_t, i, n, conditions)
+            target = self.target(z_t, i, n, conditions, stage)
         alpha, sigma = self.teacher.coefficients(t)
         weight = (alpha**2 / sigma**2).clamp(min=1.0)  # truncated SNR weighting
         pred = self.teacher.predict(self.student, z_t, t, conditions)[0]
