@@ -82,18 +82,22 @@ class PhasedDMD(DMD2):
     def checkpoint_optimizers(self) -> dict:
         return {f"fake_optimizer_{k}": (opt, {"fake": getattr(self, f"fake_{k}")}) for k, opt in enumerate(self.fake_optimizers)}
 
+    def phase_end(self, k: int) -> int:
+        """The index of the student step that follows phase ``k`` (``len(self.times)``: the clean end)."""
+        return (k + 1) * len(self.times) // self.phases
+
     def edge(self, k: int, n: int, device) -> torch.Tensor:
         """Phase ``k``'s lower edge (a student step time, or the clean end) for a batch of ``n``."""
-        last = (k + 1) * len(self.times) // self.phases
-        if last < len(self.times):
-            return self.time_at(last, n, device)
+        end = self.phase_end(k)
+        if end < len(self.times):
+            return self.time_at(end, n, device)
         return self.teacher.native_time(torch.zeros(n, device=device))
 
     def _generate(self, conditions, rng):
         """Phase ``k``'s output ``x_s`` (random ``k``), the last step with gradients; sets the phase's fake score."""
         noise = rng.normal(*self.teacher.sample_shape)
         self._use_phase(rng.host_integer(0, self.phases))
-        last = (self.phase + 1) * len(self.times) // self.phases - 1  # the phase's last student step
+        last = self.phase_end(self.phase) - 1  # the phase's last student step
         x = self.rollout(noise, conditions, last, rng)
         x0, eps = self.teacher.predict(self.student, x, self.time_at(last, len(x), x.device), conditions)
         self._edge = self.edge(self.phase, len(x), x.device)
