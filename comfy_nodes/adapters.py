@@ -269,6 +269,9 @@ def load_lora(model, path: str, strength: float, allow_partial: bool):
         report += f"; recognised as {published.name} ({published.repo}): sampling as its recipe says"
         if strength != published.strength:
             report += f" (its authors recommend strength {published.strength:g})"
+    if metadata is not None and metadata.scheduler_config.get("prediction_type") == "v_prediction":
+        patched = with_v_prediction(patched, name)
+        report += ", v-prediction sampling"
     if metadata is not None and metadata.r_conditioning:
         beside = os.path.join(os.path.dirname(path), "r_embedder.safetensors")
         if r_tensors:
@@ -282,6 +285,30 @@ def load_lora(model, path: str, strength: float, allow_partial: bool):
         report += ", second-time embedding applied"
     log.info("onestep LoRA %s: %s", path, report)
     return patched, metadata, report
+
+
+def with_v_prediction(model, name: str):
+    """``model`` (a ModelPatcher) reading its output as v (a student switched to v-prediction, e.g. progressive
+    distillation of an epsilon SD model), as ComfyUI's ModelSamplingDiscrete node does for ``v_prediction``; its noise
+    table is kept."""
+    ms = comfy.model_sampling
+    current = model.get_model_object("model_sampling")
+    output = type(current).calculate_denoised
+    table = isinstance(current, ms.ModelSamplingDiscrete) and type(current).sigma is ms.ModelSamplingDiscrete.sigma  # the 1000-step table
+    if table and output is ms.V_PREDICTION.calculate_denoised:
+        return model
+    if not (table and output is ms.EPS.calculate_denoised):
+        raise ValueError(f"lora_name {name} is a v-prediction student of a discrete VP model; this MODEL samples with {type(current).__name__}: "
+                         "load the base model it was trained on.")
+
+    class VPrediction(ms.ModelSamplingDiscrete, ms.V_PREDICTION):
+        pass
+
+    sampling = VPrediction(model.model.model_config)
+    sampling.set_sigmas(current.sigmas.detach().clone())
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
 
 
 def student_sampling(model, metadata: StudentMetadata | None, fallback_steps: int):

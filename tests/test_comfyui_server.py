@@ -117,6 +117,10 @@ def comfy(tmp_path_factory):
     files = save_student_lora(str(base / "lora"), lora_unet, _lora_metadata())
     for kind in ("diffusers", "comfyui"):
         os.symlink(files[kind], base / "models" / "loras" / f"student_{kind}.safetensors")
+    v_metadata = StudentMetadata.from_scheduler(ConsistencyScheduler(gamma=0.0, prediction_type="v_prediction"), method="progressive",
+                                                architecture="sd", num_inference_steps=2)  # the same LoRA as a v-prediction student
+    v_files = save_student_lora(str(base / "vlora"), lora_unet, v_metadata)
+    os.symlink(v_files["comfyui"], base / "models" / "loras" / "v_student_comfyui.safetensors")
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -287,6 +291,26 @@ def test_lora_loader_patches_every_module_with_peft_scaling(comfy, kind):
     assert f"student_{kind}.safetensors: {modules}/{modules} LoRA modules mapped, {modules} weights patched" in server.read_log()
     expected = _diffusers_latent(_pipeline(comfy["lora_unet"], ConsistencyScheduler(gamma=1.0, timestep_preset="dmd2")), 2)
     torch.testing.assert_close(_model_latent(server, entry), expected, rtol=0, atol=1e-4)
+
+
+def test_a_v_prediction_lora_student_of_an_epsilon_model_samples_as_in_diffusers(comfy):
+    """A progressive-distillation student (v-prediction) loaded on an epsilon SD 1.5 checkpoint: the loader reads the
+    MODEL's output as v, as the student's recorded scheduler does in diffusers."""
+    from onestep_pipelines.schedulers import ConsistencyScheduler
+
+    server = comfy["server"]
+    loader = {"class_type": "OneStepLoraLoader", "inputs": {"model": ["1", 0], "lora_name": "v_student_comfyui.safetensors", "strength": 1.0,
+                                                            "allow_partial": False, "fallback_steps": 4}}
+    prompt = _zero_cond_workflow({}, {}, {"9": loader}, ("9", 0))
+    prompt["7"]["inputs"].update(sampler=["9", 1], sigmas=["9", 2])
+    del prompt["5"], prompt["6"]
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert "v_student_comfyui.safetensors" in server.read_log() and "v-prediction sampling" in server.read_log()
+    expected = _diffusers_latent(_pipeline(comfy["lora_unet"], ConsistencyScheduler(gamma=0.0, prediction_type="v_prediction")), 2)
+    torch.testing.assert_close(_model_latent(server, entry), expected, rtol=0, atol=1e-4)
+    as_epsilon = _diffusers_latent(_pipeline(comfy["lora_unet"], ConsistencyScheduler(gamma=0.0)), 2)
+    assert (_model_latent(server, entry) - as_epsilon).abs().max() > 0.1  # (the test tells the two readings apart)
 
 
 @pytest.mark.parametrize("steps,gamma", [(1, 0.0), (2, 0.0), (3, 0.5)])

@@ -305,6 +305,39 @@ def test_hyper_sd_lowers_its_segment_consistency_loss():
 
 
 # ------------------------------------------------------------------------------------- text-to-image teachers
+@pytest.mark.parametrize("choice, recorded", [("v_prediction", "v_prediction"), ("teacher", "epsilon")])
+def test_progressive_students_of_epsilon_teachers_output_v_and_sample_as_trained(stock_teachers, tmp_path, choice, recorded):
+    """Salimans & Ho's v-prediction: the student of an epsilon SD teacher outputs v, its scheduler and LoRA metadata
+    say so, and its 1-step sample is ``x0 = alpha z - sigma v`` of its own output (``teacher`` keeps epsilon)."""
+    from diffusers import StableDiffusionPipeline
+
+    from onestep_pipelines.students.lora import load_student_lora
+
+    folders, data = stock_teachers
+    result = distill(DistillConfig(teacher=folders["sd"], data=data, resolution=32, output_dir=str(tmp_path / "run"), method="progressive",
+                                   num_steps=1, ode_steps=2, max_train_steps=2, batch_size=2, evaluate=False, preview_every=0, lora_rank=4,
+                                   cpu_threads=1, student_prediction=choice))
+    pipe = DiffusionPipeline.from_pretrained(result["student_dir"])
+    assert pipe.scheduler.config.prediction_type == recorded
+    assert f"prediction {recorded}" in open(os.path.join(result["student_dir"], "README.md")).read()
+    stock = StableDiffusionPipeline.from_pretrained(folders["sd"])  # the LoRA on the stock pipeline: its recorded scheduler
+    assert load_student_lora(stock, result["lora_dir"]).scheduler_config["prediction_type"] == recorded
+    assert stock.scheduler.config.prediction_type == recorded
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    emb = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
+    with torch.no_grad():
+        sample = pipe(prompt_embeds=emb, guidance_scale=1.0, num_inference_steps=1, latents=z.clone(), output_type="latent").images
+        t = pipe.scheduler.timesteps[0]
+        out = pipe.unet(z, t, encoder_hidden_states=emb).sample
+    alpha, sigma = pipe.scheduler.alphas_cumprod[int(t)].sqrt(), (1 - pipe.scheduler.alphas_cumprod[int(t)]).sqrt()
+    if recorded == "v_prediction":
+        x0, eps = alpha * z - sigma * out, sigma * z + alpha * out
+    else:
+        x0, eps = (z - sigma * out) / alpha, out
+    final = pipe.scheduler.alphas_cumprod[0]  # the DDIM move ends at the first timestep (set_alpha_to_one False)
+    torch.testing.assert_close(sample, final.sqrt() * x0 + (1 - final).sqrt() * eps, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch, options", [
     ("sd", {"method": "progressive", "num_steps": 2, "ode_steps": 4}),  # VP: the grid reaches the clean end (timestep -1)
     ("sd", {"method": "tdd", "num_steps": 2, "uncond_fraction": 0.5, "student_guidance": 1.5}),

@@ -99,6 +99,9 @@ class DistillConfig:
                                            "whole interval, 1 to 0)")
     logit_mean: float = option(0.0, "meanflow, flowmap, twinflow, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
     logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
+    student_prediction: str = option("v_prediction", "progressive, VP teachers: what the student outputs: v_prediction (Salimans & Ho: x0 stays defined at "
+                                                     "zero SNR, where an epsilon student's 1-step x0 is not) or teacher (the teacher's own; flow "
+                                                     "teachers keep their velocity either way)", ("v_prediction", "teacher"))
     uncond_fraction: float = option(0.2, "tdd: fraction of samples trained with the null condition (decoupled guidance: the student learns its unconditional map too)")
     student_guidance: float = option(1.0, "tdd: classifier-free guidance the student samples with by default (recorded; any scale can be passed at inference; 1 = none)")
     rectify_weight: float = option(0.5, "twinflow: weight of the rectification loss (the one-step output moved along the twin's velocity difference)")
@@ -274,7 +277,7 @@ class DistillConfig:
         """The options a resumed run must share with the run it continues."""
         keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "timesteps", "sigmas", "batch_size",
                 "gradient_accumulation_steps", "lora_rank", "quantize_base", "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight",
-                "dmd_weight", "uni_instruct", "diff_instruct", "phases", "ode_steps", "target", "source", "jump_fraction", "coupling_count",
+                "dmd_weight", "uni_instruct", "diff_instruct", "phases", "ode_steps", "student_prediction", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
         return {k: getattr(self, k) for k in keep}
 
@@ -377,7 +380,7 @@ OPTION_METHODS = {
     "phases": ("consistency", "phased-dmd", "hyper-sd"),
     "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow", "tdd", "hyper-sd"),
     "loss": ("consistency", "reflow", "tdd", "hyper-sd"),
-    "uncond_fraction": ("tdd",), "student_guidance": ("tdd",),
+    "uncond_fraction": ("tdd",), "student_guidance": ("tdd",), "student_prediction": ("progressive",),
     "coupling_count": ("reflow",), "coupling_dir": ("reflow",),
     "target_ema": ("consistency", "meanflow", "flowmap", "twinflow", "tdd", "hyper-sd"),
     "target": ("meanflow", "flowmap", "reflow", "twinflow"),

@@ -205,9 +205,11 @@ class Teacher:
         return families.to_pixels(self.pipeline, self.architecture, x)
 
     # -------------------------------------------------------------------------------- predictions
-    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float = 1.0):
+    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float = 1.0,
+                prediction_type: str | None = None):
         """``(x0_hat, eps_hat)`` of ``model`` (the teacher or any copy of it) at ``(x_t, t)``; with
-        ``guidance_scale != 1`` classifier-free guided (one batched forward)."""
+        ``guidance_scale != 1`` classifier-free guided (one batched forward). ``prediction_type``: what the model
+        outputs when it is not the teacher's (a student switched to v-prediction); None = the teacher's."""
         if guidance_scale != 1.0:
             null = self.null_conditions(conditions)
             both = {k: torch.cat([conditions[k], null[k]]) for k in conditions}
@@ -216,7 +218,7 @@ class Teacher:
         else:
             out = self.call(model, x_t, t, conditions)
         alpha, sigma = self.coefficients(t)
-        return to_x0_eps(out.float(), x_t.float(), alpha, sigma, self.prediction_type)
+        return to_x0_eps(out.float(), x_t.float(), alpha, sigma, prediction_type or self.prediction_type)
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor, conditions: dict, r: torch.Tensor | None = None) -> torch.Tensor:
         """One call of a denoiser of this architecture, as its pipeline makes it; with ``r`` (native time, flow

@@ -259,9 +259,10 @@ def _make_student(run: _Run, config: DistillConfig, teacher, method_cls):
         if not is_quantized(p):
             p.data = p.data.float() if (p.requires_grad or run.fsdp) else p.data.to(run.weight_dtype)
     if scheduler is None:
-        gamma = method_cls.sampler_gamma(config)
+        gamma, prediction = method_cls.sampler_gamma(config), method_cls.student_prediction(config, teacher)
+        overrides = ({} if gamma is None else {"gamma": gamma}) | ({} if prediction is None else {"prediction_type": prediction})
         scheduler = getattr(schedulers, method_cls.scheduler_class).from_config(
-            teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **({} if gamma is None else {"gamma": gamma})
+            teacher.pipeline.scheduler.config, timestep_preset=method_cls.timestep_preset, **overrides
         )
     times = config.student_times()
     if times is not None:  # the run's own times: the roll-outs use them, the student's scheduler records them

@@ -143,6 +143,12 @@ class Method:
         return 1.0
 
     @staticmethod
+    def student_prediction(config, teacher) -> str | None:
+        """What the student's output is, when not the teacher's parameterisation (recorded in its scheduler); None =
+        the teacher's."""
+        return None
+
+    @staticmethod
     def sampling_guidance(config) -> tuple[float, bool]:
         """``(guidance_scale, baked)`` the student records: the teacher's guidance, baked in unless it is 1."""
         return config.guidance_scale, config.guidance_scale != 1.0
@@ -158,6 +164,7 @@ class Method:
         self.scheduler = scheduler  # the student's sampler; its times drive the roll-outs
         scheduler.set_timesteps(config.num_steps, mu=teacher.shift_mu(config.num_steps))
         self.times = scheduler.native_times(scheduler.timesteps).cpu()  # native times (host), one per student step
+        self.prediction_type = scheduler.config.get("prediction_type") or teacher.prediction_type  # the student's output
         self.student_trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
 
     @classmethod
@@ -222,14 +229,20 @@ class Method:
         time last) and ``guidance_scale`` replace the student, its times and its gamma: the teacher's Euler ODE."""
         x = noise
         deterministic = model is not None or self.scheduler.config.get("gamma") in (0.0, None)  # (TDMScheduler has none)
+        prediction = self.prediction_type if model is None else None
         model = self.student if model is None else model
         time_at = self.time_at if times is None else (lambda i, n, device: times[i].expand(n))
         with torch.no_grad():
             for i in range(steps):
-                x0, eps = self.teacher.predict(model, x, time_at(i, len(x), x.device), conditions, guidance_scale=guidance_scale)
+                x0, eps = self.teacher.predict(model, x, time_at(i, len(x), x.device), conditions, guidance_scale, prediction)
                 alpha, sigma = self.teacher.coefficients(time_at(i + 1, len(x), x.device))
                 x = consistency_step(x0, eps if deterministic else rng.normal_like(x), alpha, sigma)
         return x
+
+    def predict_student(self, x_t: torch.Tensor, t: torch.Tensor, conditions: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, eps_hat)`` of the student (or ``model``, a copy of it) in the parameterisation its scheduler
+        records."""
+        return self.teacher.predict(self.student if model is None else model, x_t, t, conditions, prediction_type=self.prediction_type)
 
     def update(self, loss: torch.Tensor, optimizer, name: str) -> None:
         """Backward ``loss`` and, on the last micro-batch of an update, step ``optimizer`` (gradient accumulation).

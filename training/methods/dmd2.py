@@ -125,7 +125,7 @@ class DMD2(Method):
         noise = rng.normal(*self.teacher.sample_shape)
         self.segment = k = rng.host_integer(0, len(self.times))
         x_k = self.rollout(noise, conditions, k, rng)
-        return self.teacher.predict(self.student, x_k, self.time_at(k, len(noise), noise.device), conditions)[0]
+        return self.predict_student(x_k, self.time_at(k, len(noise), noise.device), conditions)[0]
 
     def fake_loss_weight(self, t):
         """Per-sample weight of the fake score's x0 error: its usual denoising loss (velocity / epsilon error)."""

@@ -99,7 +99,7 @@ class PhasedDMD(DMD2):
         self._use_phase(rng.host_integer(0, self.phases))
         last = self.phase_end(self.phase) - 1  # the phase's last student step
         x = self.rollout(noise, conditions, last, rng)
-        x0, eps = self.teacher.predict(self.student, x, self.time_at(last, len(x), x.device), conditions)
+        x0, eps = self.predict_student(x, self.time_at(last, len(x), x.device), conditions)
         self._edge = self.edge(self.phase, len(x), x.device)
         self._x0_student = x0.detach()
         return consistency_step(x0, eps, *self.teacher.coefficients(self._edge))  # x0 itself at the clean end

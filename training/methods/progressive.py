@@ -14,9 +14,13 @@ noised to ``t``. Stage 0's teacher is the frozen teacher with CFG (``--guidance-
 is the student as stage ``k`` leaves it (a frozen copy). ``--ode-steps`` is ``N_0`` (a power of 2 times
 ``--num-steps``); the ``--max-train-steps`` updates are split evenly over the ``log2(N_0 / num_steps)`` stages.
 
-The paper trains in v-prediction so that x0 stays defined at zero SNR (``t = 1``); a flow teacher's velocity
-``eps - x0`` is that parameterisation for the rectified-flow path, and the student keeps its teacher's output. The
-student samples with the deterministic move (gamma 0) on the trailing grid of its last stage.
+The paper trains in v-prediction, ``v = alpha_t eps - sigma_t x0`` (section 4), so that ``x_hat = alpha_t z_t -
+sigma_t v_hat`` stays defined at zero SNR, where an epsilon model's ``x_hat = (z_t - sigma_t eps_hat) / alpha_t``
+divides by ``alpha_t -> 0``: a student of a VP teacher (epsilon or v) outputs v (``--student-prediction
+v_prediction``, the default; its scheduler records ``prediction_type="v_prediction"``; ``teacher`` keeps the
+teacher's output) and its first stage learns the switch. A flow teacher's velocity ``eps - x0`` is already such a
+parameterisation for the rectified-flow path and is kept. The student samples with the deterministic move (gamma 0)
+on the trailing grid of its last stage.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ class ProgressiveDistillation(Method):
     def sampler_gamma(config) -> float | None:
         return 0.0  # deterministic DDIM / Euler moves, as the stages were distilled
 
+    @staticmethod
+    def student_prediction(config, teacher) -> str | None:
+        return "v_prediction" if teacher.time_type == "vp" and config.student_prediction == "v_prediction" else None
+
     def target_networks(self) -> dict:
         return {"stage_teacher": self.stage_teacher}
 
@@ -72,13 +80,12 @@ class ProgressiveDistillation(Method):
     def target(self, z_t, i, n, conditions, stage: int):
         """``x_tilde``: the x0 of two DDIM steps of ``stage``'s teacher from grid index ``i`` on an ``n``-step grid."""
         t, mid, s = (self.teacher.native_time(f) for f in (i / n, (2 * i - 1) / (2 * n), (i - 1) / n))
-        if stage == 0:
-            model, scale = self.teacher.model, self.config.guidance_scale
-        else:
-            model, scale = self.stage_teacher, 1.0
         z = z_t
         for a, b in ((t, mid), (mid, s)):
-            x0, eps = self.teacher.predict(model, z, a, conditions, guidance_scale=scale)
+            if stage == 0:
+                x0, eps = self.teacher.predict(self.teacher.model, z, a, conditions, guidance_scale=self.config.guidance_scale)
+            else:
+                x0, eps = self.predict_student(z, a, conditions, model=self.stage_teacher)
             z = consistency_step(x0, eps, *self.teacher.coefficients(b))
         return one_step_x0(z_t, z, *self.teacher.coefficients(t), *self.teacher.coefficients(s))
 
@@ -93,7 +100,7 @@ class ProgressiveDistillation(Method):
             target = self.target(z_t, i, n, conditions, stage)
         alpha, sigma = self.teacher.coefficients(t)
         weight = (alpha**2 / sigma**2).clamp(min=1.0)  # truncated SNR weighting
-        pred = self.teacher.predict(self.student, z_t, t, conditions)[0]
+        pred = self.predict_student(z_t, t, conditions)[0]
         loss = (weight * (pred - target) ** 2).mean()
         self.update(loss, self.optimizer, "progressive")
         if self.last_micro_step and stage_at(self.update_index + 1, self.stages, self.config.max_train_steps) > stage:

@@ -72,7 +72,7 @@ class Reflow(Method):
         x, e, conditions = batch["images"], batch["noise"], batch["conditions"]
         t = torch.ones(len(x), device=x.device) if self.target == "distill" else u_shaped_times(rng.uniform())
         z = self.teacher.add_noise(x, t, e)
-        x0, eps = self.teacher.predict(self.student, z, t, conditions)
+        x0, eps = self.predict_student(z, t, conditions)
         loss = distance(eps - x0, e - x, self.config.loss).mean()  # the flow velocity eps - x0 against the straight path's
         self.update(loss, self.optimizer, self.name)
         return {self.name: loss.detach()}
