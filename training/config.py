@@ -325,7 +325,7 @@ class DistillConfig:
         if self.digits_teacher and (self.prompts or self.data or self.cache):
             raise ValueError("the digits teacher trains on the embedded digits; --prompts, --cache and --data are for text-to-image teachers.")
         if not self.digits_teacher:
-            needs_images = self.method in ("consistency", "meanflow", "flowmap", "scm", "progressive", "twinflow", "tdd", "hyper-sd") or self.gan_weight > 0
+            needs_images = METHODS[self.method].trains_on_images or self.gan_weight > 0
             if needs_images and not self.data and (cache is None or cache.images is None):
                 raise ValueError(f"--method {self.method} (with these options) trains on images: pass --data FOLDER (images + .txt captions)"
                                  f"{' or a cache of images (onestep-train cache --data); this cache holds prompts only' if self.cache else ''}.")

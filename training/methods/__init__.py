@@ -22,6 +22,8 @@ class MethodSpec:
         summary: one line for ``--help``.
         targets: ``--target`` choices (the first is the default); sources: ``--source`` choices.
         flow_teacher: the method needs a flow (velocity) teacher.
+        trains_on_images: its loss takes real images (``--data`` for text-to-image teachers); the GAN head of the
+            distribution-matching methods adds them to any method (``--gan-weight``).
         papers: ``(citation, arXiv id)`` of the papers it implements (named in the students' model cards).
         variants: ``{option: (name, papers)}``: a boolean option that makes it another published method, recorded
             under that name in its students (metadata, card) with that method's papers.
@@ -33,6 +35,7 @@ class MethodSpec:
     targets: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     flow_teacher: bool = False
+    trains_on_images: bool = False
     papers: tuple[tuple[str, str], ...] = ()
     variants: dict = field(default_factory=dict)
 
@@ -43,6 +46,7 @@ METHODS: dict[str, MethodSpec] = {
                        variants={"diff_instruct": ("diff-instruct", (("Luo et al. 2023, Diff-Instruct: A Universal Approach for Transferring Knowledge From "
                                                                       "Pre-trained Diffusion Models", "2305.18455"),))}),
     "consistency": MethodSpec("consistency", "ConsistencyDistillation", "consistency distillation: LCM, or phased (PCM) with --phases",
+                              trains_on_images=True,
                               papers=(("Luo et al. 2023, Latent Consistency Models", "2310.04378"), ("Wang et al. 2024, Phased Consistency Models", "2405.18407"))),
     "tdm": MethodSpec("tdm", "TDM", "trajectory distribution matching; sampled by TDMScheduler",
                       papers=(("Luo et al. 2025, Learning Few-Step Diffusion Models by Trajectory Distribution Matching", "2503.06674"),)),
@@ -51,15 +55,15 @@ METHODS: dict[str, MethodSpec] = {
                       variants={"uni_instruct": ("uni-instruct", (("Wang et al. 2025, Uni-Instruct: One-step Diffusion Model through Unified Diffusion "
                                                                    "Divergence Instruction", "2505.20755"),))}),
     "scm": MethodSpec("scm", "SCM", "continuous-time consistency in TrigFlow (sCM): JVP tangent, normalised and warmed up, learned weighting",
-                      flow_teacher=True, papers=(("Lu & Song 2024, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "2410.11081"),
+                      flow_teacher=True, trains_on_images=True, papers=(("Lu & Song 2024, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "2410.11081"),
                                                  ("Zheng et al. 2025, Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", "2510.08431"))),
     "meanflow": MethodSpec("meanflow", "MeanFlow", "MeanFlow average velocities (SplitMeanFlow, JVP or shortcut target); any step count",
                            targets=("split", "jvp", "shortcut"), sources=("teacher", "data"), flow_teacher=True,
-                           papers=(("Geng et al. 2025, Mean Flows for One-step Generative Modeling", "2505.13447"),
+                           trains_on_images=True, papers=(("Geng et al. 2025, Mean Flows for One-step Generative Modeling", "2505.13447"),
                                    ("Frans et al. 2024, One Step Diffusion via Shortcut Models (--target shortcut)", "2410.12557"))),
     "flowmap": MethodSpec("flowmap", "FlowMap", "flow-map distillation (Align Your Flow); any step count",
                           targets=("euler", "jvp", "shortcut"), sources=("teacher",), flow_teacher=True,
-                          papers=(("Sabour et al. 2025, Align Your Flow: Scaling Continuous-Time Flow Map Distillation", "2506.14603"),)),
+                          trains_on_images=True, papers=(("Sabour et al. 2025, Align Your Flow: Scaling Continuous-Time Flow Map Distillation", "2506.14603"),)),
     "reflow": MethodSpec("reflow", "Reflow", "reflow (rectified flow on the teacher's cached ODE couplings; --target distill: InstaFlow's 1-step stage)",
                          targets=("flow", "distill"), flow_teacher=True,
                          papers=(("Liu et al. 2022, Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow", "2209.03003"),
@@ -70,20 +74,21 @@ METHODS: dict[str, MethodSpec] = {
                          papers=(("Chen et al. 2025, pi-Flow: Policy-Based Few-Step Generation via Imitation Distillation", "2510.14974"),
                                  ("Chen et al. 2025, Gaussian Mixture Flow Matching Models", "2504.05304"))),
     "progressive": MethodSpec("progressive", "ProgressiveDistillation", "progressive distillation: halve the DDIM steps stage by stage (--ode-steps -> --num-steps)",
-                              papers=(("Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models", "2202.00512"),)),
+                              trains_on_images=True, papers=(("Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models", "2202.00512"),)),
     "phased-dmd": MethodSpec("phased_dmd", "PhasedDMD", "Phased DMD: distribution matching per phase of the noise range, score matching within each subinterval (--phases)",
                              papers=(("Fan et al. 2025, Phased DMD: Few-step Distribution Matching Distillation via Score Matching within Subintervals", "2510.27684"),)),
     "twinflow": MethodSpec("twinflow", "TwinFlow", "TwinFlow: one network, its negative-time twin learns its own samples' flow (no fake score, no "
                            "discriminator); any step count",
                            targets=("split", "jvp", "shortcut"), sources=("teacher", "data"), flow_teacher=True,
+                           trains_on_images=True,
                            papers=(("Cheng et al. 2025, TwinFlow: Realizing One-step Generation on Large Models with Self-adversarial Flows", "2512.05150"),)),
     "tdd": MethodSpec("tdd", "TDD", "target-driven distillation: consistency to selected target times of 1x-2x --num-steps schedules, "
                       "decoupled guidance (CFG works on the student)",
-                      papers=(("Wang et al. 2024, TDD: Target-Driven Distillation: Consistency Distillation with Target Timestep Selection and "
+                      trains_on_images=True, papers=(("Wang et al. 2024, TDD: Target-Driven Distillation: Consistency Distillation with Target Timestep Selection and "
                                "Decoupled Guidance", "2409.01347"),)),
     "hyper-sd": MethodSpec("hypersd", "HyperSD", "Hyper-SD: trajectory segmented consistency distillation, segments halved stage by stage "
                            "(--phases 8 -> --num-steps), optional DMD stage (--dmd-weight)",
-                           papers=(("Ren et al. 2024, Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", "2404.13686"),)),
+                           trains_on_images=True, papers=(("Ren et al. 2024, Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", "2404.13686"),)),
     "reward": MethodSpec("reward", "RewardTuning", "reward post-training of a --student folder, regularised by DMD against the teacher (--reward: a plugin scorer)",
                          papers=(("Luo et al. 2024, Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models", "2410.20898"),
                                  ("Li et al. 2024, Reward Guided Latent Consistency Distillation", "2403.11027"))),

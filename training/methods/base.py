@@ -123,7 +123,6 @@ class Method:
     """
 
     name = ""
-    needs_data = False
     uses_r = False  # the student takes a second time r (flow maps)
     any_step_count = False  # trained at every time (flow maps, sCM): scored and recommended at 1, 2, 4 and 8 steps
     reports_straightness = False  # the run's report measures the ODE's straightness of teacher and student (reflow)

@@ -21,7 +21,6 @@ from .base import Method, distance, tied_copy, ties_bases
 
 class ConsistencyDistillation(Method):
     name = "consistency"
-    needs_data = True
 
     def __init__(self, teacher, student, scheduler, config, **run):
         super().__init__(teacher, student, scheduler, config, **run)

@@ -65,7 +65,6 @@ class DMD2(Method):
 
     def __init__(self, teacher, student, scheduler, config, **run):
         super().__init__(teacher, student, scheduler, config, **run)
-        self.needs_data = config.gan_weight > 0
         self.build_fake_score()
 
     def build_fake_score(self) -> None:

@@ -29,7 +29,6 @@ class HyperSD(DMD2):
     """TSCD stages; a :class:`DMD2` only for the fake score of the ``--dmd-weight`` stage (none is built without it)."""
 
     name = "hyper-sd"
-    needs_data = True
 
     def __init__(self, teacher, student, scheduler, config, **run):
         Method.__init__(self, teacher, student, scheduler, config, **run)

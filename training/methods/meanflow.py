@@ -44,7 +44,6 @@ def adaptive(error: torch.Tensor) -> torch.Tensor:
 
 class MeanFlow(Method):
     name = "meanflow"
-    needs_data = True
     uses_r = True
     any_step_count = True
     scheduler_class = "FlowMapScheduler"

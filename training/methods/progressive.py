@@ -51,7 +51,6 @@ def one_step_x0(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s):
 
 class ProgressiveDistillation(Method):
     name = "progressive"
-    needs_data = True
     adam_betas = (0.9, 0.999)
 
     def __init__(self, teacher, student, scheduler, config, **run):

@@ -73,7 +73,6 @@ class SCM(DMD2):
     no fake score is built."""
 
     name = "scm"
-    needs_data = True
     timestep_preset = "scm"
     any_step_count = True
     adam_betas = (0.9, 0.99)
