@@ -306,9 +306,10 @@ def test_hyper_sd_lowers_its_segment_consistency_loss():
 
 # ------------------------------------------------------------------------------------- text-to-image teachers
 @pytest.mark.parametrize("choice, recorded", [("v_prediction", "v_prediction"), ("teacher", "epsilon")])
-def test_progressive_students_of_epsilon_teachers_output_v_and_sample_as_trained(stock_teachers, tmp_path, choice, recorded):
-    """Salimans & Ho's v-prediction: the student of an epsilon SD teacher outputs v, its scheduler and LoRA metadata
-    say so, and its 1-step sample is ``x0 = alpha z - sigma v`` of its own output (``teacher`` keeps epsilon)."""
+def test_progressive_students_of_epsilon_teachers_sample_in_the_parameterisation_they_were_trained_in(stock_teachers, tmp_path, choice, recorded):
+    """Salimans & Ho's v-prediction (``--student-prediction v_prediction``): the student of an epsilon SD teacher
+    outputs v, its scheduler and LoRA metadata say so, and its 1-step sample is ``x0 = alpha z - sigma v`` of its own
+    output; the default (``teacher``) keeps epsilon."""
     from diffusers import StableDiffusionPipeline
 
     from onestep_pipelines.students.lora import load_student_lora

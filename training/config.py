@@ -99,9 +99,9 @@ class DistillConfig:
                                            "whole interval, 1 to 0)")
     logit_mean: float = option(0.0, "meanflow, flowmap, twinflow, scm: mean of the logit-normal t (scm: of the flow sigma, so log tan t is normal)")
     logit_std: float = option(1.0, "meanflow, flowmap, scm: standard deviation of the logit-normal t")
-    student_prediction: str = option("v_prediction", "progressive, VP teachers: what the student outputs: v_prediction (Salimans & Ho: x0 stays defined at "
-                                                     "zero SNR, where an epsilon student's 1-step x0 is not) or teacher (the teacher's own; flow "
-                                                     "teachers keep their velocity either way)", ("v_prediction", "teacher"))
+    student_prediction: str = option("teacher", "progressive, VP teachers: what the student outputs: teacher (the teacher's own, epsilon or v) or "
+                                                "v_prediction (Salimans & Ho: x0 stays defined at zero SNR; the student must learn the switch); flow "
+                                                "teachers keep their velocity either way", ("teacher", "v_prediction"))
     uncond_fraction: float = option(0.2, "tdd: fraction of samples trained with the null condition (decoupled guidance: the student learns its unconditional map too)")
     student_guidance: float = option(1.0, "tdd: classifier-free guidance the student samples with by default (recorded; any scale can be passed at inference; 1 = none)")
     rectify_weight: float = option(0.5, "twinflow: weight of the rectification loss (the one-step output moved along the twin's velocity difference)")

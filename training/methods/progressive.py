@@ -16,10 +16,11 @@ is the student as stage ``k`` leaves it (a frozen copy). ``--ode-steps`` is ``N_
 
 The paper trains in v-prediction, ``v = alpha_t eps - sigma_t x0`` (section 4), so that ``x_hat = alpha_t z_t -
 sigma_t v_hat`` stays defined at zero SNR, where an epsilon model's ``x_hat = (z_t - sigma_t eps_hat) / alpha_t``
-divides by ``alpha_t -> 0``: a student of a VP teacher (epsilon or v) outputs v (``--student-prediction
-v_prediction``, the default; its scheduler records ``prediction_type="v_prediction"``; ``teacher`` keeps the
-teacher's output) and its first stage learns the switch. A flow teacher's velocity ``eps - x0`` is already such a
-parameterisation for the rectified-flow path and is kept. The student samples with the deterministic move (gamma 0)
+divides by ``alpha_t -> 0``. With ``--student-prediction v_prediction`` a student of a VP teacher outputs v (its
+scheduler records ``prediction_type="v_prediction"``) and its first stage learns the switch; the default keeps the
+teacher's output, measured better for LoRA students of an epsilon SD teacher, whose noisiest step still has
+``alpha_t`` = 0.068 (docs/methods.md). A flow teacher's velocity ``eps - x0`` is already such a parameterisation for
+the rectified-flow path and is kept. The student samples with the deterministic move (gamma 0)
 on the trailing grid of its last stage.
 """
 
