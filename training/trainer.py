@@ -733,7 +733,7 @@ def _export(teacher, model, ema, params, scheduler, config, device) -> dict:
             if teacher.benchmark == "digits":  # (a text-to-image teacher's rows are in README: 898 guided samples per setting)
                 teacher.pipeline.set_progress_bar_config(disable=True)
                 rows, _ = score_digits(teacher.pipeline, [1, 4, 32], DigitsMetric(device=device), name="teacher (Euler)", euler_grid=True)
-            student_rows, grid = _score(teacher, pipe, _steps_to_score(config, method_cls.any_step_count), device, f"student ({config.method})",
+            student_rows, grid = _score(teacher, pipe, _steps_to_score(config, method_cls.any_step_count), device, f"student ({metadata.method})",
                                         grid_steps=config.num_steps)
             rows += student_rows
             out["scores"] = rows
