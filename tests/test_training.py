@@ -228,6 +228,10 @@ def test_bad_input_gets_clear_errors(tiny_teacher, tmp_path, capsys):
         distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=2, seed=1, resume="latest"))
     with pytest.raises(ValueError, match=r"global batch was 8 \(8 per process x 1 process\(es\)\); this one's is 4 .*pass --batch-size 8"):
         distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=2, batch_size=4, resume="latest"))
+    state = tmp_path / "done" / "run.json"  # a run of an older revision, recording other methods' options with other defaults
+    state.write_text(json.dumps(json.loads(state.read_text()) | {"student_prediction": "v_prediction", "policy_components": 4}))
+    distill(tiny(tiny_teacher, tmp_path / "done", max_train_steps=2, resume="latest"))
+    assert json.loads((tmp_path / "done" / "summary.json").read_text())["steps"] == 2
 
 
 def test_help_documents_every_flag(capsys):

@@ -274,12 +274,13 @@ class DistillConfig:
         return kind, values
 
     def comparable(self) -> dict:
-        """The options a resumed run must share with the run it continues."""
+        """The options a resumed run must share with the run it continues (those that apply to its method: an
+        option another method reads, whose default may have changed since, does not stop a resume)."""
         keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "timesteps", "sigmas", "batch_size",
                 "gradient_accumulation_steps", "lora_rank", "quantize_base", "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight",
                 "dmd_weight", "uni_instruct", "diff_instruct", "phases", "ode_steps", "student_prediction", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
-        return {k: getattr(self, k) for k in keep}
+        return {k: getattr(self, k) for k in keep if applies(k, self.method)}
 
     def changed_options(self, previous: dict) -> dict[str, tuple]:
         """``{name: (previous value, this value)}`` of the :meth:`comparable` options that differ from a run's
