@@ -86,6 +86,9 @@ def test_text_to_image_teacher_prints_no_torchvision_notice(tmp_path):
     (["distill", "--lr-scheduler", "exponential"], "invalid choice: 'exponential'"),
     (["distill", "--lr-warmup-steps", "10"], "--lr-warmup-steps needs an --lr-scheduler with a warm-up (constant has none: use constant_with_warmup), got 10"),
     (["distill", "--lr-scheduler", "cosine", "--lr-warmup-steps", "9", "--max-train-steps", "9"], "--lr-warmup-steps must lie in [0, --max-train-steps = 9), got 9"),
+    (["distill", "--lr-scheduler", "piecewise_constant"], "--lr-scheduler needs --lr-step-rules (e.g. 1:3000,0.2), got 'piecewise_constant'"),
+    (["distill", "--lr-scheduler", "piecewise_constant", "--lr-step-rules", "1:x,0.2"], "--lr-step-rules '1:x,0.2': write multiplier:update pairs"),
+    (["distill", "--lr-step-rules", "1:3000,0.2"], "--lr-step-rules applies to --lr-scheduler piecewise_constant, not constant"),
     (["distill", "--config", "{missing}"], "--config {missing}: no such file"),
     (["distill", "--prompts", "{missing}"], "--prompts {missing}: no such file"),
     (["distill", "--teacher", "{file}"], "--teacher {file} is not a diffusers pipeline folder"),
@@ -163,13 +166,13 @@ def test_resume_refuses_a_checkpoint_of_another_run(tiny_teacher, tmp_path):
 
 
 def test_a_run_older_than_an_option_resumes_with_its_default(tiny_teacher, tmp_path):
-    """run.json and a checkpoint written before --dmd-weight existed: the option counts as its default (0) in both
+    """run.json and a checkpoint written before --gan-weight existed: the option counts as its default (0) in both
     checks, which still compare every other option."""
     out = tmp_path / "run"
     distill(tiny(tiny_teacher, out, max_train_steps=2))
     for path in (out / "run.json", out / "checkpoints" / "step-2" / "trainer_state.json"):
         state = json.loads(path.read_text())
-        (state.get("options") or state).pop("dmd_weight")
+        (state.get("options") or state).pop("gan_weight")
         path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="--seed 0 -> 1"):
         tiny(tiny_teacher, out, max_train_steps=3, seed=1, resume="latest").check_paths(teacher=False)
@@ -499,7 +502,7 @@ def test_a_second_ctrl_c_stops_at_once_and_a_launchers_echo_does_not(terminal_si
 @pytest.mark.parametrize("argv, message", [
     (["distill", "--learning_rate", "1e-3"], "onestep-train distill: error: unrecognized argument --learning_rate; did you mean --learning-rate?"),
     (["distill", "--max-train", "5"], "onestep-train distill: error: unrecognized argument --max-train; did you mean --max-train-steps?"),
-    (["distill", "--lr", "1e-3"], "onestep-train distill: error: unrecognized argument --lr; did you mean --lr-scheduler or --lr-warmup-steps?"),
+    (["distill", "--lr", "1e-3"], "onestep-train distill: error: unrecognized argument --lr; did you mean --lr-scheduler, --lr-warmup-steps or --lr-step-rules?"),
     (["distill", "--seed=1", "--numsteps=2"], "onestep-train distill: error: unrecognized argument --numsteps; did you mean --num-steps?"),
     (["evaluate", "x", "--step", "1"], "onestep-train evaluate: error: unrecognized argument --step; did you mean --steps?"),
 ])
@@ -514,7 +517,7 @@ def test_misspelled_and_abbreviated_flags_get_the_commands_usage_and_a_suggestio
 @pytest.mark.parametrize("argv, lines", [
     (["distill", "--method", "dmd"], ["onestep-train distill: error: argument --method: invalid choice: 'dmd' (choose from " + ", ".join(METHODS) + "); did you mean dmd2?"]),
     (["distill", "--lr-scheduler", "exponential"], ["onestep-train distill: error: argument --lr-scheduler: invalid choice: 'exponential' (choose from "
-                                                    "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)"]),
+                                                    "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, piecewise_constant)"]),
     (["distill", "--num-steps", "two"], ["onestep-train distill: error: argument --num-steps: invalid int value: 'two'"]),
     (["distil"], ["usage: onestep-train [-h] {distill,evaluate,cache,push} ...",
                   "onestep-train: error: argument command: invalid choice: 'distil' (choose from 'distill', 'evaluate', 'cache', 'push'); did you mean distill?"]),

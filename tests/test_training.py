@@ -103,7 +103,7 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path, method):
 def test_learning_rate_schedule_resumes_exactly_and_a_resumed_run_takes_its_new_learning_rate(tiny_teacher, tmp_path, monkeypatch):
     """The schedule is a function of the update (warm-up, then cosine to 0 at --max-train-steps), so a resumed run
     continues it exactly; a run resumed with another --learning-rate uses it (the checkpoint's optimizer moments are
-    restored, not its learning rate)."""
+    restored, not its learning rate); --lr-scheduler piecewise_constant equals such a two-part run."""
     rates, fake_rates, step = [], [], torch.optim.AdamW.step
 
     def recording(self, *args, **kwargs):
@@ -125,6 +125,15 @@ def test_learning_rate_schedule_resumes_exactly_and_a_resumed_run_takes_its_new_
     rates[:] = []
     distill(tiny(tiny_teacher, tmp_path / "resumed", max_train_steps=5, learning_rate=3e-5, fake_learning_rate=7e-5, resume="latest"))
     assert rates == [3e-5] and fake_rates[-1] == 7e-5
+    # a piecewise-constant schedule is the two-part run it stands for: 2 updates, then a resume at a quarter of the rate
+    rates[:] = []
+    distill(tiny(tiny_teacher, tmp_path / "piecewise", lr_scheduler="piecewise_constant", lr_step_rules="1:2,0.25", learning_rate=2e-4, max_train_steps=4))
+    assert rates == pytest.approx([2e-4, 2e-4, 5e-5, 5e-5])
+    distill(tiny(tiny_teacher, tmp_path / "parts", learning_rate=2e-4, max_train_steps=2))
+    shutil.rmtree(tmp_path / "parts" / "student")
+    distill(tiny(tiny_teacher, tmp_path / "parts", learning_rate=5e-5, max_train_steps=4, resume="latest"))
+    a, b = student_weights(tmp_path / "piecewise"), student_weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

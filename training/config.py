@@ -24,7 +24,7 @@ CONFIG_FILE = "config.yaml"  # the resolved options of a run, written in its fol
 DIVERGENCES = ("reverse-kl", "forward-kl", "js")
 LOSSES = ("huber", "l2")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")  # diffusers' get_scheduler
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant")  # diffusers' get_scheduler
 
 
 def flag(name: str) -> str:
@@ -65,7 +65,9 @@ class DistillConfig:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (all optimizers)")
     learning_rate: float = option(1e-4, "student learning rate (AdamW)")
     lr_scheduler: str = option("constant", "schedule of the student learning rate over --max-train-steps (diffusers' get_scheduler; the other networks keep theirs)", LR_SCHEDULERS)
-    lr_warmup_steps: int = option(0, "updates of linear learning-rate warm-up from 0 (any --lr-scheduler but constant)")
+    lr_warmup_steps: int = option(0, "updates of linear learning-rate warm-up from 0 (any --lr-scheduler but constant and piecewise_constant)")
+    lr_step_rules: str = option("", "--lr-scheduler piecewise_constant: multipliers of --learning-rate and the update each holds until, then the "
+                                    "last one (diffusers' step_rules): 1:3000,0.2 = x1 before update 3000, x0.2 from there")
     fake_learning_rate: float = option(1e-4, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: fake-score learning rate")
     fake_updates: int = option(1, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: fake-score updates per generator update")
     fake_lora_rank: int = option(0, "dmd2, tdm, sid, phased-dmd, scm and hyper-sd with --dmd-weight: LoRA rank of the fake score (0 trains a full copy; a rank "
@@ -149,8 +151,11 @@ class DistillConfig:
             (1 <= self.num_steps <= max_steps(self.method), "num_steps", f"must be 1 to {max_steps(self.method)} for --method {self.method}"),
             (self.max_train_steps > 0, "max_train_steps", "must be positive"),
             (0 <= self.lr_warmup_steps < self.max_train_steps, "lr_warmup_steps", f"must lie in [0, --max-train-steps = {self.max_train_steps})"),
-            (self.lr_warmup_steps == 0 or self.lr_scheduler != "constant", "lr_warmup_steps",
-             "needs an --lr-scheduler with a warm-up (constant has none: use constant_with_warmup)"),
+            (self.lr_warmup_steps == 0 or self.lr_scheduler not in ("constant", "piecewise_constant"), "lr_warmup_steps",
+             f"needs an --lr-scheduler with a warm-up ({self.lr_scheduler} has none: use constant_with_warmup)"),
+            (self.lr_scheduler != "piecewise_constant" or self.lr_step_rules, "lr_scheduler", "needs --lr-step-rules (e.g. 1:3000,0.2)"),
+            (not self.lr_step_rules or self.lr_scheduler == "piecewise_constant", "lr_step_rules",
+             f"applies to --lr-scheduler piecewise_constant, not {self.lr_scheduler}"),
             (self.batch_size > 0, "batch_size", "must be positive"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1"),
             (self.learning_rate > 0, "learning_rate", "must be positive"),
@@ -200,6 +205,8 @@ class DistillConfig:
         for f in dataclasses.fields(self):
             if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]:
                 raise ValueError(f"{flag(f.name)} {getattr(self, f.name)!r} is unknown; choose one of {', '.join(f.metadata['choices'])}.")
+        if self.lr_step_rules:
+            check_lr_step_rules(self.lr_step_rules)
         if self.divergence != "reverse-kl" and self.gan_weight <= 0:
             raise ValueError(f"--divergence {self.divergence} takes the density ratio from the GAN head: set --gan-weight > 0.")
         if self.method == "hyper-sd":
@@ -416,6 +423,21 @@ def max_steps(method: str) -> int:
 def applies(name: str, method: str) -> bool:
     """Whether option ``name`` applies to ``method``."""
     return method in OPTION_METHODS.get(name, (method,))
+
+
+def check_lr_step_rules(text: str) -> None:
+    """Refuse a malformed ``--lr-step-rules`` (diffusers' ``step_rules``: ``m1:u1,m2:u2,...,m``: the multiplier
+    ``m1`` of the learning rate before update ``u1``, ``m2`` before ``u2``, ..., ``m`` from the last ``u`` on)."""
+    *held, last = text.split(",")
+    try:
+        rules = [(float(m), int(u)) for m, u in (rule.split(":") for rule in held)] + [(float(last), None)]
+    except ValueError:
+        raise ValueError(f"--lr-step-rules {text!r}: write multiplier:update pairs and a last multiplier, e.g. 1:3000,0.2.") from None
+    updates = [u for _, u in rules[:-1]]
+    if not updates or updates[0] <= 0 or any(b <= a for a, b in zip(updates, updates[1:])):
+        raise ValueError(f"--lr-step-rules {text!r}: the updates must be positive and increasing, with at least one multiplier:update pair.")
+    if min(m for m, _ in rules) < 0:
+        raise ValueError(f"--lr-step-rules {text!r}: the multipliers must be 0 or positive.")
 
 
 def option_groups() -> dict[tuple[str, ...], list[str]]:

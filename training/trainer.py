@@ -358,7 +358,7 @@ def _train(run: _Run, config: DistillConfig, placed: _Placed, data, export: bool
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     for group in optimizer.param_groups:  # the schedule starts from this run's --learning-rate, on resume too
         group["initial_lr"] = config.learning_rate
-    lr_schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+    lr_schedule = get_scheduler(config.lr_scheduler, optimizer, step_rules=config.lr_step_rules or None, num_warmup_steps=config.lr_warmup_steps,
                                 num_training_steps=config.max_train_steps, last_epoch=start - 1)  # (a pure function of the update)
     part = {"from": start, "to": start, "seconds": 0.0, "processes": accelerator.num_processes, "device": device.type, "precision": run.precision,
             "losses": []}  # the loss means at each log point: summary.json's loss curve (checkpoints keep it across resumes)
