@@ -62,7 +62,9 @@ def _did_you_mean(word: str, known) -> str:
     """``; did you mean X?``: the names ``word`` begins (an abbreviation, refused), else the closest one."""
     starting = [k for k in known if k.startswith(word)] if word.startswith("--") else []
     close = starting[:3] or difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {' or '.join(close) if len(close) < 3 else ', '.join(close[:-1]) + ' or ' + close[-1]}?" if close else ""
+    if not close:
+        return ""
+    return f"; did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}?"
 
 
 def _one_of(choices: tuple[str, ...]):
