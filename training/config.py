@@ -430,13 +430,14 @@ def check_lr_step_rules(text: str) -> None:
     ``m1`` of the learning rate before update ``u1``, ``m2`` before ``u2``, ..., ``m`` from the last ``u`` on)."""
     *held, last = text.split(",")
     try:
-        rules = [(float(m), int(u)) for m, u in (rule.split(":") for rule in held)] + [(float(last), None)]
+        pairs = [(float(m), int(u)) for m, u in (rule.split(":") for rule in held)]
+        multipliers = [m for m, _ in pairs] + [float(last)]
     except ValueError:
         raise ValueError(f"--lr-step-rules {text!r}: write multiplier:update pairs and a last multiplier, e.g. 1:3000,0.2.") from None
-    updates = [u for _, u in rules[:-1]]
+    updates = [u for _, u in pairs]
     if not updates or updates[0] <= 0 or any(b <= a for a, b in zip(updates, updates[1:])):
         raise ValueError(f"--lr-step-rules {text!r}: the updates must be positive and increasing, with at least one multiplier:update pair.")
-    if min(m for m, _ in rules) < 0:
+    if min(multipliers) < 0:
         raise ValueError(f"--lr-step-rules {text!r}: the multipliers must be 0 or positive.")
 
 
