@@ -15,7 +15,7 @@ from onestep_pipelines.benchmark.digits import (
     parse_class_labels,
     real_halves,
 )
-from onestep_pipelines.benchmark.evaluate import load_digits_pipeline, load_digits_teacher, sample_digits
+from onestep_pipelines.benchmark.evaluate import EVAL_SEED, load_digits_pipeline, load_digits_teacher, sample_digits, score_digits
 from onestep_pipelines.models import DigitsTransformer2DModel
 from onestep_pipelines.pipelines import DigitsPipeline
 
@@ -242,6 +242,26 @@ def test_metric_bad_input(metric):
         metric.fd(torch.zeros(1, 1, 8, 8))
 
 
+def test_scores_over_several_noise_draws_are_their_mean_and_spread(metric):
+    """``draws=3``: each column is the mean of the three draws' scores (seeds EVAL_SEED, +1, +2), the FDs come with
+    their sd over the draws; one draw gives the plain row."""
+    pipe = tiny_pipe(FlowMapScheduler())
+    (one,), grid = score_digits(pipe, [1], metric)
+    (three,), grid3 = score_digits(pipe, [1], metric, draws=3)
+    per_draw = []
+    for k in range(3):
+        images, labels = sample_digits(pipe, 1, seed=EVAL_SEED + k)
+        per_draw.append(metric.score(images, labels))
+    assert set(one) == {"model", "NFE", "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies"}
+    assert one["FD-digits"] == pytest.approx(per_draw[0].fd) and torch.equal(grid, grid3)  # draw 0 is the single draw
+    assert three["draws"] == 3 and three["FD-digits"] == pytest.approx(np.mean([s.fd for s in per_draw]))
+    assert three["FD-pixels sd"] == pytest.approx(np.std([s.fd_pixels for s in per_draw], ddof=1))
+    assert three["FD-digits sd"] > 0 and three["accuracy"] == pytest.approx(np.mean([s.acc for s in per_draw]))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="draws must be a positive integer"):
+            score_digits(pipe, [1], metric, draws=bad)
+
+
 def test_real_halves_are_fixed_and_disjoint():
     (a, _), (b, _) = real_halves()
     (a2, _), _ = real_halves()
@@ -285,15 +305,16 @@ def test_quality_harness_writes_table_json_and_pngs(tmp_path, capsys):
     tiny_pipe().save_pretrained(teacher_dir)
     tiny_pipe(FlowMapScheduler(), seed=1).save_pretrained(student_dir)
     out = tmp_path / "results"
-    results = quality.run([f"mf={student_dir}"], quick=True, out_dir=str(out), teacher_dir=str(teacher_dir))
+    results = quality.run([f"mf={student_dir}"], quick=True, out_dir=str(out), teacher_dir=str(teacher_dir), draws=2)
     saved = json.loads((out / "quality.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert set(saved["teacher"]) == {"1", "2", "4", "8", "16", "64"}
     assert set(saved["students"]["mf"]) == {"1", "2", "4"}
-    assert {"fd", "acc", "fd_pixels", "precision", "recall", "copies"} <= set(saved["teacher"]["1"]) and saved["real_vs_real_fd"] > 0
+    assert set(saved["teacher"]["1"]) == {"fd", "acc", "fd_pixels", "precision", "recall", "copies", "fd_sd", "fd_pixels_sd"}
+    assert saved["real_vs_real_fd"] > 0 and saved["draws"] == 2
     assert (out / "quality_fd_vs_nfe.png").exists() and (out / "grid_mf_nfe1.png").exists()
     printed = capsys.readouterr().out
-    assert "real-vs-real floor" in printed and "mf" in printed
+    assert "real-vs-real floor" in printed and "mf" in printed and "mean of 2 noise draws" in printed and " ± " in printed
     assert quality.main(["--student", str(tmp_path / "nothing"), "--teacher", str(teacher_dir), "--out", str(out)]) == 2
 
 

@@ -223,6 +223,11 @@ def test_validation_reports_estimate_and_evaluate_command(tiny_teacher, tmp_path
     assert "neither a pipeline folder" in capsys.readouterr().err
     assert main(["evaluate", result["student_dir"], "--steps", "0"]) == 2
     capsys.readouterr()
+    assert main(["evaluate", result["student_dir"], "--steps", "1", "--draws", "2"]) == 0  # mean ± sd of 2 noise draws
+    table = capsys.readouterr().out.splitlines()
+    assert " ± " in table[1] and table[-1] == "(each cell: the mean of 2 noise draws)"
+    assert main(["evaluate", result["student_dir"], "--draws", "0"]) == 2
+    assert "--draws 0: the number of noise draws is a positive integer" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "run"), "--steps", "1"]) == 0  # the run folder, as README says: its student/
     assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["run", "1"]
     import shutil

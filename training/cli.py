@@ -135,12 +135,15 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     )
     _distill_arguments(distill, method)
     evaluate = commands.add_parser(
-        "evaluate", help="score a student of a shipped teacher (FD-digits and accuracy)", usage="%(prog)s RUN_DIR [--steps N,N,...] [--device {auto,cpu}] [--json FILE]",
+        "evaluate", help="score a student of a shipped teacher (FD-digits and accuracy)",
+        usage="%(prog)s RUN_DIR [--steps N,N,...] [--draws N] [--device {auto,cpu}] [--json FILE]",
         description="Score a student of a shipped teacher (a run folder, a pipeline folder, or a LoRA folder of 'digits' or 'text-digits-sd') on its "
                     "embedded benchmark: FD-digits and accuracy (the class, or the digit the prompt names) of 898 samples from fixed seeds, at each step count.",
     )
     evaluate.add_argument("student", metavar="RUN_DIR", help="a run folder (its student/), a student pipeline folder, or a LoRA student folder of a shipped teacher")
     evaluate.add_argument("--steps", default="", help="comma-separated step counts (default: the student's recommended steps)")
+    evaluate.add_argument("--draws", default=1, type=int, metavar="N", help="noise draws of the 898 samples (seeds 1234, 1235, ...); each cell is their mean, "
+                                                                        "FDs with their sd over the draws (one draw's FD-digits moves by about 0.6)")
     evaluate.add_argument("--device", default="auto", type=_one_of(("auto", "cpu")), metavar="{auto,cpu}", help="auto: CUDA / MPS when present, else the CPU")
     evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")
     cache = commands.add_parser(
@@ -175,9 +178,18 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'model':<22} {'NFE':>4} {'FD-digits':>10} {'FD-pixels':>10} {'precision':>9} {'recall':>7} {'accuracy':>9} {'copies':>7}"]
-    lines += [f"{r['model']:<22} {r['NFE']:>4} {r['FD-digits']:>10.2f} {r['FD-pixels']:>10.3f} {r['precision']:>9.3f} {r['recall']:>7.3f} "
+    """The rows as a table; rows scored on several noise draws show each FD as ``mean ± sd``."""
+    spread = any("draws" in r for r in rows)
+    width = 14 if spread else 10
+
+    def cell(r, key, digits):
+        return f"{r[key]:.{digits}f}" + (f" ± {r[key + ' sd']:.{digits}f}" if key + " sd" in r else "")
+
+    lines = [f"{'model':<22} {'NFE':>4} {'FD-digits':>{width}} {'FD-pixels':>{width}} {'precision':>9} {'recall':>7} {'accuracy':>9} {'copies':>7}"]
+    lines += [f"{r['model']:<22} {r['NFE']:>4} {cell(r, 'FD-digits', 2):>{width}} {cell(r, 'FD-pixels', 3):>{width}} {r['precision']:>9.3f} {r['recall']:>7.3f} "
               f"{r['accuracy']:>9.3f} {r['copies']:>7.3f}" for r in rows]
+    if spread:
+        lines.append(f"(each cell: the mean of {rows[0]['draws']} noise draws)")
     return "\n".join(lines)
 
 
@@ -281,6 +293,8 @@ def _evaluate(args: dict, argv: list[str]) -> int:
         return _error(f"--steps {args['steps']!r} is not a comma-separated list of integers, e.g. 1,2,4.")
     if steps is not None and (not steps or min(steps) < 1):
         return _error(f"--steps {args['steps']!r}: step counts are positive integers.")
+    if args["draws"] < 1:
+        return _error(f"--draws {args['draws']}: the number of noise draws is a positive integer.")
     folder = args["student"]
     if not os.path.isdir(folder):
         return _error(f"{folder}: no such folder.")
@@ -292,7 +306,7 @@ def _evaluate(args: dict, argv: list[str]) -> int:
 
     name = os.path.basename(os.path.normpath(folder)) if student != folder else None  # a run folder: the run's name
     try:
-        rows = evaluate_student(student, steps, args["device"], args["json"] or None, name=name)
+        rows = evaluate_student(student, steps, args["device"], args["json"] or None, name=name, draws=args["draws"])
     except ValueError as error:
         return _error(str(error))
     print(_table(rows))

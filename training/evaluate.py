@@ -71,10 +71,11 @@ def load_student(folder: str):
 
 
 def evaluate_student(folder: str, steps: list[int] | None = None, device: str = "auto", json_path: str | None = None,
-                     name: str | None = None) -> list[dict]:
+                     name: str | None = None, draws: int = 1) -> list[dict]:
     """Rows ``{"model", "NFE", "FD-digits", "accuracy", "copies"}`` at ``steps`` (default: the student's recommended
     steps); ``name`` (the rows' model, default: the folder's name). Text-to-image students are sampled at their own
-    guidance default (the metadata's) for the balanced evaluation prompts."""
+    guidance default (the metadata's) for the balanced evaluation prompts. ``draws`` > 1: each row the mean of that many
+    noise draws, with the FDs' sd (:func:`~onestep_pipelines.benchmark.evaluate.score_digits`)."""
     pipe, benchmark = load_student(folder)
     if getattr(pipe, "student", None) is None and steps is None:
         raise ValueError(f"{folder} records no student metadata (a teacher?): pass --steps, e.g. --steps 4,8,16.")
@@ -84,9 +85,9 @@ def evaluate_student(folder: str, steps: list[int] | None = None, device: str = 
     pipe.set_progress_bar_config(disable=True)
     name = (name or os.path.basename(os.path.normpath(folder)))[:22]
     if benchmark == "digits":
-        rows, _ = score_digits(pipe, steps, DigitsMetric(device=where), name=name)
+        rows, _ = score_digits(pipe, steps, DigitsMetric(device=where), name=name, draws=draws)
     else:
-        rows, _ = score_text_digits(pipe, steps, TextDigitsMetric(device=where), name=name)
+        rows, _ = score_text_digits(pipe, steps, TextDigitsMetric(device=where), name=name, draws=draws)
     if json_path:
         write_atomically(json_path, json.dumps({"student": folder, "rows": rows}, indent=2) + "\n")
     return rows

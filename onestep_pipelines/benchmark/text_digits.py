@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .digits import DIGIT_NAMES, DigitsMetric, Score, real_halves
-from .evaluate import EVAL_SEED, NUM_EVAL_SAMPLES
+from .evaluate import EVAL_SEED, NUM_EVAL_SAMPLES, check_draws, mean_over_draws
 
 CAPTIONS = (
     "a handwritten digit {name}",
@@ -107,21 +107,22 @@ def sample_text_digits(pipe, num_steps: int, num_samples: int = NUM_EVAL_SAMPLES
 
 
 def score_text_digits(pipe, steps: list[int], metric: TextDigitsMetric, name: str = "student", grid_steps: int | None = None,
-                      num_samples: int = NUM_EVAL_SAMPLES, **call_kwargs) -> tuple[list[dict], torch.Tensor | None]:
+                      num_samples: int = NUM_EVAL_SAMPLES, draws: int = 1, **call_kwargs) -> tuple[list[dict], torch.Tensor | None]:
     """FD-digits and prompt accuracy of a text-to-image pipeline at each step count: ``(rows, grid)`` with rows
     ``{"model", "NFE", "FD-digits", "FD-pixels", ..., "copies"}`` (as :func:`.evaluate.score_digits`; ``NFE`` counts
     denoiser calls per image, twice the steps under classifier-free guidance) and the first 100 images at
-    ``grid_steps`` (default: the first) as 8x8 digits."""
+    ``grid_steps`` (default: the first) as 8x8 digits; ``draws``: as :func:`.evaluate.score_digits`."""
     rows, grid = [], None
     guided = call_kwargs.get("guidance_scale", 1.0) > 1.0 and not getattr(getattr(pipe, "student", None), "guidance_baked", False)
     for steps_ in steps:
-        images, prompts = sample_text_digits(pipe, steps_, num_samples=num_samples, **call_kwargs)
-        score = metric.score_images(images, prompts)
-        digits = to_digits(images)
-        rows.append({"model": name, "steps": steps_, "NFE": steps_ * (2 if guided else 1), **metric.row(score),
-                     "copies": metric.copy_fraction(digits)})
-        if steps_ == (grid_steps or steps[0]):
-            grid = digits[:100]
+        scores = []
+        for k in range(check_draws(draws)):
+            images, prompts = sample_text_digits(pipe, steps_, num_samples=num_samples, seed=EVAL_SEED + k, **call_kwargs)
+            digits = to_digits(images)
+            scores.append({**metric.row(metric.score_images(images, prompts)), "copies": metric.copy_fraction(digits)})
+            if k == 0 and steps_ == (grid_steps or steps[0]):
+                grid = digits[:100]
+        rows.append({"model": name, "steps": steps_, "NFE": steps_ * (2 if guided else 1), **mean_over_draws(scores)})
     return rows, grid
 
 
