@@ -143,7 +143,7 @@ def _parser(method: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("student", metavar="RUN_DIR", help="a run folder (its student/), a student pipeline folder, or a LoRA student folder of a shipped teacher")
     evaluate.add_argument("--steps", default="", help="comma-separated step counts (default: the student's recommended steps)")
     evaluate.add_argument("--draws", default=1, type=int, metavar="N", help="noise draws of the 898 samples (seeds 1234, 1235, ...); each cell is their mean, "
-                                                                        "FDs with their sd over the draws (one draw's FD-digits moves by about 0.6)")
+                                                                        "FDs with their sd over the draws (one draw's FD-digits moves by about 0.5)")
     evaluate.add_argument("--device", default="auto", type=_one_of(("auto", "cpu")), metavar="{auto,cpu}", help="auto: CUDA / MPS when present, else the CPU")
     evaluate.add_argument("--json", default="", metavar="FILE", help="also write the rows to this JSON file")
     cache = commands.add_parser(

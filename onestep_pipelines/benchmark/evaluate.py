@@ -114,7 +114,7 @@ def score_digits(pipe, steps: list[int], metric, name: str = "student", euler_gr
 
     ``draws`` > 1 scores that many independent noise draws (seeds ``EVAL_SEED``, ``EVAL_SEED + 1``, ...) of the same
     898 labels: each column is their mean (:func:`mean_over_draws`, with the FDs' sd over the draws). One draw of 898
-    samples moves FD-digits by about 0.6 on the digits teacher (its sd over draws), more than many gaps between models,
+    samples moves FD-digits by about 0.5 on the digits teacher (its sd over 10 draws), more than many gaps between models,
     so a claim that one model beats another needs several draws."""
     rows, grid = [], None
     for nfe in steps:
