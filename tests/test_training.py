@@ -136,6 +136,19 @@ def test_learning_rate_schedule_resumes_exactly_and_a_resumed_run_takes_its_new_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_run_averages_with_its_own_ema_decay(tiny_teacher, tmp_path):
+    """--ema-decay is not a resume-comparable option: the resumed part uses the new decay (the checkpoint gives the
+    shadow weights and the update counter only)."""
+    distill(tiny(tiny_teacher, tmp_path, max_train_steps=2, ema_decay=0.2))
+    distill(tiny(tiny_teacher, tmp_path, max_train_steps=3, ema_decay=0.1, checkpoint_every=1, resume="latest"))
+    ckpt = tmp_path / "checkpoints"
+    before, after, student = (load_file(ckpt / f"step-{n}" / f"{part}.safetensors") for n, part in ((2, "ema"), (3, "ema"), (3, "student")))
+    meta = json.loads((ckpt / "step-3" / "ema.json").read_text())
+    assert meta["decay"] == 0.1 and meta["optimization_step"] == 3
+    for name, shadow in after.items():  # decay min(0.1, (1 + 2) / (10 + 2)) = 0.1 at the third update
+        torch.testing.assert_close(shadow, 0.1 * before[name] + 0.9 * student[name])
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_loses_no_completed_checkpoint(tiny_teacher, tmp_path):
     out = tmp_path / "killed"

@@ -111,13 +111,14 @@ def ema_files(ema, names: list[str]) -> tuple[dict, dict]:
 
 
 def load_ema_files(ema, names: list[str], tensors: dict, meta: dict) -> None:
+    """The shadow weights and the update counter of a checkpoint's EMA; its decay settings stay this run's (a run
+    resumed with another ``--ema-decay`` averages with it from there on)."""
     missing = [n for n in names if n not in tensors]
     if missing or len(tensors) != len(names):
         raise ValueError(f"the checkpoint's EMA does not match this student's trainable weights (missing {missing[:4]}).")
     for param, name in zip(ema.shadow_params, names):
         _copy_into(param, tensors[name])
-    for key, value in meta.items():
-        setattr(ema, key, value)
+    ema.optimization_step = meta["optimization_step"]
 
 
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,7 @@ class DistillConfig:
                                         "--fake-lora-rank", ("none", "int8", "float8"))
     lora_alpha: float = option(0.0, "LoRA alpha (0 = the rank)")
     lora_targets: str = option("", "comma-separated module names the LoRA adapts (default: attention projections; Qwen-Image, FLUX.2, Z-Image: every linear layer of the blocks)")
-    ema_decay: float = option(0.99, "EMA decay of the student weights (0 = no EMA)")
+    ema_decay: float = option(0.99, "EMA decay of the student weights (0 = no EMA; a resumed run averages with its own --ema-decay from there on)")
     seed: int = option(0, "seed of the whole run")
     device: str = option("auto", "auto (the accelerator accelerate finds: CUDA, MPS, XPU..., else the CPU) or cpu")
     cpu_threads: int = option(0, "CPU threads torch computes with; 0 = auto: OMP_NUM_THREADS when set, else the cores other work leaves free (at least 1), followed during the run")
