@@ -119,6 +119,62 @@ def test_sid_resumes_exactly(tiny_teacher, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("gan_max_time", [0.0, 0.1])
+def test_the_gan_head_sees_low_noise_times_of_its_own(tiny_teacher, gan_max_time):
+    """--gan-max-time: the discriminator (student and real samples in one forward) and the generator's GAN term see
+    times in [0.02, gan_max_time]; the fake score's own loss and SiD's keep theirs. Without it: the same times."""
+    method = _method(tiny_teacher, gan_weight=0.1, gan_max_time=gan_max_time)
+    calls, predict = [], method.fake_prediction
+    method.fake_prediction = lambda x_t, t, conditions: calls.append(t.clone()) or predict(x_t, t, conditions)
+    batch = {"conditions": {"class_labels": torch.arange(8) % 10}, "images": torch.randn(8, 1, 8, 8)}
+    from onestep_pipelines.training.draws import Draws
+
+    logs = method.train_step(batch, Draws(0, 0, 0, 8, "cpu"))
+    assert {"generator", "gan", "fake", "discriminator"} <= set(logs)
+    if not gan_max_time:  # discriminator + fake loss in one forward, then the generator's
+        assert [len(t) for t in calls] == [16, 8] and torch.equal(calls[0][:8], calls[0][8:])
+        return
+    # the head's forward (student + real at its times), the fake loss at its own, SiD's at its own, the head's again
+    assert [len(t) for t in calls] == [16, 8, 8, 8] and torch.equal(calls[0][:8], calls[0][8:])
+    for head_times in (calls[0], calls[3]):
+        assert head_times.min() >= 0.02 and head_times.max() <= 0.1
+    assert calls[1].max() > 0.1 and calls[2].max() > 0.1
+
+
+def test_init_from_starts_sida_from_a_sid_checkpoint(tiny_teacher, tmp_path, monkeypatch, capsys):
+    """--init-from: the student, its EMA and the fake score from another run's checkpoint, a new GAN head, update 0;
+    anything but a checkpoint of the same method is refused by name."""
+    from safetensors.torch import load_file
+
+    from onestep_pipelines.training import trainer
+
+    distill(tiny(tiny_teacher, tmp_path / "sid", method="sid", max_train_steps=2, sid_alpha=1.0))
+    ckpt = tmp_path / "sid" / "checkpoints" / "step-2"
+    seen, train = {}, trainer._train
+
+    def recording(run, config, placed, data, export, start, parts):
+        seen.update(start=start, student={k: v.clone() for k, v in placed.method.student.state_dict().items()},
+                    fake={k: v.clone() for k, v in placed.method.fake.state_dict().items()},
+                    ema=dict(zip(placed.names, (s.clone() for s in placed.ema.shadow_params))))
+        return train(run, config, placed, data, export, start, parts)
+
+    monkeypatch.setattr(trainer, "_train", recording)
+    capsys.readouterr()
+    sida = dict(method="sid", sid_alpha=1.0, gan_weight=0.1, gan_max_time=0.1, max_train_steps=1)
+    distill(tiny(tiny_teacher, tmp_path / "sida", init_from=str(ckpt), **sida))
+    assert f"started from {ckpt}: its student, EMA and fake; new: head" in capsys.readouterr().out
+    assert seen["start"] == 0
+    for part, weights in (("student", seen["student"]), ("fake", seen["fake"]), ("ema", seen["ema"])):
+        saved = load_file(ckpt / f"{part}.safetensors")
+        assert saved and all(torch.equal(weights[k], v) for k, v in saved.items())
+    with pytest.raises(ValueError, match="--init-from .*not a checkpoint of this trainer"):
+        distill(tiny(tiny_teacher, tmp_path / "bad", init_from=str(tmp_path / "sid"), **sida))
+    with pytest.raises(ValueError, match="--init-from .*a checkpoint of --method sid; this run is --method dmd2"):
+        distill(tiny(tiny_teacher, tmp_path / "bad", init_from=str(ckpt), method="dmd2"))
+    with pytest.raises(ValueError, match="--gan-max-time needs the GAN head"):
+        tiny(tiny_teacher, tmp_path / "bad", method="sid", gan_max_time=0.1)
+
+
 @pytest.mark.slow
 def test_two_fsdp_processes_end_with_the_one_process_sid_student(tiny_teacher, tmp_path):
     """The generator's gradient through the sharded fake score's input, with the fake score's own set aside."""

@@ -117,7 +117,7 @@ def load_ema_files(ema, names: list[str], tensors: dict, meta: dict) -> None:
     if missing or len(tensors) != len(names):
         raise ValueError(f"the checkpoint's EMA does not match this student's trainable weights (missing {missing[:4]}).")
     for param, name in zip(ema.shadow_params, names):
-        _copy_into(param, tensors[name])
+        copy_into(param, tensors[name])
     ema.optimization_step = meta["optimization_step"]
 
 
@@ -127,7 +127,7 @@ def whole_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous()
 
 
-def _copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+def copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
     with torch.no_grad():
         if hasattr(target, "device_mesh"):  # a DTensor shard: distribute the whole tensor like the target
             from torch.distributed.tensor import distribute_tensor
@@ -158,15 +158,15 @@ def list_checkpoints(folder: str) -> list[str]:
     return [p for p in paths if os.path.isfile(os.path.join(p, STATE_FILE))]
 
 
-def read_state(path: str) -> dict:
-    """``trainer_state.json`` of a checkpoint folder, with a clear error for anything else."""
+def read_state(path: str, flag: str = "--resume") -> dict:
+    """``trainer_state.json`` of a checkpoint folder, with a clear error (naming ``flag``) for anything else."""
     file = os.path.join(path, STATE_FILE)
     if not os.path.isfile(file):
-        raise ValueError(f"--resume {path}: not a checkpoint of this trainer (no {STATE_FILE}).")
+        raise ValueError(f"{flag} {path}: not a checkpoint of this trainer (no {STATE_FILE}).")
     with open(file, encoding="utf-8") as f:
         state = json.load(f)
     if state.get("format", 0) > FORMAT:
-        raise ValueError(f"--resume {path}: checkpoint format {state.get('format')} is newer than this onestep-pipelines reads ({FORMAT}); upgrade.")
+        raise ValueError(f"{flag} {path}: checkpoint format {state.get('format')} is newer than this onestep-pipelines reads ({FORMAT}); upgrade.")
     return state
 
 

@@ -75,6 +75,9 @@ class DistillConfig:
     guidance_scale: float = option(1.0, "teacher CFG scale (1 = none; baked into the student)")
     divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
+    gan_max_time: float = option(0.0, "dmd2, tdm, sid with --gan-weight: the GAN head sees real and student samples noised to their own times in "
+                                      "[0.02, this fraction of the noise range] (one more fake-score forward) instead of the fake score's (0 = those; "
+                                      "real and generated samples differ at low noise)")
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
     uni_instruct: bool = option(False, "sid: Uni-Instruct's loss of the expanded --divergence (reverse-kl: SiD at alpha 0.5; forward-kl, js: with the GAN head's "
                                        "density ratio, --gan-weight) instead of SiD's")
@@ -140,6 +143,9 @@ class DistillConfig:
     validation_every: int = option(0, "write a validation report (digits: FD-digits and accuracy; samples) every N updates (0 = never)")
     log_every: int = option(10, "read the losses (progress bar, trackers) and the NaN / inf guard every N updates")
     resume: str = option("", "'latest' or a checkpoint folder to continue from")
+    init_from: str = option("", "a checkpoint folder (OUTPUT_DIR/checkpoints/step-N) of an earlier run of the same --method to start this one from: its "
+                                "student, EMA and method networks (the fake score...); those it lacks (a GAN head new with --gan-weight), the "
+                                "optimizers and the update count start afresh. A second stage with other options (SiD, then SiDA); ignored on --resume")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     log_with: str = option("auto", "tracker for the losses: auto (tensorboard when installed), none, or an accelerate tracker name")
     evaluate: bool = option(True, "print teacher-vs-student FD-digits at the end (digits teacher)")
@@ -163,6 +169,8 @@ class DistillConfig:
             (self.fake_updates >= 1, "fake_updates", "must be at least 1"),
             (self.guidance_scale > 0, "guidance_scale", "must be positive (1 = no guidance)"),
             (self.gan_weight >= 0, "gan_weight", "must be 0 (off) or positive"),
+            (self.gan_max_time == 0 or 0.02 < self.gan_max_time <= 1, "gan_max_time", "must be 0 (the fake score's times) or lie in (0.02, 1]"),
+            (self.gan_max_time == 0 or self.gan_weight > 0, "gan_max_time", "needs the GAN head (--gan-weight > 0)"),
             (self.sid_alpha >= 0, "sid_alpha", "must be 0 or positive"),
             (self.lsg_scale > 0, "lsg_scale", "must be positive (1 = no guidance)"),
             (self.phases >= 0, "phases", "must be 0 or positive"),
@@ -284,7 +292,7 @@ class DistillConfig:
         """The options a resumed run must share with the run it continues (those that apply to its method: an
         option another method reads, whose default may have changed since, does not stop a resume)."""
         keep = ("method", "teacher", "prompts", "prompt_column", "cache", "data", "image_column", "resolution", "num_steps", "timesteps", "sigmas", "batch_size",
-                "gradient_accumulation_steps", "lora_rank", "quantize_base", "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight",
+                "gradient_accumulation_steps", "lora_rank", "quantize_base", "lora_targets", "fake_lora_rank", "seed", "divergence", "gan_weight", "gan_max_time",
                 "dmd_weight", "uni_instruct", "diff_instruct", "phases", "ode_steps", "student_prediction", "target", "source", "jump_fraction", "coupling_count",
                 "student", "reward", "regularizer", "policy", "policy_components")
         return {k: getattr(self, k) for k in keep if applies(k, self.method)}
@@ -383,7 +391,7 @@ FAKE_SCORE = ("dmd2", "tdm", "sid", "scm", "reward", "phased-dmd", "hyper-sd")  
 STUDENT_TIMES = ("dmd2", "tdm", "sid", "scm", "piflow", "reward", "phased-dmd")  # methods whose losses run the student at its own times
 OPTION_METHODS = {
     "fake_learning_rate": FAKE_SCORE, "fake_updates": FAKE_SCORE, "fake_lora_rank": FAKE_SCORE,
-    "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"),
+    "divergence": ("dmd2", "tdm", "sid", "reward"), "gan_weight": ("dmd2", "tdm", "sid", "reward"), "gan_max_time": ("dmd2", "tdm", "sid", "reward"),
     "sid_alpha": ("sid",), "lsg_scale": ("sid",), "uni_instruct": ("sid",), "diff_instruct": ("dmd2",),
     "phases": ("consistency", "phased-dmd", "hyper-sd"),
     "ode_steps": ("consistency", "meanflow", "flowmap", "reflow", "progressive", "twinflow", "tdd", "hyper-sd"),

@@ -14,7 +14,9 @@ f-divergence weight ``h`` of the density ratio ``r = exp(D(x_t))`` from the disc
 plain DMD), ``r`` (forward KL) or ``r / (1 + r)`` (Jensen-Shannon), normalised to mean 1 over the batch.
 The fake score is updated ``fake_updates`` times per generator step (two time-scale update rule). The optional
 GAN head sits on the fake score's last block (DMD2 sec. 4.3): non-saturating loss, real data against student
-samples, both noised to the same ``t``.
+samples, both noised to the same ``t`` (the fake score's; ``--gan-max-time`` draws the head's own, low-noise times:
+on the digits a linear probe of its features tells a 1-step student from real digits 84 % of the time at 2 % noise and
+at chance from 20 %).
 """
 
 from __future__ import annotations
@@ -146,19 +148,30 @@ class DMD2(Method):
         n = len(x_t)
         if self.head is None:
             x0_fake = self.fake_prediction(x_t, t, conditions)
-        else:  # student samples and real images noised to the same t, through the fake score in one batch
+        else:  # student samples and real images noised to the same times, through the fake score in one batch
+            gan_x, gan_t = self._gan_noised(x, x_t, t, rng)
             real = batch["images"]
-            real_t = self.teacher.add_noise(real, t[: len(real)], rng.normal_like(real))
+            real_t = self.teacher.add_noise(real, gan_t[: len(real)], rng.normal_like(real))
             both = {k: torch.cat([v, batch["conditions"][k][: len(real)]]) for k, v in conditions.items()}
-            x0_fake = self.fake_prediction(torch.cat([x_t, real_t]), torch.cat([t, t[: len(real)]]), both)[:n]
+            x0_both = self.fake_prediction(torch.cat([gan_x, real_t]), torch.cat([gan_t, gan_t[: len(real)]]), both)
             logits = self.head(self._features)[: n + len(real)]  # (the conditional half under guidance)
             fake_logits, real_logits = logits[:n], logits[n:]
+            x0_fake = x0_both[:n] if gan_x is x_t else self.fake_prediction(x_t, t, conditions)
         target, weight = self.fake_target(x, x_t, t, noise)
         losses = {"fake": (((x0_fake - target) * weight) ** 2).mean()}  # denoising loss on student samples
         if self.head is not None:
             losses["discriminator"] = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
         self.update(losses["fake"] + self.config.gan_weight * losses.get("discriminator", 0.0), self.fake_optimizer, "fake-score")
         return {k: v.detach() for k, v in losses.items()}
+
+    def _gan_noised(self, x, x_t, t, rng):
+        """The student samples the GAN head sees and their times: ``(x_t, t)``, the fake score's own, or with
+        ``--gan-max-time`` ``x`` noised afresh to times in ``[0.02, gan_max_time]`` of the noise range, where real and
+        generated samples still differ (at high noise they are alike, and a head shown them stays near chance)."""
+        if not self.config.gan_max_time:
+            return x_t, t
+        gan_t = self.teacher.sample_times(rng.uniform(), high=self.config.gan_max_time)
+        return self.teacher.add_noise(x, gan_t, rng.normal_like(x)), gan_t
 
     def fake_prediction(self, x_t, t, conditions):
         """The fake score's x0 at ``(x_t, t)`` (plain; SiD's LSG option guides it)."""
@@ -174,7 +187,7 @@ class DMD2(Method):
                 x0_fake = self.fake_prediction(x_t, t, conditions)
             weights, losses = torch.ones(len(x), device=x.device), {}
         else:  # the GAN loss goes through the fake score and the head (one forward gives both)
-            x0_fake, weights, losses = self.adversarial(x_t, t, conditions)
+            x0_fake, weights, losses = self.adversarial(x, x_t, t, conditions, rng)
             x0_fake = x0_fake.detach()
         grad = x0_fake - x0_real  # Diff-Instruct's integral-KL gradient; DMD divides it by mean|x - x0_real|
         if not self.config.diff_instruct:
@@ -182,10 +195,14 @@ class DMD2(Method):
         losses = {"generator": self.generator_loss(x, grad, weights)} | losses
         return losses["generator"] + self.config.gan_weight * losses.get("gan", 0.0), losses
 
-    def adversarial(self, x_t, t, conditions):
-        """The fake score's x0 at ``x_t`` (in the graph) and the head's non-saturating generator loss on its features:
+    def adversarial(self, x, x_t, t, conditions, rng):
+        """The fake score's x0 at ``x_t`` (in the graph) and the head's non-saturating generator loss on its features
+        (of ``x`` noised to the head's own times with ``--gan-max-time``: one more forward):
         ``(x0_fake, f-divergence weights, {"gan": loss})``."""
         x0_fake = self.fake_prediction(x_t, t, conditions)
+        gan_x, gan_t = self._gan_noised(x, x_t, t, rng)
+        if gan_x is not x_t:
+            self.fake_prediction(gan_x, gan_t, conditions)  # (the hook keeps the features of the last forward)
         logits = self.head(self._features)[: len(x_t)]  # (the conditional half under guidance)
         self._logits = logits.detach()  # log density ratio (Uni-Instruct's r)
         # (0 x the output keeps the whole forward in the graph: DDP and FSDP2 expect every parameter to be reached)

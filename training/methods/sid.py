@@ -89,7 +89,7 @@ class SiD(DMD2):
         if self.head is None:
             x0_fake, weights, losses = self.fake_prediction(x_t, t, conditions), None, {}
         else:  # SiDA: the GAN head on the same forward of the fake score
-            x0_fake, weights, losses = self.adversarial(x_t, t, conditions)
+            x0_fake, weights, losses = self.adversarial(x, x_t, t, conditions, rng)
         if self.config.uni_instruct:
             r = torch.ones(len(x), device=x.device) if self.head is None else density_ratio(self._logits)
             generator = uni_instruct_loss(x, x_t, x0_real, x0_fake, r, self.config.divergence, *self.teacher.coefficients(t))
