@@ -134,11 +134,12 @@ def test_the_gan_head_sees_low_noise_times_of_its_own(tiny_teacher, gan_max_time
     if not gan_max_time:  # discriminator + fake loss in one forward, then the generator's
         assert [len(t) for t in calls] == [16, 8] and torch.equal(calls[0][:8], calls[0][8:])
         return
-    # the head's forward (student + real at its times), the fake loss at its own, SiD's at its own, the head's again
-    assert [len(t) for t in calls] == [16, 8, 8, 8] and torch.equal(calls[0][:8], calls[0][8:])
-    for head_times in (calls[0], calls[3]):
+    # one forward per update (FSDP2 shards expect one per backward): the fake loss's inputs at their times, then the
+    # head's (student + real at its own times); the generator's: SiD's at its times, then the head's
+    assert [len(t) for t in calls] == [24, 16] and torch.equal(calls[0][8:16], calls[0][16:])
+    for head_times in (calls[0][8:], calls[1][8:]):
         assert head_times.min() >= 0.02 and head_times.max() <= 0.1
-    assert calls[1].max() > 0.1 and calls[2].max() > 0.1
+    assert calls[0][:8].max() > 0.1 and calls[1][:8].max() > 0.1
 
 
 def test_init_from_starts_sida_from_a_sid_checkpoint(tiny_teacher, tmp_path, monkeypatch, capsys):
@@ -181,6 +182,17 @@ def test_two_fsdp_processes_end_with_the_one_process_sid_student(tiny_teacher, t
     distill(tiny(tiny_teacher, tmp_path / "one", max_train_steps=4, batch_size=8, method="sid", lsg_scale=1.5))
     summary = workers(2, argv(tiny_teacher, tmp_path / "two", 4, 4, "--method", "sid", "--lsg-scale", "1.5"), FSDP)
     assert summary["engine"] == "fsdp" and summary["processes"] == 2
+    assert_same_student(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_end_with_the_one_process_sida_student_of_a_low_noise_head(tiny_teacher, tmp_path, engine):
+    """--gan-max-time batches the head's inputs into the fake score's one forward per backward (FSDP2 shards)."""
+    distill(tiny(tiny_teacher, tmp_path / "one", max_train_steps=4, batch_size=8, method="sid", gan_weight=0.1, gan_max_time=0.1))
+    summary = workers(2, argv(tiny_teacher, tmp_path / "two", 4, 4, "--method", "sid", "--gan-weight", "0.1", "--gan-max-time", "0.1"),
+                      FSDP if engine == "fsdp" else None)
+    assert summary["engine"] == engine and summary["processes"] == 2
     assert_same_student(tmp_path / "one", tmp_path / "two")
 
 

@@ -148,15 +148,15 @@ class DMD2(Method):
         n = len(x_t)
         if self.head is None:
             x0_fake = self.fake_prediction(x_t, t, conditions)
-        else:  # student samples and real images noised to the same times, through the fake score in one batch
-            gan_x, gan_t = self._gan_noised(x, x_t, t, rng)
+        else:  # student samples and real images noised to the head's times, through the fake score in one batch (with
+            gan_x, gan_t = self._gan_noised(x, x_t, t, rng)  # the fake loss's own inputs first when the head's differ)
             real = batch["images"]
             real_t = self.teacher.add_noise(real, gan_t[: len(real)], rng.normal_like(real))
-            both = {k: torch.cat([v, batch["conditions"][k][: len(real)]]) for k, v in conditions.items()}
-            x0_both = self.fake_prediction(torch.cat([gan_x, real_t]), torch.cat([gan_t, gan_t[: len(real)]]), both)
-            logits = self.head(self._features)[: n + len(real)]  # (the conditional half under guidance)
+            own = 0 if gan_x is x_t else n
+            both = {k: torch.cat([v[:own], v, batch["conditions"][k][: len(real)]]) for k, v in conditions.items()}
+            x0_fake = self.fake_prediction(torch.cat([x_t[:own], gan_x, real_t]), torch.cat([t[:own], gan_t, gan_t[: len(real)]]), both)[:n]
+            logits = self.head(self._features)[own : own + n + len(real)]  # (the conditional half under guidance)
             fake_logits, real_logits = logits[:n], logits[n:]
-            x0_fake = x0_both[:n] if gan_x is x_t else self.fake_prediction(x_t, t, conditions)
         target, weight = self.fake_target(x, x_t, t, noise)
         losses = {"fake": (((x0_fake - target) * weight) ** 2).mean()}  # denoising loss on student samples
         if self.head is not None:
@@ -199,11 +199,13 @@ class DMD2(Method):
         """The fake score's x0 at ``x_t`` (in the graph) and the head's non-saturating generator loss on its features
         (of ``x`` noised to the head's own times with ``--gan-max-time``: one more forward):
         ``(x0_fake, f-divergence weights, {"gan": loss})``."""
-        x0_fake = self.fake_prediction(x_t, t, conditions)
         gan_x, gan_t = self._gan_noised(x, x_t, t, rng)
-        if gan_x is not x_t:
-            self.fake_prediction(gan_x, gan_t, conditions)  # (the hook keeps the features of the last forward)
-        logits = self.head(self._features)[: len(x_t)]  # (the conditional half under guidance)
+        n = own = len(x_t)
+        if gan_x is x_t:
+            x0_fake, own = self.fake_prediction(x_t, t, conditions), 0
+        else:  # one forward for both (FSDP2 shards expect one forward per backward)
+            x0_fake = self.fake_prediction(torch.cat([x_t, gan_x]), torch.cat([t, gan_t]), {k: torch.cat([v, v]) for k, v in conditions.items()})[:n]
+        logits = self.head(self._features)[own : own + n]  # (the conditional half under guidance)
         self._logits = logits.detach()  # log density ratio (Uni-Instruct's r)
         # (0 x the output keeps the whole forward in the graph: DDP and FSDP2 expect every parameter to be reached)
         gan = F.softplus(-logits).mean() + 0.0 * x0_fake.float().sum()
