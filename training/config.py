@@ -76,8 +76,8 @@ class DistillConfig:
     divergence: str = option("reverse-kl", "dmd2, tdm, sid: f-divergence weighting (forward-kl and js need --gan-weight)", DIVERGENCES)
     gan_weight: float = option(0.0, "dmd2, tdm, sid: weight of the GAN head on fake-score features (0 = off)")
     gan_max_time: float = option(0.0, "dmd2, tdm, sid with --gan-weight: the GAN head sees real and student samples noised to their own times in "
-                                      "[0.02, this fraction of the noise range] (one more fake-score forward) instead of the fake score's (0 = those; "
-                                      "real and generated samples differ at low noise)")
+                                      "[0.02, this fraction of the noise range] (batched into the fake score's forward: more samples per update) instead "
+                                      "of the fake score's (0 = those; real and generated samples differ at low noise)")
     sid_alpha: float = option(1.2, "sid: alpha of the SiD generator loss (1.2 in the paper; 1 drops its squared score-difference term)")
     uni_instruct: bool = option(False, "sid: Uni-Instruct's loss of the expanded --divergence (reverse-kl: SiD at alpha 0.5; forward-kl, js: with the GAN head's "
                                        "density ratio, --gan-weight) instead of SiD's")

@@ -197,7 +197,7 @@ class DMD2(Method):
 
     def adversarial(self, x, x_t, t, conditions, rng):
         """The fake score's x0 at ``x_t`` (in the graph) and the head's non-saturating generator loss on its features
-        (of ``x`` noised to the head's own times with ``--gan-max-time``: one more forward):
+        (of ``x`` noised to the head's own times with ``--gan-max-time``, batched after ``x_t``):
         ``(x0_fake, f-divergence weights, {"gan": loss})``."""
         gan_x, gan_t = self._gan_noised(x, x_t, t, rng)
         n = own = len(x_t)
