@@ -142,7 +142,6 @@ class _Run:
     threads_why: str
     resume_from: tuple[str, dict] | None
     teacher_cached_only: bool  # the Hub is unreachable: a Hub teacher loads from the local cache
-    init_from: str | None = None  # --init-from's checkpoint (a new run only)
 
     @property
     def device(self) -> torch.device:
@@ -209,8 +208,9 @@ def _start(config: DistillConfig, threads: CpuThreads, load_teacher_here: bool) 
     resume_from = _resume_point(config, accelerator.num_processes)  # a checkpoint of another run is refused here
     count, count_why = threads.start()
     torch.set_num_threads(count)
-    init_from = None if resume_from else _init_point(config)
-    run = _Run(accelerator, engine, precision, why, log_with, threads, count_why, resume_from, cached_only, init_from)
+    if not resume_from:  # (a resumed run's own checkpoint holds what --init-from gave it)
+        _check_init_from(config)
+    run = _Run(accelerator, engine, precision, why, log_with, threads, count_why, resume_from, cached_only)
     accelerator.print(f"device: {describe_device(run.device)} x {accelerator.num_processes} process(es)"
                       f"{' (FSDP2: student, method networks and EMA sharded)' if run.fsdp else ''}, {count} CPU thread(s) ({count_why}); "
                       f"precision: {precision} ({why})")
@@ -343,10 +343,11 @@ def _resume(run: _Run, config: DistillConfig, placed: _Placed) -> tuple[int, lis
         _load_checkpoint(path, placed.method, accelerator, placed.optimizer, placed.ema, placed.names)
         start, parts = saved["update"], saved.get("parts", [])
         accelerator.print(f"resumed from {path} (update {start}; {sum(p['seconds'] for p in parts):.0f} s of training so far)")
-    elif run.init_from:
-        fresh = _load_weights(run.init_from, placed.method, accelerator, placed.ema, placed.names, "--init-from", placed.params)
-        accelerator.print(f"started from {run.init_from}: its student, EMA and {', '.join(n for n in placed.method.checkpoint_modules() if n not in fresh) or 'no method networks'}"
-                          f"{'; new: ' + ', '.join(fresh) if fresh else ''}; optimizers and update count afresh")
+    elif config.init_from:
+        fresh = _load_weights(config.init_from, placed.method, accelerator, placed.ema, placed.names, init_params=placed.params)
+        kept = ", ".join(n for n in placed.method.checkpoint_modules() if n not in fresh) or "no method networks"
+        accelerator.print(f"started from {config.init_from}: its student, EMA and {kept}{'; new: ' + ', '.join(fresh) if fresh else ''}; "
+                          "optimizers and update count afresh")
     if accelerator.is_main_process:
         write_atomically(os.path.join(config.output_dir, RUN_FILE), json.dumps(config.comparable(), indent=2) + "\n")
         write_atomically(os.path.join(config.output_dir, CONFIG_FILE), config_yaml(config))
@@ -539,24 +540,25 @@ def _save_checkpoint(folder, update, method, accelerator, optimizer, ema, names,
     return path
 
 
-def _load_weights(path, method, accelerator, ema, names, flag="--resume", params=None) -> list[str]:
+def _load_weights(path, method, accelerator, ema, names, init_params=None) -> list[str]:
     """Load a checkpoint's student, EMA and method networks; returns the method networks it lacks. Only
-    ``--init-from`` (``params``: the student's trained parameters) accepts those gaps (they keep their fresh weights) and
-    a checkpoint without an EMA (this run's starts from its student)."""
+    ``--init-from`` (``init_params``: the student's trained parameters) accepts those gaps (they keep their fresh
+    weights) and a checkpoint without an EMA (this run's starts from its student)."""
+    flag = "--resume" if init_params is None else "--init-from"
     student = accelerator.unwrap_model(method.student)
     tensors, _ = checkpoint.load_part(path, "student")
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ValueError(f"{flag} {path}: the checkpoint lacks trainable weights of this student ({missing[:4]}): another model or method.")
     checkpoint.load_model_tensors(student, tensors, "student")
-    if ema is not None and params is not None and not os.path.isfile(os.path.join(path, "ema.safetensors")):
-        for shadow, param in zip(ema.shadow_params, params):
+    if ema is not None and init_params is not None and not os.path.isfile(os.path.join(path, "ema.safetensors")):
+        for shadow, param in zip(ema.shadow_params, init_params):
             checkpoint.copy_into(shadow, checkpoint.whole_tensor(param))
     elif ema is not None:
         checkpoint.load_ema_files(ema, names, *checkpoint.load_part(path, "ema"))
     fresh = []
     for name, (module, _) in method.checkpoint_modules().items():
-        if params is not None and not os.path.isfile(os.path.join(path, f"{name}.safetensors")):
+        if init_params is not None and not os.path.isfile(os.path.join(path, f"{name}.safetensors")):
             fresh.append(name)
         else:
             checkpoint.load_model_tensors(accelerator.unwrap_model(module), checkpoint.load_part(path, name)[0], name)
@@ -702,15 +704,14 @@ def _resume_point(config, processes: int) -> tuple[str, dict] | None:
     return path, saved
 
 
-def _init_point(config) -> str | None:
+def _check_init_from(config) -> None:
     """The checkpoint ``--init-from`` names, checked before anything loads: a checkpoint of this trainer and method."""
     if not config.init_from:
-        return None
+        return
     saved = checkpoint.read_state(config.init_from, "--init-from")
     if saved.get("method") != config.method:
         raise ValueError(f"--init-from {config.init_from}: a checkpoint of --method {saved.get('method')}; this run is --method {config.method} "
                          "(it starts from a run of its own method).")
-    return config.init_from
 
 
 def _merged_over_a_full_precision_base(teacher, lora_dir: str):

@@ -148,8 +148,9 @@ class DMD2(Method):
         n = len(x_t)
         if self.head is None:
             x0_fake = self.fake_prediction(x_t, t, conditions)
-        else:  # student samples and real images noised to the head's times, through the fake score in one batch (with
-            gan_x, gan_t = self._gan_noised(x, x_t, t, rng)  # the fake loss's own inputs first when the head's differ)
+        else:  # one forward of the fake score (FSDP2 shards expect one per backward): the fake loss's inputs when the
+            # head's differ (--gan-max-time), then student samples and real images noised to the head's times
+            gan_x, gan_t = self._gan_noised(x, x_t, t, rng)
             real = batch["images"]
             real_t = self.teacher.add_noise(real, gan_t[: len(real)], rng.normal_like(real))
             own = 0 if gan_x is x_t else n
@@ -200,11 +201,10 @@ class DMD2(Method):
         (of ``x`` noised to the head's own times with ``--gan-max-time``, batched after ``x_t``):
         ``(x0_fake, f-divergence weights, {"gan": loss})``."""
         gan_x, gan_t = self._gan_noised(x, x_t, t, rng)
-        n = own = len(x_t)
-        if gan_x is x_t:
-            x0_fake, own = self.fake_prediction(x_t, t, conditions), 0
-        else:  # one forward for both (FSDP2 shards expect one forward per backward)
-            x0_fake = self.fake_prediction(torch.cat([x_t, gan_x]), torch.cat([t, gan_t]), {k: torch.cat([v, v]) for k, v in conditions.items()})[:n]
+        n = len(x_t)
+        own = 0 if gan_x is x_t else n  # one forward: x_t, then the head's inputs when they differ (as in _fake_update)
+        both = {k: torch.cat([v, v[:own]]) for k, v in conditions.items()}
+        x0_fake = self.fake_prediction(torch.cat([x_t, gan_x[:own]]), torch.cat([t, gan_t[:own]]), both)[:n]
         logits = self.head(self._features)[own : own + n]  # (the conditional half under guidance)
         self._logits = logits.detach()  # log density ratio (Uni-Instruct's r)
         # (0 x the output keeps the whole forward in the graph: DDP and FSDP2 expect every parameter to be reached)
