@@ -30,7 +30,7 @@ from onestep_pipelines.benchmark.evaluate import (
 
 TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
 STUDENT_NFE = (1, 2, 4)
-COLUMNS = {"fd": "FD-digits", "acc": "accuracy", "fd_pixels": "FD-pixels", "precision": "precision", "recall": "recall", "copies": "copies",
+COLUMNS = {"fd": "FD-digits", "acc": "accuracy", "fd_pixels": "FD-pixels", "precision": "precision", "recall": "recall", "copies": "copies", "nearer_a": "nearer-A",
            "fd_sd": "FD-digits sd", "fd_pixels_sd": "FD-pixels sd"}  # quality.json's keys: the rows' columns
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -101,10 +101,11 @@ def run(students: list[str], quick: bool, out_dir: str, teacher_dir: str | None 
           f"real-vs-real floor (half A against half B): FD-digits {floor.fd:.3f}, "
           f"FD-pixels {floor.fd_pixels:.3f}, precision {floor.precision:.3f}, recall {floor.recall:.3f}, accuracy {floor.acc:.3f}")
     fd_width = 15 if draws > 1 else 9
-    print(f"{'model':<{width}}  NFE  {'FD-digits':>{fd_width}}  {'FD-pixels':>{fd_width}}  precision  recall  accuracy  copies")
+    print(f"{'model':<{width}}  NFE  {'FD-digits':>{fd_width}}  {'FD-pixels':>{fd_width}}  precision  recall  accuracy  copies  nearer-A")
     for name, nfe, s in rows:
         fd, fd_pixels = (f"{s[k]:.3f}" + (f" ± {s[k + '_sd']:.3f}" if draws > 1 else "") for k in ("fd", "fd_pixels"))
-        print(f"{name:<{width}}  {nfe:>3}  {fd:>{fd_width}}  {fd_pixels:>{fd_width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['acc']:8.3f}  {s['copies']:6.3f}")
+        print(f"{name:<{width}}  {nfe:>3}  {fd:>{fd_width}}  {fd_pixels:>{fd_width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['acc']:8.3f}  "
+              f"{s['copies']:6.3f}  {s['nearer_a']:8.3f}")
     print(f"wrote {os.path.join(out_dir, 'quality.json')} and PNGs in {time.time() - start:.0f} s ({device})")
     return results
 

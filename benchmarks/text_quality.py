@@ -57,7 +57,7 @@ def student_rows(spec: str) -> list[dict]:
 
 def _line(row: dict) -> str:
     return (f"{row['model']:34s} steps {row.get('steps', row['NFE']):3d}  NFE {row['NFE']:3d}  FD-digits {row['FD-digits']:7.2f}  "
-            f"accuracy {row['accuracy']:.3f}  copies {row['copies']:.3f}")
+            f"accuracy {row['accuracy']:.3f}  copies {row['copies']:.3f}  nearer-A {row['nearer-A']:.3f}")
 
 
 def main(argv=None) -> None:

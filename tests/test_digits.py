@@ -235,6 +235,19 @@ def test_copy_fraction_flags_training_digits_not_new_ones(metric):
     assert metric.copy_fraction(torch.rand(100, 1, 8, 8) * 2 - 1) == 0.0
 
 
+def test_nearer_training_fraction_tells_training_digits_from_unseen_ones(metric):
+    """``nearer-A``: digits of half A with some noise are nearer half A than half B, digits of half B nearer half B,
+    and a sample of both in equal parts scores about one half (as a model that generalises would)."""
+    (a, _), (b, _) = real_halves()
+    g = torch.Generator().manual_seed(0)
+    noisy = lambda x: (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)  # noqa: E731 (well past the copies radius)
+    near_a, near_b = noisy(a[:300]), noisy(b[:300])
+    assert metric.copy_fraction(near_a) < 0.2 and metric.nearer_training_fraction(near_a) > 0.9
+    assert metric.nearer_training_fraction(near_b) < 0.1
+    assert metric.nearer_training_fraction(torch.cat([near_a, near_b])) == pytest.approx(0.5, abs=0.06)
+    assert metric.memorisation(near_a) == {"copies": metric.copy_fraction(near_a), "nearer-A": metric.nearer_training_fraction(near_a)}
+
+
 def test_metric_bad_input(metric):
     with pytest.raises(ValueError, match="shape"):
         metric.fd(torch.zeros(10, 1, 16, 16))
@@ -252,7 +265,7 @@ def test_scores_over_several_noise_draws_are_their_mean_and_spread(metric):
     for k in range(3):
         images, labels = sample_digits(pipe, 1, seed=EVAL_SEED + k)
         per_draw.append(metric.score(images, labels))
-    assert set(one) == {"model", "NFE", "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies"}
+    assert set(one) == {"model", "NFE", "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies", "nearer-A"}
     assert one["FD-digits"] == pytest.approx(per_draw[0].fd) and torch.equal(grid, grid3)  # draw 0 is the single draw
     assert three["draws"] == 3 and three["FD-digits"] == pytest.approx(np.mean([s.fd for s in per_draw]))
     assert three["FD-pixels sd"] == pytest.approx(np.std([s.fd_pixels for s in per_draw], ddof=1))
@@ -310,7 +323,7 @@ def test_quality_harness_writes_table_json_and_pngs(tmp_path, capsys):
     assert saved == json.loads(json.dumps(results))
     assert set(saved["teacher"]) == {"1", "2", "4", "8", "16", "64"}
     assert set(saved["students"]["mf"]) == {"1", "2", "4"}
-    assert set(saved["teacher"]["1"]) == {"fd", "acc", "fd_pixels", "precision", "recall", "copies", "fd_sd", "fd_pixels_sd"}
+    assert set(saved["teacher"]["1"]) == {"fd", "acc", "fd_pixels", "precision", "recall", "copies", "nearer_a", "fd_sd", "fd_pixels_sd"}
     assert saved["real_vs_real_fd"] > 0 and saved["draws"] == 2
     assert (out / "quality_fd_vs_nfe.png").exists() and (out / "grid_mf_nfe1.png").exists()
     printed = capsys.readouterr().out

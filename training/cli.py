@@ -185,9 +185,9 @@ def _table(rows: list[dict]) -> str:
     def cell(r, key, digits):
         return f"{r[key]:.{digits}f}" + (f" ± {r[key + ' sd']:.{digits}f}" if key + " sd" in r else "")
 
-    lines = [f"{'model':<22} {'NFE':>4} {'FD-digits':>{width}} {'FD-pixels':>{width}} {'precision':>9} {'recall':>7} {'accuracy':>9} {'copies':>7}"]
+    lines = [f"{'model':<22} {'NFE':>4} {'FD-digits':>{width}} {'FD-pixels':>{width}} {'precision':>9} {'recall':>7} {'accuracy':>9} {'copies':>7} {'nearer-A':>8}"]
     lines += [f"{r['model']:<22} {r['NFE']:>4} {cell(r, 'FD-digits', 2):>{width}} {cell(r, 'FD-pixels', 3):>{width}} {r['precision']:>9.3f} {r['recall']:>7.3f} "
-              f"{r['accuracy']:>9.3f} {r['copies']:>7.3f}" for r in rows]
+              f"{r['accuracy']:>9.3f} {r['copies']:>7.3f} {r['nearer-A']:>8.3f}" for r in rows]
     if spread:
         lines.append(f"(each cell: the mean of {rows[0]['draws']} noise draws)")
     return "\n".join(lines)

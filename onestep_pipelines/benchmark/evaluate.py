@@ -108,8 +108,8 @@ def mean_over_draws(scores: list[dict]) -> dict:
 def score_digits(pipe, steps: list[int], metric, name: str = "student", euler_grid: bool = False, grid_steps: int | None = None,
                  draws: int = 1, **call_kwargs):
     """FD-digits and accuracy of ``pipe`` at each step count: ``(rows, grid)`` with rows ``{"model", "NFE",
-    "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies"}`` (:meth:`DigitsMetric.row`,
-    :meth:`DigitsMetric.copy_fraction`) and the first 100
+    "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies", "nearer-A"}`` (:meth:`DigitsMetric.row`,
+    :meth:`DigitsMetric.memorisation`) and the first 100
     samples at ``grid_steps`` (default: the first).
 
     ``draws`` > 1 scores that many independent noise draws (seeds ``EVAL_SEED``, ``EVAL_SEED + 1``, ...) of the same
@@ -121,7 +121,7 @@ def score_digits(pipe, steps: list[int], metric, name: str = "student", euler_gr
         scores = []
         for k in range(check_draws(draws)):
             images, labels = sample_digits(pipe, nfe, euler_grid=euler_grid, seed=EVAL_SEED + k, **call_kwargs)
-            scores.append({**metric.row(metric.score(images, labels)), "copies": metric.copy_fraction(images)})
+            scores.append({**metric.row(metric.score(images, labels)), **metric.memorisation(images)})
             if k == 0 and nfe == (grid_steps or steps[0]):
                 grid = images[:100]
         rows.append({"model": name, "NFE": nfe, **mean_over_draws(scores)})

@@ -109,7 +109,7 @@ def sample_text_digits(pipe, num_steps: int, num_samples: int = NUM_EVAL_SAMPLES
 def score_text_digits(pipe, steps: list[int], metric: TextDigitsMetric, name: str = "student", grid_steps: int | None = None,
                       num_samples: int = NUM_EVAL_SAMPLES, draws: int = 1, **call_kwargs) -> tuple[list[dict], torch.Tensor | None]:
     """FD-digits and prompt accuracy of a text-to-image pipeline at each step count: ``(rows, grid)`` with rows
-    ``{"model", "NFE", "FD-digits", "FD-pixels", ..., "copies"}`` (as :func:`.evaluate.score_digits`; ``NFE`` counts
+    ``{"model", "NFE", "FD-digits", "FD-pixels", ..., "copies", "nearer-A"}`` (as :func:`.evaluate.score_digits`; ``NFE`` counts
     denoiser calls per image, twice the steps under classifier-free guidance) and the first 100 images at
     ``grid_steps`` (default: the first) as 8x8 digits; ``draws``: as :func:`.evaluate.score_digits`."""
     rows, grid = [], None
@@ -119,7 +119,7 @@ def score_text_digits(pipe, steps: list[int], metric: TextDigitsMetric, name: st
         for k in range(check_draws(draws)):
             images, prompts = sample_text_digits(pipe, steps_, num_samples=num_samples, seed=EVAL_SEED + k, **call_kwargs)
             digits = to_digits(images)
-            scores.append({**metric.row(metric.score_images(images, prompts)), "copies": metric.copy_fraction(digits)})
+            scores.append({**metric.row(metric.score_images(images, prompts)), **metric.memorisation(digits)})
             if k == 0 and steps_ == (grid_steps or steps[0]):
                 grid = digits[:100]
         rows.append({"model": name, "steps": steps_, "NFE": steps_ * (2 if guided else 1), **mean_over_draws(scores)})
