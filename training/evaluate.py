@@ -72,10 +72,11 @@ def load_student(folder: str):
 
 def evaluate_student(folder: str, steps: list[int] | None = None, device: str = "auto", json_path: str | None = None,
                      name: str | None = None, draws: int = 1) -> list[dict]:
-    """Rows ``{"model", "NFE", "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies", "nearer-A"}`` at ``steps`` (default: the student's recommended
-    steps); ``name`` (the rows' model, default: the folder's name). Text-to-image students are sampled at their own
-    guidance default (the metadata's) for the balanced evaluation prompts. ``draws`` > 1: each row the mean of that many
-    noise draws, with the FDs' sd (:func:`~onestep_pipelines.benchmark.evaluate.score_digits`)."""
+    """Rows ``{"model", "NFE", "FD-digits", "FD-pixels", "precision", "recall", "accuracy", "copies", "nearer-A"}`` at
+    ``steps`` (default: the student's recommended steps); ``name`` (the rows' model, default: the folder's name).
+    Text-to-image students are sampled at their own guidance default (the metadata's) for the balanced evaluation
+    prompts. ``draws`` > 1: each row the mean of that many noise draws, with the FDs' sd
+    (:func:`~onestep_pipelines.benchmark.evaluate.score_digits`)."""
     pipe, benchmark = load_student(folder)
     if getattr(pipe, "student", None) is None and steps is None:
         raise ValueError(f"{folder} records no student metadata (a teacher?): pass --steps, e.g. --steps 4,8,16.")
