@@ -91,11 +91,12 @@ def test_vp_students_record_integer_timesteps_and_refuse_sigmas(stock_teachers, 
     assert pipe.scheduler.timesteps.tolist() == [999, 400]
 
 
-@pytest.mark.parametrize("method", ["dmd2", "consistency"])
-def test_resume_continues_exactly(tiny_teacher, tmp_path, method):
-    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4, method=method))
-    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2, method=method))
-    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest", method=method))
+@pytest.mark.parametrize("options", [{"method": "dmd2"}, {"method": "consistency"}, {"method": "sid", "sid_alpha": 1.0, "gan_weight": 1.0, "gan_max_time": 0.05}],
+                         ids=["dmd2", "consistency", "sida"])
+def test_resume_continues_exactly(tiny_teacher, tmp_path, options):
+    distill(tiny(tiny_teacher, tmp_path / "straight", max_train_steps=4, **options))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=2, **options))
+    distill(tiny(tiny_teacher, tmp_path / "split", max_train_steps=4, resume="latest", **options))
     a, b = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
